@@ -1,0 +1,1 @@
+"""The networks of muvi, one architecture per file, each with a config dataclass."""

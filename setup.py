@@ -1,0 +1,42 @@
+"""Installable package for muvi (import name ``muvi``).
+
+The distribution is called ``muvi-v2m`` because ``muvi`` on the package index is an
+unrelated project.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="muvi-v2m",
+    version="0.1.0",
+    description="MuVi: video-to-music generation with semantic alignment and rhythmic synchronisation",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["muvi", "muvi.*"]),
+    install_requires=[
+        "torch>=2.3",
+        "torchaudio>=2.3",
+        "timm>=1.0",
+        "torchdiffeq>=0.2.4",
+        "librosa>=0.10,<1.0",
+        "decord>=0.6",
+        "accelerate>=0.30",
+        "safetensors>=0.4",
+        "einops>=0.7",
+        "numpy>=1.24",
+        "soundfile>=0.12",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=7",
+            "transformers>=4.40",
+            "scikit-video>=1.1.11",
+        ],
+        "flash": ["flash-attn>=2.5"],
+    },
+    entry_points={"console_scripts": ["muvi=muvi.cli:main"]},
+)
