@@ -1,0 +1,73 @@
+"""muvi: music for video, after MuVi (Li et al.).
+
+>>> import muvi
+>>> out = muvi.generate("clip.mp4", cfg_scale=4.0, seed=0)   # doctest: +SKIP
+>>> out.save("clip.wav")                                       # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+__version__ = "0.1.0"
+
+__all__ = ["generate", "MuviPipeline", "GenerationOutput", "default_model_dir", "__version__"]
+
+
+def default_model_dir() -> Path:
+    """The bundled demo release (``checkpoints/muvi-demo`` in the repository)."""
+    return Path(__file__).resolve().parent.parent / "checkpoints" / "muvi-demo"
+
+
+def generate(video, cfg_scale: float = 4.0, num_steps: int = 25, seed: Optional[int] = None,
+             prompt_audio=None, duration: Optional[float] = None, model=None, *,
+             fps: Optional[float] = None, prompt_sample_rate: Optional[int] = None,
+             device: Optional[str] = None, method: str = "euler", progress: bool = True):
+    """Write music for ``video``.
+
+    Args:
+        video: a video file path (decoded at 10 FPS), or a frames tensor (F, 3, H, W) or
+            (F, H, W, 3), uint8 or float in [0, 1], with its frame rate in ``fps``.
+        cfg_scale: classifier-free guidance scale ``s`` in ``null + s·(cond − null)``; 1 = off.
+        num_steps: Euler steps from noise (t = 0) to music (t = 1).
+        seed: makes the output repeatable.
+        prompt_audio: optional music (path, or waveform at ``prompt_sample_rate``, default
+            24 kHz) whose style the output follows; it is the clean context of in-context
+            generation and is not part of the output.
+        duration: seconds of music from the start of the video (default: the whole video).
+        model: a release folder, a loaded :class:`MuviPipeline`, or None for the bundled model.
+        device: "cpu", "cuda", … (default: CUDA when available).
+        method: "euler" (the paper's) or any torchdiffeq method name.
+
+    Returns:
+        :class:`GenerationOutput` with ``waveform``, ``sample_rate`` and ``save(path)``.
+    """
+    import torch
+
+    from muvi.pipeline import MuviPipeline
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(model, MuviPipeline):
+        pipe = model
+    else:
+        folder = default_model_dir() if model is None else Path(model)
+        if model is None and not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"no bundled model at {folder}; pass model=<release folder>")
+        pipe = MuviPipeline.from_pretrained(folder, device=device)
+    return pipe.generate(video, fps=fps, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
+                         prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
+                         duration=duration, method=method, progress=progress)
+
+
+def __getattr__(name: str):
+    # Lazy attributes keep `import muvi` light (no torch import until it is needed).
+    if name == "MuviPipeline":
+        from muvi.pipeline import MuviPipeline
+
+        return MuviPipeline
+    if name == "GenerationOutput":
+        from muvi.output import GenerationOutput
+
+        return GenerationOutput
+    raise AttributeError(f"module 'muvi' has no attribute {name!r}")

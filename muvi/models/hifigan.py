@@ -1,0 +1,222 @@
+"""The HiFi-GAN generator (Kong et al., 2020), V1 layout, set up for 24 kHz mels with hop 300.
+
+Shapes: B batch, M mel bins (``num_mels``), T mel frames, C channels,
+N = T · hop waveform samples with hop = prod(upsample_rates) = 300.
+
+Module names are those of the original release (jik876/hifi-gan ``models.py``: ``Generator``
+with ``ResBlock1``): ``conv_pre``, ``ups.N``, ``resblocks.N.convs1.M``, ``resblocks.N.convs2.M``,
+``conv_post``, so its checkpoints (and those of its many forks) load by name. Unlike the release,
+the number of mel bins comes from the config instead of a hard-coded 80.
+
+At inference the convolutions hold plain weights. Training wraps them in weight norm with
+:meth:`HiFiGANGenerator.apply_weight_norm` and folds it back with ``remove_weight_norm``;
+:func:`load_hifigan_generator` folds weight-norm checkpoints (old ``weight_g``/``weight_v`` or
+new ``parametrizations.weight.original0/1`` names) into plain weights on load.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrizations, parametrize
+
+from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
+from muvi.config import Config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class HiFiGANConfig(Config):
+    """Generator sizes. The paper (appendix A): rates [5, 5, 4, 3], kernels [16, 8, 8, 4], 1200 channels."""
+
+    num_mels: int = 160
+    upsample_rates: tuple[int, ...] = (5, 5, 4, 3)
+    upsample_kernel_sizes: tuple[int, ...] = (16, 8, 8, 4)
+    upsample_initial_channel: int = 1200
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    leaky_relu_slope: float = 0.1
+
+    PRESETS = {
+        "v1-24k": {},
+        "tiny": {"upsample_initial_channel": 32, "resblock_kernel_sizes": (3, 7),
+                 "resblock_dilation_sizes": ((1, 3), (1, 3))},
+    }
+
+    def __post_init__(self) -> None:
+        self.upsample_rates = tuple(self.upsample_rates)
+        self.upsample_kernel_sizes = tuple(self.upsample_kernel_sizes)
+        self.resblock_kernel_sizes = tuple(self.resblock_kernel_sizes)
+        self.resblock_dilation_sizes = tuple(tuple(d) for d in self.resblock_dilation_sizes)
+        if len(self.upsample_rates) != len(self.upsample_kernel_sizes):
+            raise ValueError("upsample_rates and upsample_kernel_sizes differ in length")
+        if len(self.resblock_kernel_sizes) != len(self.resblock_dilation_sizes):
+            raise ValueError("resblock_kernel_sizes and resblock_dilation_sizes differ in length")
+        if self.upsample_initial_channel % 2 ** len(self.upsample_rates):
+            raise ValueError(f"upsample_initial_channel must be divisible by {2 ** len(self.upsample_rates)}")
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.upsample_rates)
+
+
+def _same_padding(kernel_size: int, dilation: int) -> int:
+    return (kernel_size * dilation - dilation) // 2
+
+
+def _init_conv(module: nn.Module) -> None:
+    """HiFi-GAN's init: N(0, 0.01) weights (the release applies it to ups, resblocks, conv_post)."""
+    if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+        nn.init.normal_(module.weight, 0.0, 0.01)
+
+
+class ResBlock1(nn.Module):
+    """Three residual units; unit m: lrelu → dilated conv (dilation d_m) → lrelu → conv, plus skip."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...], slope: float):
+        super().__init__()
+        self.slope = slope
+        self.convs1 = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel_size, dilation=d, padding=_same_padding(kernel_size, d))
+            for d in dilations)
+        self.convs2 = nn.ModuleList(
+            nn.Conv1d(channels, channels, kernel_size, padding=_same_padding(kernel_size, 1))
+            for _ in dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv1, conv2 in zip(self.convs1, self.convs2):
+            h = conv1(F.leaky_relu(x, self.slope))
+            x = x + conv2(F.leaky_relu(h, self.slope))
+        return x
+
+
+class HiFiGANGenerator(nn.Module):
+    """log-mel (B, M, T) → waveform (B, T · hop) in [-1, 1]; (M, T) → (T · hop,).
+
+    Per stage i: leaky ReLU → transposed conv (×rate_i, padding (k - rate) // 2) → the average
+    of the stage's ResBlock1s (one per resblock kernel size). Then a leaky ReLU with torch's
+    default slope 0.01 (as in the release, not the config's slope), conv_post and tanh.
+
+    With kernel - rate odd (16/5, 8/5 and 4/3 here) a transposed conv yields rate·L + 1 samples,
+    so the raw output is a few samples longer than T · hop (73 with the defaults); those extra
+    samples are trimmed from the tail, so a mel of T frames gives exactly T · hop samples.
+    """
+
+    def __init__(self, config: HiFiGANConfig):
+        super().__init__()
+        self.config = config
+        c0 = config.upsample_initial_channel
+        self.num_kernels = len(config.resblock_kernel_sizes)
+        self.conv_pre = nn.Conv1d(config.num_mels, c0, 7, padding=3)
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose1d(c0 // 2 ** i, c0 // 2 ** (i + 1), k, stride=u, padding=(k - u) // 2)
+            for i, (u, k) in enumerate(zip(config.upsample_rates, config.upsample_kernel_sizes)))
+        self.resblocks = nn.ModuleList(
+            ResBlock1(c0 // 2 ** (i + 1), k, d, config.leaky_relu_slope)
+            for i in range(len(self.ups))
+            for k, d in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes))
+        self.conv_post = nn.Conv1d(c0 // 2 ** len(self.ups), 1, 7, padding=3)
+        self.ups.apply(_init_conv)
+        self.resblocks.apply(_init_conv)
+        self.conv_post.apply(_init_conv)
+
+    @property
+    def hop_length(self) -> int:
+        return self.config.hop_length
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        squeeze = mel.dim() == 2
+        x = mel.unsqueeze(0) if squeeze else mel
+        if x.dim() != 3 or x.shape[1] != self.config.num_mels:
+            raise ValueError(f"expected mel (B, {self.config.num_mels}, T), got {tuple(mel.shape)}")
+        num_samples = x.shape[-1] * self.hop_length
+        x = self.conv_pre(x)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, self.config.leaky_relu_slope))
+            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+            x = sum(block(x) for block in blocks) / self.num_kernels
+        x = torch.tanh(self.conv_post(F.leaky_relu(x)))  # default slope 0.01, as released
+        wave = x[:, 0, :num_samples]  # (B, N); drop the transposed convs' extra tail samples
+        return wave[0] if squeeze else wave
+
+    def _convs(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]
+
+    def apply_weight_norm(self) -> None:
+        """Reparametrise every conv as g · v / ‖v‖ (norm over all dims but 0), for training."""
+        for conv in self._convs():
+            if not parametrize.is_parametrized(conv, "weight"):
+                parametrizations.weight_norm(conv, name="weight", dim=0)
+
+    def remove_weight_norm(self) -> None:
+        """Fold weight norm back into plain weights (inference, export)."""
+        for conv in self._convs():
+            if parametrize.is_parametrized(conv, "weight"):
+                parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+
+
+def _weight_norm_fold(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """g · v / ‖v‖ with the norm over all dims but 0 (torch's weight_norm with dim=0)."""
+    norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
+    return g * (v / norm)
+
+
+#: (name of the magnitude, name of the direction) in the two weight-norm key layouts.
+_WEIGHT_NORM_KEYS = (("weight_g", "weight_v"),
+                     ("parametrizations.weight.original0", "parametrizations.weight.original1"))
+
+
+def _split(key: str, name: str) -> str | None:
+    """The module prefix ("ups.0." or "") if ``key`` is ``prefix + name``, else None."""
+    if key == name:
+        return ""
+    return key[: -len(name)] if key.endswith("." + name) else None
+
+
+def fold_weight_norm(state: dict[str, torch.Tensor], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Replace weight-norm pairs by plain ``weight`` tensors; other keys pass through.
+
+    Handles the old ``weight_g``/``weight_v`` names (``torch.nn.utils.weight_norm``, as in the
+    jik876 release) and the ``parametrizations.weight.original0/1`` names of the new API. The
+    fold is done in float64 and cast back, so it is exact to the checkpoint's precision.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for g_name, v_name in _WEIGHT_NORM_KEYS:
+            prefix = _split(key, g_name)
+            if prefix is not None:
+                v = state.get(prefix + v_name)
+                if v is None:
+                    raise CheckpointError(f"{source}: {key} has no matching {prefix + v_name}")
+                out[prefix + "weight"] = _weight_norm_fold(value.double(), v.double()).to(v.dtype)
+                break
+            prefix = _split(key, v_name)
+            if prefix is not None:
+                if prefix + g_name not in state:
+                    raise CheckpointError(f"{source}: {key} has no matching {prefix + g_name}")
+                break  # folded together with its magnitude
+        else:
+            out[key] = value
+    return out
+
+
+def load_hifigan_generator(path: str | Path, config: HiFiGANConfig | None = None) -> HiFiGANGenerator:
+    """Build a generator from ``config`` (default: the v1-24k preset) and load weights strictly.
+
+    Accepts the release format (``{"generator": state}`` from ``torch.save``, weight-norm pairs),
+    state dicts saved during training with the new weight-norm parametrisation, and plain
+    weights (safetensors or PyTorch). Any mismatch with the config raises ``CheckpointError``.
+    The model is returned in eval mode with plain (folded) weights.
+    """
+    config = config or HiFiGANConfig.preset("v1-24k")
+    state = fold_weight_norm(read_state_dict(path), source=str(path))
+    model = HiFiGANGenerator(config)
+    load_strict(model, state, source=str(path))
+    logger.info("loaded HiFi-GAN generator from %s (hop %d)", path, config.hop_length)
+    return model.eval()

@@ -1,0 +1,52 @@
+"""Shared pytest fixtures.
+
+``real_music_24k``: about 5 s of real music, rendered offline, with nothing downloaded.
+
+Source: the opening of Mozart's "Eine kleine Nachtmusik" K. 525, first movement (the
+composition is public domain), from the MIDI file ``music21/omr/k525MIDIMvt1.mid`` that ships
+inside the ``music21`` package (BSD-3-Clause). It is rendered at 24 kHz with the General-MIDI
+SoundFont ``TimGM6mb.sf2`` that ships inside ``pretty_midi`` (package MIT; the SoundFont is Tim
+Brechbill's, distributed with MuseScore under GPL-2.0 as far as we know; it is only read here,
+never redistributed), using ``tinysoundfont`` (MIT). Only the two data files are read from
+``music21`` and ``pretty_midi``; neither package is imported.
+
+Test-only dependencies: ``music21``, ``pretty_midi``, ``tinysoundfont``. ``tinysoundfont``
+declares a dependency on ``pyaudio`` (live playback only, which we never use) that needs
+PortAudio headers to build, so install it with ``pip install --no-deps tinysoundfont``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _package_file(package: str, *parts: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"test data needs the package {package!r} installed")
+    path = Path(spec.submodule_search_locations[0], *parts)
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from the installed {package!r}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_music_24k() -> tuple[np.ndarray, int]:
+    """(mono float32 waveform of 5 s, 24000): Mozart K. 525 rendered with a GM SoundFont."""
+    import tinysoundfont
+
+    sample_rate, seconds = 24000, 5.0
+    synth = tinysoundfont.Synth(samplerate=sample_rate)
+    synth.sfload(str(_package_file("pretty_midi", "TimGM6mb.sf2")))
+    sequencer = tinysoundfont.Sequencer(synth)
+    sequencer.midi_load(str(_package_file("music21", "omr", "k525MIDIMvt1.mid")))
+    frames = int(seconds * sample_rate)
+    # generate() returns interleaved stereo float32; average the two channels to mono.
+    stereo = np.frombuffer(synth.generate(frames), dtype=np.float32).reshape(frames, 2)
+    wave = stereo.mean(axis=1).astype(np.float32)
+    assert np.sqrt(np.mean(wave ** 2)) > 1e-2, "rendering produced (near) silence"
+    return np.ascontiguousarray(wave), sample_rate

