@@ -1,0 +1,203 @@
+"""Pieces every training recipe shares: config overrides, EMA, the learning-rate schedule,
+atomic checkpoints with exact resume, a NaN guard and throughput logging.
+
+They are plain functions and small classes, not a framework: each recipe under ``recipes/``
+is an explicit loop that calls them.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Type, TypeVar
+
+import torch
+from torch import nn
+
+from muvi.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+C = TypeVar("C", bound=Config)
+
+
+# ----------------------------------------------------------------------------- configs
+
+def load_config(cls: Type[C], path: Optional[str | Path], overrides: Sequence[str] = ()) -> C:
+    """A recipe config from a JSON file, then ``field=value`` overrides from the command line.
+
+    Values are parsed as JSON when they can be (``lr=1e-4``, ``sizes=[1,2]``, ``flag=true``)
+    and taken as strings otherwise (``data=music/``).
+    """
+    data = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form field=value")
+        if key not in names:
+            raise ConfigError(f"override {item!r}: {cls.__name__} has no field {key!r}; "
+                              f"fields are {sorted(names)}")
+        try:
+            data[key] = json.loads(value)
+        except json.JSONDecodeError:
+            data[key] = value
+    return cls.from_dict(data, source=str(path) if path else "command line")
+
+
+# ----------------------------------------------------------------------------- EMA
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied as they are)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.shadow.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - self.decay)
+        for ema_b, b in zip(self.shadow.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.shadow.load_state_dict(state["shadow"])
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int = 0, schedule: str = "constant") -> float:
+    """Linear warm-up to 1, then constant (the paper's AdamW at a fixed rate) or cosine to 0."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+    raise ValueError(f"unknown schedule {schedule!r}; use 'constant' or 'cosine'")
+
+
+# ----------------------------------------------------------------------------- guards
+
+class NonFiniteLoss(FloatingPointError):
+    """Raised before any update or checkpoint when a loss is NaN or infinite."""
+
+
+def check_finite(loss: torch.Tensor, step: int, batch: str = "") -> None:
+    if not torch.isfinite(loss).all():
+        where = f" on batch {batch}" if batch else ""
+        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}{where}; stopping "
+                            f"without saving; the last good checkpoint is kept")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``state`` as ``run_dir/checkpoints/step_XXXXXXXX/state.pt`` atomically.
+
+    The file is written to a temporary name and renamed, then ``latest`` is replaced (also by
+    rename), so a crash mid-write leaves the previous checkpoint intact and ``latest`` valid.
+    Only the newest ``keep`` checkpoints are kept.
+    """
+    root = Path(run_dir) / "checkpoints"
+    target = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / "state.pt")
+    _fsync(tmp / "state.pt")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    pointer = root / ".latest.tmp"
+    pointer.write_text(target.name + "\n", encoding="utf-8")
+    os.replace(pointer, root / "latest")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    return path if (path / "state.pt").is_file() else None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only)."""
+    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+
+
+def step_generator(seed: int, step: int, rank: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random stream of one training step on one process.
+
+    Every random draw of a step (noise, flow times, dropout choices, context lengths) comes from
+    a generator seeded by ``(seed, step, rank)``, so resuming at step k replays exactly what an
+    uninterrupted run would have drawn, with no RNG state to save.
+    """
+    mixed = (seed * 1_000_003 + step) * 1_009 + rank
+    return torch.Generator(device=device).manual_seed(mixed % (2**63 - 1))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- logging
+
+class Throughput:
+    """Samples/s and tokens/s between two log lines, and a JSON-lines metrics file."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.start, self.samples, self.tokens = time.perf_counter(), 0, 0
+
+    def add(self, samples: int, tokens: int) -> None:
+        self.samples += samples
+        self.tokens += tokens
+
+    def log(self, step: int, **values: float) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        row = {"step": step, **{k: float(v) for k, v in values.items()},
+               "samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed}
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            logger.info("step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+        self.start, self.samples, self.tokens = time.perf_counter(), 0, 0
+        return row
+
+
+def unwrap_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state dict on the CPU, without DDP/compile wrappers' prefixes."""
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
