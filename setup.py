@@ -16,6 +16,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["muvi", "muvi.*"]),
+    package_data={"muvi": ["assets/*.mp4", "assets/*.md"]},
     install_requires=[
         "torch>=2.3",
         "torchaudio>=2.3",
