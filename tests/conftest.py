@@ -17,7 +17,14 @@ PortAudio headers to build, so install it with ``pip install --no-deps tinysound
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 from pathlib import Path
+
+# librosa compiles its numba kernels with cache=True into its own site-packages folder; several
+# processes writing that cache at once have corrupted it here (segfaults on the next load).
+# Each test session compiles into a private folder instead.
+os.environ.setdefault("NUMBA_CACHE_DIR", tempfile.mkdtemp(prefix="muvi-numba-"))
 
 import numpy as np
 import pytest

@@ -1,0 +1,1 @@
+"""Data helpers: real music with an exact beat grid, rendered from MIDI."""

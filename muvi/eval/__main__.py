@@ -1,0 +1,60 @@
+"""``python -m muvi.eval GEN_DIR REF_DIR [--videos DIR] -o report.json``: evaluate and print a table.
+
+SIM needs a contrastive checkpoint (``--contrastive PATH``), loaded with
+``muvi.models.contrastive.load_similarity_model(path)``, which must return an object with
+``similarity(video_path, waveform, sample_rate) -> float`` (:class:`muvi.eval.report.SimilarityModel`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from muvi.eval.report import PairingError, evaluate, format_table
+
+
+def _similarity_model(path: str):
+    try:
+        from muvi.models.contrastive import load_similarity_model
+    except ImportError as err:
+        raise SystemExit(f"error: --contrastive needs muvi.models.contrastive.load_similarity_model ({err})") from None
+    return load_similarity_model(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m muvi.eval", description=__doc__.splitlines()[0])
+    parser.add_argument("generated_dir", help="folder of generated audio (.wav/.flac/.ogg/.mp3)")
+    parser.add_argument("reference_dir", help="folder of reference audio with the same file stems")
+    parser.add_argument("--videos", help="folder of videos with the same stems (SIM, motion curves)")
+    parser.add_argument("-o", "--output", default="report.json", help="JSON report path (default: report.json)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap / shuffle seed (default 0)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
+    parser.add_argument("--tolerance", type=float, default=0.1, help="beat matching window in s (default 0.1)")
+    parser.add_argument("--plots", help="folder for one beat-alignment PNG per clip")
+    parser.add_argument("--no-musicnn", action="store_true", help="skip the musicnn embedding metrics")
+    parser.add_argument("--contrastive", help="contrastive checkpoint for SIM")
+    parser.add_argument("--vggish", help="VGGish weight file for FAD (never downloaded)")
+    parser.add_argument("--vggish-sha256", help="expected SHA-256 of --vggish")
+    parser.add_argument("--panns", help="PANNs Cnn14 (16 kHz) weight file for FD/KL/IS (never downloaded)")
+    parser.add_argument("--panns-sha256", help="expected SHA-256 of --panns")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    model = _similarity_model(args.contrastive) if args.contrastive else None
+    try:
+        report = evaluate(args.generated_dir, args.reference_dir, args.videos, out_json=args.output,
+                          seed=args.seed, n_bootstrap=args.bootstrap, tolerance=args.tolerance,
+                          embedder=None if args.no_musicnn else "musicnn", similarity_model=model,
+                          plots_dir=args.plots, vggish=args.vggish, vggish_sha256=args.vggish_sha256,
+                          panns=args.panns, panns_sha256=args.panns_sha256, progress=not args.quiet)
+    except PairingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    print(f"report written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,433 @@
+"""One evaluation run: pair files by name, compute every metric with a bootstrap CI, write JSON.
+
+The report is reproducible: the same inputs and seed give a byte-identical JSON file (keys
+sorted, floats rounded to 8 significant digits, no timestamps or host names). Each metric carries
+a seeded percentile-bootstrap 95% interval over clips (pairs are resampled together, so paired
+metrics keep their pairing), the sample count, and its unit. The file also records durations,
+package versions and SHA-256 hashes of every set of weights used.
+
+Metrics (see :mod:`muvi.eval.beats` and :mod:`muvi.eval.distances` for the definitions):
+beat metrics on the Ellis DP tracker's beats (literal BCS/BHS and robust P/R/F1); with an
+embedder (default: muvi's musicnn port, ``MusicnnEmbedder.from_package()``) the Fréchet distance
+over pooled 3 s patch embeddings (as FAD pools VGGish frames), KAD/KID (unbiased MMD^2) over
+per-clip mean embeddings, paired KL over per-clip mean tag probabilities, and the inception
+score of the generated tags; with a :class:`SimilarityModel` and videos, SIM for the generated
+music with the real soundtrack's SIM (ceiling) and shuffled video-music pairs (floor).
+For the kernel distances the bootstrap interval is approximate (a resample repeats clips, and
+repeated clips act as near-duplicate pairs in the estimator).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from muvi.eval import distances as D
+from muvi.eval.beats import BEAT_METRICS, BeatTrackerConfig, beat_counts, beat_metrics, track_beats
+
+logger = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
+REPORT_FORMAT = 1
+_VERSION_PACKAGES = ("muvi-v2m", "numpy", "scipy", "librosa", "soundfile", "torch", "decord", "matplotlib")
+
+#: name -> (unit, higher is better, description)
+METRIC_INFO: dict[str, tuple[str, bool | None, str]] = {
+    "bcs": ("percent", None, "beats coverage score: generated / reference beats, per-clip mean (paper)"),
+    "bhs": ("percent", True, "beats hit score: matched / reference beats within 100 ms, per-clip mean (paper)"),
+    "beat_precision": ("percent", True, "matched / generated beats, pooled over clips"),
+    "beat_recall": ("percent", True, "matched / reference beats, pooled over clips"),
+    "beat_f1": ("percent", True, "2 matched / (generated + reference beats), pooled over clips"),
+    "beat_precision_clip": ("percent", True, "matched / generated beats, per-clip mean"),
+    "beat_recall_clip": ("percent", True, "matched / reference beats, per-clip mean"),
+    "beat_f1_clip": ("percent", True, "beat F1, per-clip mean"),
+    "beat_count_ratio": ("percent", None, "generated / reference beats, pooled over clips"),
+    "fd_musicnn": ("distance", False, "Frechet distance of pooled musicnn patch embeddings"),
+    "kad_musicnn": ("mmd2", False, "kernel audio distance: unbiased MMD^2, Gaussian kernel (median "
+                    "bandwidth), per-clip mean embeddings"),
+    "kid_musicnn": ("mmd2", False, "unbiased MMD^2, cubic polynomial kernel (KID), per-clip mean embeddings"),
+    "kl_softmax_musicnn": ("nats", False, "paired KL(reference || generated) over softmaxed tag logits "
+                           "(audioldm_eval 'KL')"),
+    "kl_sigmoid_musicnn": ("nats", False, "paired sum_k p log(p / q) over sigmoid tag probabilities "
+                           "(audioldm_eval 'KL_sigmoid')"),
+    "kl_bernoulli_musicnn": ("nats", False, "paired sum of per-tag Bernoulli KL(reference || generated)"),
+    "is_musicnn": ("score", True, "inception score of generated musicnn tags (softmax over logits)"),
+    "sim": ("percent", True, "contrastive video-music similarity of (video, generated music)"),
+    "sim_ceiling": ("percent", True, "SIM of (video, real soundtrack)"),
+    "sim_floor": ("percent", None, "SIM of shuffled (video, another clip's soundtrack) pairs"),
+}
+
+
+class PairingError(ValueError):
+    """Generated, reference and video files that cannot be paired one-to-one by file name."""
+
+
+@runtime_checkable
+class SimilarityModel(Protocol):
+    """What SIM needs from a contrastive model: a position-aware similarity as a float in [-1, 1]."""
+
+    def similarity(self, video_path: str, waveform: np.ndarray, sample_rate: int) -> float:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    name: str
+    generated: Path
+    reference: Path
+    video: Path | None = None
+
+
+def _names(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _index(directory: str | Path, suffixes: tuple[str, ...], role: str) -> dict[str, Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PairingError(f"{role} directory not found: {directory}")
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    if not files:
+        raise PairingError(f"no {role} files ({' '.join(suffixes)}) in {directory}")
+    clashes = sorted({p.stem for p in files if sum(q.stem == p.stem for q in files) > 1})
+    if clashes:
+        raise PairingError(f"{role} files in {directory} share a name with different extensions: "
+                           f"{_names(clashes)}")
+    return {p.stem: p for p in files}
+
+
+def pair_files(generated_dir: str | Path, reference_dir: str | Path,
+               videos_dir: str | Path | None = None) -> list[Pair]:
+    """Pair audio files by stem (``clip7.wav`` with ``clip7.flac``), sorted by name.
+
+    Raises:
+        PairingError: a missing or empty directory, a stem used twice in one directory, or any
+            file without a partner; the message lists every unmatched name on each side.
+    """
+    gen = _index(generated_dir, AUDIO_SUFFIXES, "generated")
+    ref = _index(reference_dir, AUDIO_SUFFIXES, "reference")
+    problems = []
+    for side, other, role, partner, where in ((gen, ref, "generated", "reference", reference_dir),
+                                              (ref, gen, "reference", "generated file", generated_dir)):
+        missing = sorted(set(side) - set(other))
+        if missing:
+            problems.append(f"{len(missing)} {role} file(s) have no {partner} in {where}: {_names(missing)}")
+    videos = _index(videos_dir, VIDEO_SUFFIXES, "video") if videos_dir is not None else None
+    if videos is not None:
+        missing = sorted(set(gen) & set(ref) - set(videos))
+        if missing:
+            problems.append(f"{len(missing)} pair(s) have no video in {videos_dir}: {_names(missing)}")
+        extra = sorted(set(videos) - set(gen) - set(ref))
+        if extra:
+            logger.info("ignoring %d video(s) without audio: %s", len(extra), _names(extra))
+    if problems:
+        raise PairingError("cannot pair files by name:\n  " + "\n  ".join(problems))
+    return [Pair(n, gen[n], ref[n], videos[n] if videos is not None else None) for n in sorted(gen)]
+
+
+def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """Mono float32 waveform (channels averaged) and its sample rate."""
+    import soundfile
+
+    data, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    return np.ascontiguousarray(data.mean(axis=1)), int(sample_rate)
+
+
+def state_dict_sha256(module) -> str:
+    """SHA-256 over a torch module's sorted parameter names, dtypes, shapes and bytes."""
+    import torch
+
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _weights_hash(obj) -> str | None:
+    if obj is None:
+        return None
+    if getattr(obj, "weights_sha256", None):
+        return str(obj.weights_sha256)
+    network = getattr(obj, "network", obj)
+    return state_dict_sha256(network) if hasattr(network, "state_dict") else None
+
+
+def _versions() -> dict[str, str | None]:
+    import platform
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _ci(samples: np.ndarray) -> list[float | None]:
+    samples = np.asarray(samples, dtype=np.float64)
+    samples = samples[np.isfinite(samples)]
+    if samples.size == 0:
+        return [None, None]
+    return [float(v) for v in np.percentile(samples, [2.5, 97.5])]
+
+
+def _entry(name: str, value: float, replicates: np.ndarray, n: int) -> dict:
+    unit, better, description = METRIC_INFO[name]
+    return {"value": float(value), "ci95": _ci(replicates), "n": int(n), "unit": unit,
+            "higher_is_better": better, "description": description}
+
+
+def _set_metric(name: str, fn: Callable[[np.ndarray], float], index: np.ndarray, n: int) -> dict:
+    """A metric of the whole set, recomputed on each bootstrap resample of clip indices."""
+    value = fn(np.arange(n))
+    replicates = np.array([fn(idx) for idx in index])
+    return _entry(name, value, replicates, n)
+
+
+def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm
+
+
+def _clean(obj):
+    """JSON-ready copy: numpy to Python, NaN/inf to None, floats to 8 significant digits."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer, np.bool_)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, (float, np.floating)):
+        x = float(obj)
+        return float(f"{x:.8g}") if math.isfinite(x) else None
+    raise TypeError(f"cannot put {type(obj).__name__} in a report")
+
+
+def _durations(seconds: Sequence[float]) -> dict:
+    s = np.asarray(seconds, dtype=np.float64)
+    return {"total_s": s.sum(), "mean_s": s.mean(), "min_s": s.min(), "max_s": s.max()}
+
+
+def _default_embedder():
+    from muvi.eval.musicnn import MusicnnEmbedder
+
+    return MusicnnEmbedder.from_package()
+
+
+def evaluate(generated_dir: str | Path, reference_dir: str | Path, videos_dir: str | Path | None = None,
+             out_json: str | Path | None = None, seed: int = 0, *, n_bootstrap: int = 1000,
+             tolerance: float = 0.1, beat_config: BeatTrackerConfig | None = None,
+             embedder="musicnn", similarity_model: SimilarityModel | None = None,
+             plots_dir: str | Path | None = None, vggish: str | Path | None = None,
+             vggish_sha256: str | None = None, panns: str | Path | None = None,
+             panns_sha256: str | None = None, progress: bool = True) -> dict:
+    """Evaluate generated audio against reference audio (and videos) and return the report dict.
+
+    Args:
+        generated_dir, reference_dir: folders of audio files paired by file stem.
+        videos_dir: folder of videos paired by stem; needed for SIM and motion curves in plots.
+        out_json: where to write the JSON report (nothing written if None).
+        seed: seeds the bootstrap and the shuffled SIM floor; same seed, same bytes.
+        n_bootstrap: bootstrap replicates per metric.
+        tolerance: beat matching window in seconds (paper: 100 ms).
+        beat_config: beat tracker settings (default: the paper's, see :mod:`muvi.eval.beats`).
+        embedder: "musicnn" (muvi's port from the installed ``musicnn`` package), None to skip
+            the embedding metrics, or any object with ``embed(waveform, sr) -> (N, D)`` and
+            ``tag_probabilities(waveform, sr) -> (N, C)``.
+        similarity_model: a :class:`SimilarityModel`; SIM is reported when given with videos.
+        plots_dir: write one beat-alignment PNG per clip there.
+        vggish, vggish_sha256, panns, panns_sha256: user-supplied weight files for the paper's
+            audioldm_eval metrics, checked by hash (see :func:`muvi.eval.distances.load_user_backbone`).
+        progress: show a tqdm progress bar.
+    """
+    from tqdm import tqdm
+
+    pairs = pair_files(generated_dir, reference_dir, videos_dir)
+    n = len(pairs)
+    beat_config = beat_config or BeatTrackerConfig()
+    unavailable: dict[str, str] = {}
+    weights: dict[str, str | None] = {}
+
+    if isinstance(embedder, str):
+        if embedder != "musicnn":
+            raise ValueError(f"unknown embedder {embedder!r}; use 'musicnn', None or an embedder object")
+        try:
+            embedder = _default_embedder()
+        except Exception as err:  # missing package or checkpoint: report, do not fail the run
+            logger.warning("musicnn embedder unavailable: %s", err)
+            unavailable["musicnn"] = f"musicnn embedder unavailable: {err}"
+            embedder = None
+    elif embedder is None:
+        unavailable["musicnn"] = "embedding metrics not requested (embedder=None)"
+    if embedder is not None:
+        weights["musicnn"] = _weights_hash(embedder)
+    for kind, path, digest in (("vggish", vggish, vggish_sha256), ("panns_cnn14", panns, panns_sha256)):
+        try:
+            backbone = D.load_user_backbone(kind, path, digest)
+            weights[kind] = backbone.sha256
+            D.build_user_network(backbone)
+        except D.BackboneUnavailable as err:
+            unavailable[kind] = str(err)
+    use_sim = similarity_model is not None and videos_dir is not None
+    if similarity_model is not None and not use_sim:
+        unavailable["sim"] = "SIM needs videos: pass videos_dir / --videos"
+    elif similarity_model is None:
+        unavailable["sim"] = "no contrastive similarity model supplied"
+    if use_sim:
+        if not isinstance(similarity_model, SimilarityModel):
+            raise TypeError("similarity_model must have similarity(video_path, waveform, sample_rate) -> float")
+        weights["similarity_model"] = _weights_hash(similarity_model)
+
+    counts = np.zeros((n, 3), dtype=np.int64)
+    clips, gen_emb, ref_emb, gen_tags, ref_tags = [], [], [], [], []
+    sim = np.full((3, n), np.nan)  # generated, ceiling, floor
+    floor_partner = _derangement(n, np.random.default_rng([seed, 1])) if use_sim and n > 1 else None
+    ref_audio = {}
+    for i, pair in enumerate(tqdm(pairs, desc="evaluating", unit="clip", disable=not progress)):
+        gen_wave, gen_sr = load_audio(pair.generated)
+        ref_wave, ref_sr = load_audio(pair.reference)
+        gen_beats = track_beats(gen_wave, gen_sr, beat_config)
+        ref_beats = track_beats(ref_wave, ref_sr, beat_config)
+        counts[i] = beat_counts(ref_beats, gen_beats, tolerance)
+        gen_s, ref_s = len(gen_wave) / gen_sr, len(ref_wave) / ref_sr
+        if abs(gen_s - ref_s) > 1.0:
+            logger.warning("%s: generated %.2f s vs reference %.2f s", pair.name, gen_s, ref_s)
+        clip = {"name": pair.name, "generated_s": gen_s, "reference_s": ref_s,
+                "reference_beats": int(counts[i, 0]), "generated_beats": int(counts[i, 1]),
+                "matched_beats": int(counts[i, 2])}
+        if embedder is not None:
+            try:
+                gen_emb.append(np.asarray(embedder.embed(gen_wave, gen_sr), dtype=np.float64))
+                ref_emb.append(np.asarray(embedder.embed(ref_wave, ref_sr), dtype=np.float64))
+                gen_tags.append(np.asarray(embedder.tag_probabilities(gen_wave, gen_sr), np.float64).mean(0))
+                ref_tags.append(np.asarray(embedder.tag_probabilities(ref_wave, ref_sr), np.float64).mean(0))
+            except ValueError as err:
+                raise ValueError(f"{pair.name}: {err}") from None
+        if use_sim:
+            sim[0, i] = similarity_model.similarity(str(pair.video), gen_wave, gen_sr)
+            sim[1, i] = similarity_model.similarity(str(pair.video), ref_wave, ref_sr)
+            clip["sim"], clip["sim_ceiling"] = 100 * sim[0, i], 100 * sim[1, i]
+            ref_audio[i] = (ref_wave, ref_sr) if n <= 64 else None
+        if plots_dir is not None:
+            from muvi.eval.plot import motion_curve, plot_beats
+
+            motion = motion_curve(pair.video) if pair.video is not None else None
+            plot_beats(ref_beats, gen_beats, Path(plots_dir) / f"{pair.name}.png",
+                       duration=max(gen_s, ref_s), motion=motion, tolerance=tolerance, label=pair.name)
+        clips.append(clip)
+    if floor_partner is not None:
+        for i, pair in enumerate(pairs):
+            j = int(floor_partner[i])
+            wave, sr = ref_audio.get(j) or load_audio(pairs[j].reference)
+            sim[2, i] = similarity_model.similarity(str(pair.video), wave, sr)
+            clips[i]["sim_floor"] = 100 * sim[2, i]
+
+    index = np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
+    metrics = {}
+    values, replicates = beat_metrics(counts), beat_metrics(counts[index])
+    for name in BEAT_METRICS:
+        metrics[name] = _entry(name, values[name], replicates[name], n)
+
+    if embedder is not None:
+        _embedding_metrics(metrics, unavailable, clips, gen_emb, ref_emb, np.array(gen_tags),
+                           np.array(ref_tags), index)
+    if use_sim:
+        for row, name in enumerate(("sim", "sim_ceiling", "sim_floor")):
+            if np.isfinite(sim[row]).all():
+                metrics[name] = _entry(name, 100 * sim[row].mean(), 100 * sim[row][index].mean(axis=1), n)
+            else:
+                unavailable[name] = "needs at least two clips" if name == "sim_floor" else "similarity failed"
+
+    report = {
+        "format": REPORT_FORMAT,
+        "config": {"generated_dir": str(generated_dir), "reference_dir": str(reference_dir),
+                   "videos_dir": None if videos_dir is None else str(videos_dir), "seed": seed,
+                   "n_bootstrap": n_bootstrap, "ci": "percentile bootstrap over clips, 95%",
+                   "beat_tolerance_s": tolerance, "beat_tracker": beat_config.to_dict()},
+        "samples": {"count": n, "names": [p.name for p in pairs]},
+        "durations": {"generated": _durations([c["generated_s"] for c in clips]),
+                      "reference": _durations([c["reference_s"] for c in clips])},
+        "metrics": metrics,
+        "unavailable": unavailable,
+        "clips": clips,
+        "versions": _versions(),
+        "weights_sha256": weights,
+    }
+    report = _clean(report)
+    text = format_table(report)
+    logger.info("evaluation of %d clips:\n%s", n, text)
+    if out_json is not None:
+        write_report(report, out_json)
+    return report
+
+
+def _embedding_metrics(metrics: dict, unavailable: dict, clips: list, gen_emb: list, ref_emb: list,
+                       gen_tags: np.ndarray, ref_tags: np.ndarray, index: np.ndarray) -> None:
+    n = len(gen_emb)
+    pool = lambda arrays, idx: np.concatenate([arrays[i] for i in idx])  # noqa: E731
+    try:
+        metrics["fd_musicnn"] = _set_metric(
+            "fd_musicnn", lambda idx: D.frechet_distance_embeddings(pool(ref_emb, idx), pool(gen_emb, idx)), index, n)
+    except ValueError as err:
+        unavailable["fd_musicnn"] = str(err)
+    gen_mean = np.stack([e.mean(0) for e in gen_emb])
+    ref_mean = np.stack([e.mean(0) for e in ref_emb])
+    if n >= 2:
+        bandwidth = D.median_bandwidth(ref_mean)  # fixed, so the CI reflects the data, not the bandwidth
+        metrics["kad_musicnn"] = _set_metric(
+            "kad_musicnn", lambda idx: D.mmd2_unbiased(ref_mean[idx], gen_mean[idx], "rbf", bandwidth), index, n)
+        metrics["kid_musicnn"] = _set_metric(
+            "kid_musicnn", lambda idx: D.mmd2_unbiased(ref_mean[idx], gen_mean[idx], "poly"), index, n)
+    else:
+        unavailable["kad_musicnn"] = unavailable["kid_musicnn"] = "needs at least two clips"
+    for mode in ("softmax", "sigmoid", "bernoulli"):
+        per_pair = D.paired_kl(ref_tags, gen_tags, mode=mode)
+        name = f"kl_{mode}_musicnn"
+        metrics[name] = _entry(name, per_pair.mean(), per_pair[index].mean(axis=1), n)
+        for clip, value in zip(clips, per_pair, strict=True):
+            clip[name] = value
+    splits = max(1, min(10, n // 10))  # audioldm_eval uses 10 splits; keep >= 10 clips per split
+    metrics["is_musicnn"] = _set_metric(
+        "is_musicnn", lambda idx: D.inception_score(gen_tags[idx], splits=splits)[0], index, n)
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    """Write the report as sorted, indented JSON (byte-identical for identical reports)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_clean(report), sort_keys=True, indent=2, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def format_table(report: dict) -> str:
+    """A short human-readable table of the report's metrics."""
+    def num(x):
+        return "n/a" if x is None else f"{x:.4g}" if abs(x) < 1e4 else f"{x:.3e}"
+
+    lines = [f"{'metric':<22} {'value':>10}  {'95% CI':<23} {'n':>5}  unit"]
+    for name, m in report["metrics"].items():
+        lo, hi = m["ci95"]
+        lines.append(f"{name:<22} {num(m['value']):>10}  {'[' + num(lo) + ', ' + num(hi) + ']':<23} "
+                     f"{m['n']:>5}  {m['unit']}")
+    for name, why in sorted(report.get("unavailable", {}).items()):
+        lines.append(f"{name:<22} {'n/a':>10}  {why}")
+    return "\n".join(lines)
