@@ -30,12 +30,23 @@ setup(
         "numpy>=1.24",
         "soundfile>=0.12",
         "tqdm>=4.60",
+        "av>=12",
+        "scipy>=1.10",
     ],
     extras_require={
+        # tinysoundfont (MIDI rendering) and musicnn (evaluation embeddings) are installed with
+        # `pip install --no-deps`: their declared dependencies (pyaudio; tensorflow, numpy<1.17)
+        # are not needed for what muvi uses and do not install here.
+        "data": ["music21>=9", "pretty_midi>=0.2.10"],
+        "eval": ["matplotlib>=3.7"],
         "dev": [
             "pytest>=7",
             "transformers>=4.40",
             "scikit-video>=1.1.11",
+            "mir_eval>=0.7",
+            "music21>=9",
+            "pretty_midi>=0.2.10",
+            "matplotlib>=3.7",
         ],
         "flash": ["flash-attn>=2.5"],
     },
