@@ -57,3 +57,18 @@ def real_music_24k() -> tuple[np.ndarray, int]:
     wave = stereo.mean(axis=1).astype(np.float32)
     assert np.sqrt(np.mean(wave ** 2)) > 1e-2, "rendering produced (near) silence"
     return np.ascontiguousarray(wave), sample_rate
+
+
+def load_recipe(name: str):
+    """Import ``recipes/<name>.py`` (recipes are scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    key = f"recipe_{name}"
+    if key not in sys.modules:  # dataclasses look their module up in sys.modules
+        path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]

