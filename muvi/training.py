@@ -6,6 +6,7 @@ is an explicit loop that calls them.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -239,3 +240,44 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, cpu: bo
 def setup_logging(is_main: bool) -> None:
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+# ----------------------------------------------------------------------------- recipe helpers
+
+def music_files(spec: str) -> str | list[str]:
+    """A folder as it is, or the paths listed in a .txt file (relative to that file)."""
+    path = Path(spec)
+    if path.suffix == ".txt" and path.is_file():
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        return [str(path.parent / ln) for ln in lines if ln and not ln.startswith("#")]
+    return spec
+
+
+def batch_stream(loader, sampler):
+    """Endless (batches consumed this epoch, batch); moves to the next epoch when one ends."""
+    consumed = sampler.state_dict()["batch"]
+    while True:
+        for batch in loader:
+            consumed += 1
+            yield consumed, batch
+        sampler.set_epoch(sampler.epoch + 1)
+        consumed = 0
+
+
+@contextlib.contextmanager
+def frozen(*modules: torch.nn.Module):
+    """Parameters stop requiring grad while the generator's loss runs through the discriminators."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def batch_names(batch: dict) -> str:
+    return ", ".join(f"{Path(p).name}@{s:.1f}-{e:.1f}s"
+                     for p, s, e in zip(batch["path"], batch["start"], batch["end"]))

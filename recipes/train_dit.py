@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -220,46 +219,39 @@ def main(argv: Optional[list[str]] = None) -> Path:
                 len(data), acc.num_processes)
 
     micro = step * cfg.grad_accum
-    consumed = sampler.state_dict()["batch"]
+    stream = training.batch_stream(loader, sampler)
     while step < cfg.steps:
-        data.set_epoch(sampler.epoch)
-        for batch in loader:
-            consumed += 1
-            gen = training.step_generator(cfg.seed, micro, rank)
-            micro += 1
-            inputs = make_batch(batch, cfg, stats, gen, acc.device)
-            with acc.accumulate(model), acc.autocast():
-                v_pred = model(inputs["x_t"], inputs["t_frames"], inputs["valid"], inputs["use_null"],
-                               inputs.get("tokens"), inputs.get("token_lengths"), inputs["lengths"])
-                loss = flow.flow_loss(v_pred, inputs["v_target"], inputs["context"], inputs["valid"])
-                training.check_finite(loss, step, ", ".join(batch["ids"]))
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.grad_clip:
-                    acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                if acc.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            meter.add(len(batch["ids"]), int(inputs["valid"].sum()))
-            if not acc.sync_gradients:
-                continue
-            ema.update(acc.unwrap_model(model))
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                meter.log(step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                if acc.is_main_process:
-                    training.save_checkpoint(run_dir, step, {
-                        "step": step, "model": training.unwrap_state(model), "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "sampler": sampler.state_dict(consumed=consumed), "config": cfg.to_dict()},
-                        keep=cfg.keep_checkpoints)
-                acc.wait_for_everyone()
-            if step >= cfg.steps:
-                break
-        else:
-            sampler.set_epoch(sampler.epoch + 1)
-            consumed = 0
+        consumed, batch = next(stream)
+        gen = training.step_generator(cfg.seed, micro, rank)
+        micro += 1
+        inputs = make_batch(batch, cfg, stats, gen, acc.device)
+        with acc.accumulate(model), acc.autocast():
+            v_pred = model(inputs["x_t"], inputs["t_frames"], inputs["valid"], inputs["use_null"],
+                           inputs.get("tokens"), inputs.get("token_lengths"), inputs["lengths"])
+            loss = flow.flow_loss(v_pred, inputs["v_target"], inputs["context"], inputs["valid"])
+            training.check_finite(loss, step, ", ".join(batch["ids"]))
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.grad_clip:
+                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if acc.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        meter.add(len(batch["ids"]), int(inputs["valid"].sum()))
+        if not acc.sync_gradients:
+            continue
+        ema.update(acc.unwrap_model(model))
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            meter.log(step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if acc.is_main_process:
+                training.save_checkpoint(run_dir, step, {
+                    "step": step, "model": training.unwrap_state(model), "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "sampler": sampler.state_dict(consumed=consumed), "config": cfg.to_dict()},
+                    keep=cfg.keep_checkpoints)
+            acc.wait_for_everyone()
     final = run_dir / "final"
     if acc.is_main_process:
         save_final(ema.shadow, final)

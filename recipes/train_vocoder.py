@@ -1,0 +1,275 @@
+"""Train MuVi's HiFi-GAN vocoder (paper appendix A; Kong et al. 2020) on music only.
+
+    accelerate launch recipes/train_vocoder.py --config recipes/configs/vocoder_paper.json \
+        --run-dir runs/vocoder [--resume] [--set music=/data/music batch_size=16 ...]
+
+Each step (one update of both networks over ``grad_accum`` micro-batches):
+
+    mel      = MelSpectrogram(music)                   the shared front end, on the whole clip
+    mel_in,y = a random window of segment_size / hop frames and its segment_size samples
+    ŷ        = G(mel_in)                               (weight-normed HiFiGANGenerator)
+    loss_D   = Σ_d LSGAN(D_d(y), D_d(ŷ.detach()))      MPD (periods 2,3,5,7,11) + MSD (3 scales)
+    loss_G   = Σ_d LSGAN(D_d(ŷ)) + fm_weight · FM + mel_weight · L1(mel(ŷ), mel(y))
+
+as in the HiFi-GAN release (mel ×45, feature matching ×2, AdamW(0.8, 0.99) at 2e-4 decayed by
+``lr_decay`` every ``lr_decay_every`` steps; the release decays 0.999 per epoch of its data
+set). The mel of ŷ goes through the SAME ``MelSpectrogram`` as the input and the target (the
+mel loss back-propagates through it); mel(y) is computed on the segment itself, so target and
+generated mels see identical edge padding, while the input mel comes from the whole clip and
+has real context at the window's edges.
+
+Two deliberate differences from the release, both so that every check happens before any
+update and gradient accumulation stays exact:
+- Both losses are computed from the same state of the discriminators (the release steps D
+  first and then scores ŷ with the updated D). A NaN in either loss therefore stops the run
+  before either optimizer has stepped.
+- The generator's adversarial and feature-matching losses run the discriminators with their
+  parameters frozen, so their gradients never pick up the generator's objective.
+Real and generated audio share one discriminator pass (all sub-discriminators are per-example:
+no batch statistics).
+
+Input mels are the ground truth's. Fine-tuning on the VAE's reconstructions (or the DiT's
+samples decoded by the VAE), as HiFi-GAN fine-tunes on TTS outputs, is left for later.
+The final weights (``RUN/final/vocoder.safetensors`` + ``vocoder.json`` + ``mel.json``) are the
+EMA generator with weight norm folded into plain convolutions (``ema_decay 0`` gives the raw
+weights, as the release has no EMA). Throughput's ``tokens`` are waveform samples: divide
+tokens/s by the sample rate for audio seconds per second.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from muvi.config import Config, ConfigError
+from muvi.data.datasets import MusicDataset, collate_segments
+from muvi.data.sampler import DurationBalancedBatchSampler
+from muvi.models.discriminators import (HiFiGANDiscriminatorConfig, MultiPeriodDiscriminator,
+                                        MultiScaleDiscriminator, feature_matching_loss,
+                                        lsgan_discriminator_loss, lsgan_generator_loss)
+from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
+from muvi.models.mel import MelConfig, MelSpectrogram
+from muvi import training
+from muvi.training import (EMA, Throughput, check_finite, latest_checkpoint, load_checkpoint,
+                           load_config, lr_factor, make_accelerator, recipe_parser, save_checkpoint,
+                           setup_logging, step_generator, unwrap_state)
+
+logger = logging.getLogger("train_vocoder")
+
+
+@dataclasses.dataclass
+class VocoderTrainConfig(Config):
+    # data: a folder of audio files (searched recursively) or a .txt list, one path per line
+    music: str = ""
+    min_seconds: float = 1.0       # clips decoded per item; one window of segment_size is used
+    max_seconds: float = 1.0
+    segment_size: int = 8400       # samples per window, a multiple of the hop (8400 = 28 frames)
+    num_workers: int = 4
+    # models
+    model_preset: str = "v1-24k"
+    model: dict = dataclasses.field(default_factory=dict)
+    mel: dict = dataclasses.field(default_factory=dict)
+    disc_preset: str = "v1"
+    disc: dict = dataclasses.field(default_factory=dict)
+    # objective (HiFi-GAN)
+    mel_weight: float = 45.0
+    fm_weight: float = 2.0
+    # optimisation (HiFi-GAN: AdamW(0.8, 0.99), lr 2e-4, ×0.999 per epoch, no clipping)
+    steps: int = 520_000
+    batch_size: int = 12           # 12 x 8400 = 100.8K samples per batch: the paper's "102.4K
+                                   # frames" read as samples (as mel frames it would be 21 min)
+    lr: float = 2e-4
+    betas: tuple[float, ...] = (0.8, 0.99)
+    weight_decay: float = 0.01
+    lr_decay: float = 0.999
+    lr_decay_every: int = 1000
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    grad_accum: int = 1
+    grad_clip: float = 0.0         # 0 disables
+    ema_decay: float = 0.999
+    # bookkeeping
+    log_every: int = 100
+    ckpt_every: int = 5000
+    seed: int = 0
+    mixed_precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+
+
+def crop_segments(music: torch.Tensor, mel: torch.Tensor, valid: torch.Tensor, frames: int, hop: int,
+                  gen: torch.Generator, pad_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random window per clip: mel (B, M, frames) and its waveform (B, frames · hop).
+
+    Clips shorter than the window start at 0 and run into the batch's zero padding (whose mel
+    is that of silence), as the release zero-pads short files."""
+    if mel.shape[-1] < frames:
+        mel = torch.nn.functional.pad(mel, (0, frames - mel.shape[-1]), value=pad_value)
+        music = torch.nn.functional.pad(music, (0, frames * hop - music.shape[-1]))
+    room = (valid - frames).clamp_min(0)
+    u = torch.rand(valid.shape, generator=gen, device=gen.device).to(valid.device)
+    start = (u * (room + 1)).long().clamp_max(room)
+    index = start[:, None] + torch.arange(frames, device=mel.device)  # (B, frames)
+    window = mel.gather(2, index[:, None, :].expand(-1, mel.shape[1], -1))
+    samples = (start[:, None] * hop + torch.arange(frames * hop, device=music.device))  # (B, frames·hop)
+    return window, music.gather(1, samples)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    args = recipe_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    cfg = load_config(VocoderTrainConfig, args.config, args.overrides)
+    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
+    setup_logging(acc.is_main_process)
+    run_dir, device = Path(args.run_dir), acc.device
+
+    mel_cfg = MelConfig(**cfg.mel)
+    gen_cfg = HiFiGANConfig.preset(cfg.model_preset, **cfg.model)
+    disc_cfg = HiFiGANDiscriminatorConfig.preset(cfg.disc_preset, **cfg.disc)
+    hop = mel_cfg.hop_length
+    if gen_cfg.num_mels != mel_cfg.n_mels or gen_cfg.hop_length != hop:
+        raise ConfigError(f"generator ({gen_cfg.num_mels} mels, hop {gen_cfg.hop_length}) does not "
+                          f"match the mel front end ({mel_cfg.n_mels} mels, hop {hop})")
+    if cfg.segment_size % hop:
+        raise ConfigError(f"segment_size {cfg.segment_size} is not a multiple of the hop {hop}")
+    frames = cfg.segment_size // hop
+    melspec = MelSpectrogram(mel_cfg).to(device)
+
+    torch.manual_seed(cfg.seed)
+    generator = HiFiGANGenerator(gen_cfg)
+    generator.apply_weight_norm()
+    mpd, msd = MultiPeriodDiscriminator(disc_cfg), MultiScaleDiscriminator(disc_cfg)
+    ema = EMA(generator, cfg.ema_decay)
+    ema.shadow.to(device)
+
+    def adamw(*modules):
+        return torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=cfg.lr,
+                                 betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+    opt_g, opt_d = adamw(generator), adamw(mpd, msd)
+
+    dataset = MusicDataset(training.music_files(cfg.music), mel_cfg.sample_rate, cfg.min_seconds, cfg.max_seconds,
+                           cfg.seed, skip_unreadable=True)
+    sampler = DurationBalancedBatchSampler(dataset.durations, cfg.batch_size, seed=cfg.seed,
+                                           rank=acc.process_index, world_size=acc.num_processes)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_segments,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if args.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        start = state["step"]
+        generator.load_state_dict(state["model"])
+        mpd.load_state_dict(state["mpd"])
+        msd.load_state_dict(state["msd"])
+        ema.load_state_dict(state["ema"])
+        sampler.load_state_dict(state["sampler"])
+        logger.info("resuming from %s (step %d)", ckpt, start)
+    generator, mpd, msd, opt_g, opt_d = acc.prepare(generator, mpd, msd, opt_g, opt_d)
+    if ckpt is not None:
+        opt_g.load_state_dict(state["optimizer"])
+        opt_d.load_state_dict(state["disc_optimizer"])
+        del state
+    gen_inner, mpd_inner, msd_inner = (acc.unwrap_model(m) for m in (generator, mpd, msd))
+    logger.info("generator %.2fM parameters, MPD %.2fM, MSD %.2fM; %d music files; %d-sample windows",
+                *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (gen_inner, mpd_inner, msd_inner)),
+                len(dataset), cfg.segment_size)
+
+    stream = training.batch_stream(loader, sampler)
+    consumed = sampler.state_dict()["batch"]
+    meter = Throughput(run_dir, enabled=acc.is_main_process)
+    for m in (generator, mpd, msd):
+        m.train()
+    for step in range(start + 1, cfg.steps + 1):
+        lr = (cfg.lr * lr_factor(step - 1, cfg.warmup_steps, cfg.steps, cfg.schedule)
+              * cfg.lr_decay ** ((step - 1) // cfg.lr_decay_every))
+        for o in (opt_g, opt_d):
+            for group in o.param_groups:
+                group["lr"] = lr
+        for micro in range(cfg.grad_accum):
+            consumed, batch = next(stream)
+            gen = step_generator(cfg.seed, (step - 1) * cfg.grad_accum + micro, acc.process_index, device)
+            music = batch["music"].to(device, non_blocking=True)
+            valid = (batch["music_lengths"] // hop).to(device)
+            with torch.no_grad():
+                mel_in, y = crop_segments(music, melspec(music), valid, frames, hop, gen,
+                                          math.log(mel_cfg.log_clamp))
+                mel_y = melspec(y)
+            with contextlib.ExitStack() as stack:
+                if micro < cfg.grad_accum - 1:  # no gradient all-reduce until the last micro-batch
+                    for m in (generator, mpd, msd):
+                        stack.enter_context(acc.no_sync(m))
+                with acc.autocast():
+                    y_hat = generator(mel_in).float()
+                    # Discriminators on real and (detached) generated audio in one pass.
+                    both = torch.cat([y, y_hat.detach()])
+                    s_p, f_p = mpd(both)
+                    s_s, f_s = msd(both)
+                b = y.shape[0]
+                scores, fmaps = s_p + s_s, f_p + f_s
+                loss_d = lsgan_discriminator_loss([s[:b] for s in scores], [s[b:] for s in scores])
+                with training.frozen(mpd_inner, msd_inner), acc.autocast():
+                    g_p, gf_p = mpd_inner(y_hat)
+                    g_s, gf_s = msd_inner(y_hat)
+                adv = lsgan_generator_loss(g_p + g_s)
+                fm = feature_matching_loss([[f[:b] for f in fl] for fl in fmaps], gf_p + gf_s)
+                mel_l1 = torch.nn.functional.l1_loss(melspec(y_hat), mel_y)
+                loss_g = adv + cfg.fm_weight * fm + cfg.mel_weight * mel_l1
+                names = training.batch_names(batch)
+                check_finite(loss_g, step, names)
+                check_finite(loss_d, step, names + " (discriminator)")
+                acc.backward(loss_d)
+                acc.backward(loss_g)
+            meter.add(b * acc.num_processes, b * cfg.segment_size * acc.num_processes)
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
+            acc.clip_grad_norm_([p for m in (mpd, msd) for p in m.parameters()], cfg.grad_clip)
+        opt_d.step()
+        opt_g.step()
+        opt_d.zero_grad(set_to_none=True)
+        opt_g.zero_grad(set_to_none=True)
+        ema.update(gen_inner)
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            meter.log(step, loss_g=loss_g.item(), loss_d=loss_d.item(), mel=mel_l1.item(), fm=fm.item(),
+                      adv=adv.item(), lr=lr)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if acc.is_main_process:
+                save_checkpoint(run_dir, step, {
+                    "step": step, "model": unwrap_state(generator), "mpd": unwrap_state(mpd),
+                    "msd": unwrap_state(msd), "ema": ema.state_dict(), "optimizer": opt_g.state_dict(),
+                    "disc_optimizer": opt_d.state_dict(), "sampler": sampler.state_dict(consumed=consumed),
+                    "config": cfg.to_dict()})
+            acc.wait_for_everyone()
+
+    final = run_dir / "final"
+    if acc.is_main_process:
+        export(ema.shadow, melspec.config, final)
+    acc.wait_for_everyone()
+    return final
+
+
+def export(shadow: HiFiGANGenerator, mel_cfg: MelConfig, out: Path) -> None:
+    """The EMA generator with weight norm folded into plain conv weights, as inference loads it."""
+    from safetensors.torch import save_file
+
+    plain = copy.deepcopy(shadow).cpu()
+    plain.remove_weight_norm()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in plain.state_dict().items()},
+              str(out / "vocoder.safetensors"))
+    plain.config.to_json(out / "vocoder.json")
+    mel_cfg.to_json(out / "mel.json")
+    logger.info("wrote %s", out / "vocoder.safetensors")
+
+
+if __name__ == "__main__":
+    main()

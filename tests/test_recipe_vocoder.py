@@ -1,0 +1,154 @@
+"""Recipe 2 (HiFi-GAN vocoder with MPD + MSD) on its tiny config with real music: Bach chorales
+rendered from MIDI.
+
+A few steps with finite losses; the final file holds plain (weight-norm-folded) weights that
+load strictly into a generator built from its JSON and reproduce the trained EMA generator;
+exact resume of generator, both discriminators, both optimizers and the EMA; a NaN stops the
+run naming the step and leaves the last checkpoint loadable."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+
+from muvi.checkpoint import load_strict, read_state_dict
+from muvi.models.discriminators import (HiFiGANDiscriminatorConfig, MultiPeriodDiscriminator,
+                                        MultiScaleDiscriminator)
+from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
+from muvi.models.mel import MelConfig
+from muvi.training import NonFiniteLoss, latest_checkpoint, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "recipes" / "configs" / "vocoder_tiny.json"
+SR = 24000
+
+
+def _load_recipe():
+    name = "recipe_train_vocoder"  # recipes/ is not a package; dataclasses need sys.modules
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / "train_vocoder.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+recipe = _load_recipe()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run far faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def music_dir(tmp_path_factory) -> Path:
+    from muvi.data.midi import corpus_midi_files, render_midi
+
+    folder = tmp_path_factory.mktemp("music")
+    for i, piece in enumerate(corpus_midi_files("bach")[:3]):
+        wave, _ = render_midi(piece, SR, duration=2.0)
+        sf.write(folder / f"chorale{i}.wav", wave, SR, subtype="FLOAT")
+    return folder
+
+
+def run(run_dir: Path, music: Path, *overrides: str, resume: bool = False) -> Path:
+    argv = ["--config", str(CONFIG), "--run-dir", str(run_dir), "--set", f"music={music}", *overrides]
+    return recipe.main(argv + (["--resume"] if resume else []))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, music_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("full")
+    run(run_dir, music_dir)  # 4 steps, checkpoints at 2 and 4
+    return run_dir
+
+
+def assert_same(a, b, where="state"):
+    """Every tensor torch.equal, every other leaf ==, through nested dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), (where, set(a) ^ set(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_runs_with_finite_losses_and_exports_plain_weights(full_run):
+    rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("loss_g", "loss_d", "mel", "fm", "adv"))
+        assert r["loss_g"] == pytest.approx(r["adv"] + 2 * r["fm"] + 45 * r["mel"], rel=1e-5)
+        assert r["tokens_per_s"] == pytest.approx(2400 * r["samples_per_s"], rel=1e-6)
+    assert rows[-1]["lr"] == pytest.approx(2e-4 * 0.999)  # decayed once by step 4 (every 2 steps)
+
+    final = full_run / "final"
+    state = read_state_dict(final / "vocoder.safetensors")
+    assert not any("parametrizations" in k or k.endswith(("weight_g", "weight_v")) for k in state)
+    plain = HiFiGANGenerator(HiFiGANConfig.from_json(final / "vocoder.json"))
+    load_strict(plain, state, source="final/vocoder.safetensors")
+    assert MelConfig.from_json(final / "mel.json") == MelConfig()
+
+    # The export is the EMA generator of the last step with weight norm folded: same output.
+    ckpt = load_checkpoint(latest_checkpoint(full_run))
+    trained = HiFiGANGenerator(HiFiGANConfig.preset("tiny"))
+    trained.apply_weight_norm()
+    load_strict(trained, ckpt["ema"]["shadow"], source="ema")
+    mel = torch.randn(2, 160, 12) - 5.0
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(mel), trained.eval()(mel), rtol=1e-4, atol=1e-6)
+
+    # Both discriminators are checkpointed and load strictly into fresh ones.
+    disc_cfg = HiFiGANDiscriminatorConfig.preset("tiny")
+    load_strict(MultiPeriodDiscriminator(disc_cfg), ckpt["mpd"], source="mpd")
+    load_strict(MultiScaleDiscriminator(disc_cfg), ckpt["msd"], source="msd")
+    assert any(k.endswith("parametrizations.weight.0._u") for k in ckpt["msd"])
+
+
+def test_resume_is_exact(full_run, music_dir, tmp_path):
+    run(tmp_path, music_dir, "steps=2")
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    run(tmp_path, music_dir, "steps=4", resume=True)
+    straight = load_checkpoint(full_run / "checkpoints" / "step_00000004")
+    resumed = load_checkpoint(tmp_path / "checkpoints" / "step_00000004")
+    assert {"model", "mpd", "msd", "ema", "optimizer", "disc_optimizer", "sampler"} <= set(straight)
+    assert_same(straight, resumed)
+    assert_same(read_state_dict(full_run / "final" / "vocoder.safetensors"),
+                read_state_dict(tmp_path / "final" / "vocoder.safetensors"))
+
+
+def test_nan_stops_at_its_step_and_keeps_the_last_checkpoint(music_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = recipe.feature_matching_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setattr(recipe, "feature_matching_loss", poisoned)
+    with pytest.raises(NonFiniteLoss, match=r"at step 3 on batch chorale\d\.wav@"):
+        run(tmp_path, music_dir)
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step_00000002"
+    assert not (tmp_path / "final").exists()
+    state = load_checkpoint(latest)
+    assert state["step"] == 2
+    generator = HiFiGANGenerator(HiFiGANConfig.preset("tiny"))
+    generator.apply_weight_norm()
+    load_strict(generator, state["model"], source=str(latest))
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
