@@ -38,7 +38,7 @@ setup(
         # `pip install --no-deps`: their declared dependencies (pyaudio; tensorflow, numpy<1.17)
         # are not needed for what muvi uses and do not install here.
         "data": ["music21>=9", "pretty_midi>=0.2.10"],
-        "eval": ["matplotlib>=3.7"],
+        "eval": ["matplotlib>=3.7", "resampy>=0.4"],
         "dev": [
             "pytest>=7",
             "transformers>=4.40",
@@ -47,6 +47,7 @@ setup(
             "music21>=9",
             "pretty_midi>=0.2.10",
             "matplotlib>=3.7",
+            "resampy>=0.4",
         ],
         "flash": ["flash-attn>=2.5"],
     },

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except PairingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, ValueError) as err:  # bad weight files (hash, keys), unreadable audio
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
     print(format_table(report))
     print(f"report written to {args.output}")
     return 0

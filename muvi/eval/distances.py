@@ -26,7 +26,8 @@ Embeddings come from any backbone (muvi's offline one is the musicnn port,
 
 The paper's own FAD (VGGish) and FD/KL/IS (PANNs Cnn14) need those networks' weights, which cannot
 be downloaded here: :func:`load_user_backbone` accepts a user-supplied weight file only after its
-SHA-256 matches the one the user states, and never downloads anything.
+SHA-256 matches the one the user states, and never downloads anything; :func:`build_user_network`
+loads it into muvi's port (:mod:`muvi.eval.vggish`, :mod:`muvi.eval.panns`).
 """
 from __future__ import annotations
 
@@ -255,13 +256,35 @@ def load_user_backbone(kind: str, path: str | Path | None, sha256: str | None) -
     actual = sha256_file(path)
     if actual.lower() != sha256.strip().lower():
         raise ValueError(f"{path}: SHA-256 {actual} does not match the expected {sha256.strip().lower()}")
-    from muvi.checkpoint import read_state_dict
+    import importlib
 
-    return UserBackbone(kind, str(path), actual, read_state_dict(path))
+    module, function = _USER_WEIGHT_READERS[kind]
+    return UserBackbone(kind, str(path), actual, getattr(importlib.import_module(module), function)(path))
+
+
+#: kind -> (module, function) reading a weight file (weights-only): the PANNs files also hold
+#: numpy arrays (their data sampler's state), which muvi.eval.panns allows.
+_USER_WEIGHT_READERS = {
+    "vggish": ("muvi.checkpoint", "read_state_dict"),
+    "panns_cnn14": ("muvi.eval.panns", "read_panns_checkpoint"),
+}
+
+#: kind -> (module, function) building the network from a verified state dict; imported on use.
+_USER_NETWORK_BUILDERS = {
+    "vggish": ("muvi.eval.vggish", "vggish_from_state_dict"),
+    "panns_cnn14": ("muvi.eval.panns", "cnn14_from_state_dict"),
+}
 
 
 def build_user_network(backbone: UserBackbone):
-    """The network for a verified backbone. muvi has no VGGish or PANNs port yet, so this raises."""
-    raise BackboneUnavailable(
-        f"{USER_BACKBONES[backbone.kind]} not available: the weight file {backbone.path} was verified "
-        f"(sha256 {backbone.sha256}) but muvi has no PyTorch {backbone.kind} network to load it into yet")
+    """The network (eval mode) for a verified backbone: :class:`muvi.eval.vggish.VGGish` or
+    :class:`muvi.eval.panns.Cnn14`, its state dict loaded strictly.
+
+    Raises:
+        muvi.checkpoint.CheckpointError: the file does not fit the network (the message lists
+            missing, unexpected and mis-shaped keys).
+    """
+    import importlib
+
+    module, function = _USER_NETWORK_BUILDERS[backbone.kind]
+    return getattr(importlib.import_module(module), function)(backbone.state_dict, source=backbone.path)

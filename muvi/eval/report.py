@@ -13,6 +13,10 @@ over pooled 3 s patch embeddings (as FAD pools VGGish frames), KAD/KID (unbiased
 per-clip mean embeddings, paired KL over per-clip mean tag probabilities, and the inception
 score of the generated tags; with a :class:`SimilarityModel` and videos, SIM for the generated
 music with the real soundtrack's SIM (ceiling) and shuffled video-music pairs (floor).
+With user-supplied VGGish / PANNs Cnn14 weight files (hash-checked, see
+:func:`muvi.eval.distances.load_user_backbone`), the paper's FAD and FD/KL/IS as audioldm_eval
+computes them (:mod:`muvi.eval.vggish`, :mod:`muvi.eval.panns`; each file re-read as audioldm_eval
+reads it for that network).
 For the kernel distances the bootstrap interval is approximate (a resample repeats clips, and
 repeated clips act as near-duplicate pairs in the estimator).
 """
@@ -59,6 +63,15 @@ METRIC_INFO: dict[str, tuple[str, bool | None, str]] = {
                            "(audioldm_eval 'KL_sigmoid')"),
     "kl_bernoulli_musicnn": ("nats", False, "paired sum of per-tag Bernoulli KL(reference || generated)"),
     "is_musicnn": ("score", True, "inception score of generated musicnn tags (softmax over logits)"),
+    "fad_vggish": ("distance", False, "Frechet audio distance of pooled VGGish 0.96 s frame embeddings "
+                   "(audioldm_eval FAD: last linear layer without ReLU, no PCA)"),
+    "fd_panns": ("distance", False, "Frechet distance of per-clip PANNs Cnn14 2048-d embeddings (audioldm_eval FD)"),
+    "kl_softmax_panns": ("nats", False, "paired KL(reference || generated) over softmaxed PANNs logits "
+                         "(audioldm_eval 'KL')"),
+    "kl_sigmoid_panns": ("nats", False, "paired sum_k p log(p / q) over sigmoid PANNs outputs "
+                         "(audioldm_eval 'KL_sigmoid')"),
+    "is_panns": ("score", True, "inception score of generated PANNs logits (audioldm_eval IS: seed 2020, "
+                 "10 splits, or one per clip below 10 clips)"),
     "sim": ("percent", True, "contrastive video-music similarity of (video, generated music)"),
     "sim_ceiling": ("percent", True, "SIM of (video, real soundtrack)"),
     "sim_floor": ("percent", None, "SIM of shuffled (video, another clip's soundtrack) pairs"),
@@ -279,11 +292,12 @@ def evaluate(generated_dir: str | Path, reference_dir: str | Path, videos_dir: s
         unavailable["musicnn"] = "embedding metrics not requested (embedder=None)"
     if embedder is not None:
         weights["musicnn"] = _weights_hash(embedder)
+    networks = {}  # the paper's audioldm_eval backbones, when the user supplies their weights
     for kind, path, digest in (("vggish", vggish, vggish_sha256), ("panns_cnn14", panns, panns_sha256)):
         try:
             backbone = D.load_user_backbone(kind, path, digest)
             weights[kind] = backbone.sha256
-            D.build_user_network(backbone)
+            networks[kind] = D.build_user_network(backbone)
         except D.BackboneUnavailable as err:
             unavailable[kind] = str(err)
     use_sim = similarity_model is not None and videos_dir is not None
@@ -298,6 +312,7 @@ def evaluate(generated_dir: str | Path, reference_dir: str | Path, videos_dir: s
 
     counts = np.zeros((n, 3), dtype=np.int64)
     clips, gen_emb, ref_emb, gen_tags, ref_tags = [], [], [], [], []
+    gen_user, ref_user = [], []  # per clip: {"vggish": (N, 128), "panns_embedding": ..., "panns_logits": ...}
     sim = np.full((3, n), np.nan)  # generated, ceiling, floor
     floor_partner = _derangement(n, np.random.default_rng([seed, 1])) if use_sim and n > 1 else None
     ref_audio = {}
@@ -321,6 +336,9 @@ def evaluate(generated_dir: str | Path, reference_dir: str | Path, videos_dir: s
                 ref_tags.append(np.asarray(embedder.tag_probabilities(ref_wave, ref_sr), np.float64).mean(0))
             except ValueError as err:
                 raise ValueError(f"{pair.name}: {err}") from None
+        if networks:
+            gen_user.append(_user_features(networks, pair.generated))
+            ref_user.append(_user_features(networks, pair.reference))
         if use_sim:
             sim[0, i] = similarity_model.similarity(str(pair.video), gen_wave, gen_sr)
             sim[1, i] = similarity_model.similarity(str(pair.video), ref_wave, ref_sr)
@@ -349,6 +367,8 @@ def evaluate(generated_dir: str | Path, reference_dir: str | Path, videos_dir: s
     if embedder is not None:
         _embedding_metrics(metrics, unavailable, clips, gen_emb, ref_emb, np.array(gen_tags),
                            np.array(ref_tags), index)
+    if networks:
+        _audioldm_metrics(metrics, unavailable, clips, gen_user, ref_user, index)
     if use_sim:
         for row, name in enumerate(("sim", "sim_ceiling", "sim_floor")):
             if np.isfinite(sim[row]).all():
@@ -407,6 +427,51 @@ def _embedding_metrics(metrics: dict, unavailable: dict, clips: list, gen_emb: l
     splits = max(1, min(10, n // 10))  # audioldm_eval uses 10 splits; keep >= 10 clips per split
     metrics["is_musicnn"] = _set_metric(
         "is_musicnn", lambda idx: D.inception_score(gen_tags[idx], splits=splits)[0], index, n)
+
+
+def _user_features(networks: dict, path: Path) -> dict[str, np.ndarray]:
+    """One file's VGGish frames and PANNs clip outputs, each read as audioldm_eval reads it."""
+    out = {}
+    if "vggish" in networks:
+        out["vggish"] = np.asarray(networks["vggish"].embed_file(path), dtype=np.float64)
+    if "panns_cnn14" in networks:
+        from muvi.eval.panns import clip_outputs
+
+        outputs = clip_outputs(networks["panns_cnn14"], path)
+        out["panns_embedding"] = outputs.embedding[0].double().numpy()
+        out["panns_logits"] = outputs.logits[0].double().numpy()
+    return out
+
+
+def _audioldm_metrics(metrics: dict, unavailable: dict, clips: list, gen: list, ref: list,
+                      index: np.ndarray) -> None:
+    """FAD (VGGish) and FD/KL/IS (PANNs) as audioldm_eval computes them, with bootstrap CIs."""
+    n = len(gen)
+    if "vggish" in gen[0]:
+        pool = lambda side, idx: np.concatenate([side[i]["vggish"] for i in idx])  # noqa: E731
+        try:
+            metrics["fad_vggish"] = _set_metric(
+                "fad_vggish", lambda idx: D.frechet_distance_embeddings(pool(ref, idx), pool(gen, idx)), index, n)
+        except ValueError as err:  # fewer than two 0.96 s frames in a set
+            unavailable["fad_vggish"] = str(err)
+    if "panns_logits" not in gen[0]:
+        return
+    gen_emb, ref_emb = (np.stack([c["panns_embedding"] for c in side]) for side in (gen, ref))
+    gen_logits, ref_logits = (np.stack([c["panns_logits"] for c in side]) for side in (gen, ref))
+    if n >= 2:
+        metrics["fd_panns"] = _set_metric(
+            "fd_panns", lambda idx: D.frechet_distance_embeddings(ref_emb[idx], gen_emb[idx]), index, n)
+    else:
+        unavailable["fd_panns"] = "needs at least two clips"
+    for mode in ("softmax", "sigmoid"):
+        name = f"kl_{mode}_panns"
+        per_pair = D.paired_kl(ref_logits, gen_logits, mode=mode, from_logits=True)
+        metrics[name] = _entry(name, per_pair.mean(), per_pair[index].mean(axis=1), n)
+        for clip, value in zip(clips, per_pair, strict=True):
+            clip[name] = value
+    splits = min(10, n)  # audioldm_eval: 10 splits
+    metrics["is_panns"] = _set_metric(
+        "is_panns", lambda idx: D.inception_score(gen_logits[idx], from_logits=True, splits=splits)[0], index, n)
 
 
 def write_report(report: dict, path: str | Path) -> Path:
