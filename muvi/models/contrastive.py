@@ -7,20 +7,35 @@ two sequences at each time step, averaged over time. The loss is CLIP's symmetri
 with a learnable temperature (initialised at 0.07), with extra constructed negatives (temporal
 shifts, random replacements, silence) added to the music candidates of each video.
 
-Shapes: B batch, T frames at the video rate, D width, E audio-encoder width, K extra negatives.
+The frozen encoders are kept out of :class:`ContrastiveModel` (its checkpoint holds only what
+learns); :func:`frozen_video_tokens` and :func:`frozen_music_features` run them without
+gradients, and :class:`SimilarityScorer` bundles all three for the SIM metric.
+
+Shapes: B batch, T frames at the video rate, D width, E audio-encoder width, K extra negatives,
+F video frames, N samples, (N', h, w, E') video-encoder tokens.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from muvi.checkpoint import load_strict, read_state_dict
 from muvi.config import Config
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor, resample_time
+
+logger = logging.getLogger(__name__)
+
+#: File names inside a trained contrastive folder (the recipe's ``final/``).
+WEIGHTS_NAME, CONFIG_NAME, ENCODERS_NAME = "contrastive.safetensors", "contrastive.json", "contrastive_encoders.json"
 
 
 @dataclasses.dataclass
@@ -70,7 +85,11 @@ class ContrastiveModel(nn.Module):
         return self.adaptor(tokens, num_frames, cls)
 
     def audio_embedding(self, audio_tokens: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """AudioMAE tokens (B, P, F', E) or frequency-averaged (B, P, E) → (B, T, D)."""
+        """AudioMAE tokens (B, P, F', E) or frequency-averaged (B, P, E) → (B, T, D).
+
+        Features already at the frame rate (``AudioMAEEncoder.frame_features``, which places each
+        patch at its true time) pass through the resampling unchanged; prefer them.
+        """
         if audio_tokens.dim() == 4:
             audio_tokens = audio_tokens.mean(2)
         return self.audio_head(resample_time(audio_tokens, num_frames))
@@ -94,6 +113,9 @@ class ContrastiveModel(nn.Module):
         negatives. Music → video: the B videos. Returns the loss and a few diagnostics.
         """
         b = video.shape[0]
+        # Similarities and softmax in fp32 even under bf16 autocast: the logits are scaled by up to 100.
+        video, audio = video.float(), audio.float()
+        negatives = negatives.float() if negatives is not None else None
         scale = self.logit_scale.exp().clamp(max=100.0)
         sims = self.similarity_matrix(video, audio)                         # (B, B)
         logits_v = sims
@@ -102,7 +124,183 @@ class ContrastiveModel(nn.Module):
             logits_v = torch.cat([sims, neg], dim=1)
         target = torch.arange(b, device=video.device)
         loss = 0.5 * (F.cross_entropy(scale * logits_v, target) + F.cross_entropy(scale * sims.T, target))
-        stats = {"pos_sim": sims.diagonal().mean().detach(), "temperature": (1 / scale).detach()}
+        stats = {"pos_sim": sims.diagonal().mean().detach(), "temperature": (1 / scale).detach(),
+                 "v2m_accuracy": (logits_v.argmax(1) == target).float().mean().detach()}
+        if b > 1:
+            stats["batch_neg_sim"] = ((sims.sum() - sims.diagonal().sum()) / (b * b - b)).detach()
         if negatives is not None and negatives.shape[1]:
             stats["neg_sim"] = neg.mean().detach()
+            stats["neg_sims"] = neg.detach()  # (B, K): lets the caller split by negative kind
         return loss, stats
+
+    def forward(self, video_tokens: torch.Tensor, music_features: torch.Tensor,
+                negative_features: Optional[torch.Tensor] = None,
+                cls: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        """The training step's loss from frozen features, in one call (so DDP sees a forward).
+
+        ``video_tokens`` (B, N', h, w, E'); ``music_features`` (B, T, E) and
+        ``negative_features`` (B, K, T, E) at the frame rate, T frames each.
+        """
+        b, t = music_features.shape[:2]
+        video = self.video_embedding(video_tokens, t, cls)
+        if negative_features is None or not negative_features.shape[1]:
+            return self.loss(video, self.audio_embedding(music_features, t))
+        k = negative_features.shape[1]
+        audio = self.audio_embedding(torch.cat([music_features, negative_features.flatten(0, 1)]), t)
+        return self.loss(video, audio[:b], audio[b:].unflatten(0, (b, k)))
+
+
+# ----------------------------------------------------------------------------- frozen encoders
+
+def frozen_video_tokens(encoder: nn.Module, frames: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
+    """uint8 frames (B, F, 3, H, W) at the frame rate → video-encoder tokens (B, N', h, w, E'),
+    without gradients. Frames not at the encoder's size are resized and centre-cropped."""
+    from muvi.video import resize_center_crop
+
+    size = encoder.config.image_size
+    if frames.shape[-2:] != (size, size):
+        b = frames.shape[0]
+        frames = resize_center_crop(frames.flatten(0, 1), size).unflatten(0, (b, -1))
+    with torch.no_grad():
+        return encoder.encode(encoder.normalize(frames.float() / 255.0), max_batch=max_batch)
+
+
+def frozen_music_features(encoder: nn.Module, waveforms: torch.Tensor, sample_rate: int, fps: float,
+                          num_frames: int) -> torch.Tensor:
+    """Waveforms (B, N) → AudioMAE features at the frame rate (B, T, E), without gradients.
+
+    Always fp32 (autocast off): the log-mel front end loses too much in bf16, and AudioMAE costs
+    little next to the video encoder.
+    """
+    with torch.no_grad(), torch.autocast(device_type=waveforms.device.type, enabled=False):
+        return encoder.frame_features(waveforms.float(), sample_rate, fps, num_frames)
+
+
+# ----------------------------------------------------------------------------- SIM
+
+EncoderArg = Union[None, str, Path, nn.Module]
+
+
+class SimilarityScorer(nn.Module):
+    """A trained :class:`ContrastiveModel` with its two frozen encoders: the SIM metric.
+
+    ``similarity(video_path, waveform, sample_rate)`` is the position-aware similarity in
+    [-1, 1] of the video (read at the model's frame rate) and the music, over the frames both
+    cover (the longer one is cut). Everything is frozen and in eval mode. ``max_batch`` bounds
+    the video clips encoded at once, so long videos fit in memory.
+    """
+
+    def __init__(self, model: ContrastiveModel, video_encoder: nn.Module, audio_encoder: nn.Module,
+                 max_batch: int = 16):
+        super().__init__()
+        self.model, self.video_encoder, self.audio_encoder = model, video_encoder, audio_encoder
+        self.max_batch = max_batch
+        self.eval().requires_grad_(False)
+        cfg = model.config
+        if video_encoder.config.hidden_size != cfg.adaptor_config().encoder_dim:
+            raise ValueError(f"video encoder width {video_encoder.config.hidden_size} != the adaptor's "
+                             f"encoder_dim {cfg.adaptor_config().encoder_dim}")
+        if audio_encoder.config.hidden_size != cfg.audio_dim:
+            raise ValueError(f"audio encoder width {audio_encoder.config.hidden_size} != audio_dim {cfg.audio_dim}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    @torch.no_grad()
+    def score(self, frames: torch.Tensor, waveform, sample_rate: int) -> float:
+        """uint8 frames (F, 3, H, W) at ``config.frame_rate`` and mono music (N,) → SIM."""
+        fps = self.model.config.frame_rate
+        wave = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+        if wave.dim() == 2:  # (channels, N)
+            wave = wave.mean(0)
+        if wave.dim() != 1:
+            raise ValueError(f"expected mono (N,) or (channels, N) music, got shape {tuple(wave.shape)}")
+        t = min(frames.shape[0], int(math.floor(wave.shape[0] * fps / sample_rate + 1e-6)))
+        if t < 1:
+            raise ValueError(f"video ({frames.shape[0]} frames) and music ({wave.shape[0]} samples at "
+                             f"{sample_rate} Hz) share no whole frame at {fps} fps")
+        wave = wave[: int(round(t * sample_rate / fps))]
+        tokens = frozen_video_tokens(self.video_encoder, frames[None, :t].to(self.device), self.max_batch)
+        feats = frozen_music_features(self.audio_encoder, wave[None].to(self.device), sample_rate, fps, t)
+        video = self.model.video_embedding(tokens, t)
+        audio = self.model.audio_embedding(feats, t)
+        return float(self.model.similarity(video, audio)[0])
+
+    def similarity(self, video_path: str, waveform, sample_rate: int) -> float:
+        from muvi.video import read_frames
+
+        frames = read_frames(video_path, self.model.config.frame_rate, size=self.video_encoder.config.image_size)
+        return self.score(frames, waveform, sample_rate)
+
+    def save_pretrained(self, directory: Union[str, Path], *, video_source: Optional[str] = None,
+                        audio_source: Optional[str] = None) -> None:
+        """Write ``contrastive.safetensors`` + ``contrastive.json`` (the learnt model) and
+        ``contrastive_encoders.json`` (where the frozen encoders come from).
+
+        An encoder without a source file (a random preset) is saved beside it as
+        ``contrastive_{video,audio}_encoder.{safetensors,json}``, so SIM stays reproducible.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                  str(directory / WEIGHTS_NAME))
+        self.model.config.to_json(directory / CONFIG_NAME)
+        record = {}
+        for side, encoder, source in (("video", self.video_encoder, video_source),
+                                      ("audio", self.audio_encoder, audio_source)):
+            if source is None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
+                          str(directory / f"contrastive_{side}_encoder.safetensors"))
+                encoder.config.to_json(directory / f"contrastive_{side}_encoder.json")
+            record[f"{side}_encoder"] = {"path": None if source is None else str(Path(source).resolve()),
+                                         "config": encoder.config.to_dict()}
+        (directory / ENCODERS_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, Path], *, video_encoder: EncoderArg = None,
+                        audio_encoder: EncoderArg = None, device: Union[str, torch.device] = "cpu"
+                        ) -> "SimilarityScorer":
+        """Load a folder written by :meth:`save_pretrained` (a run's ``final/``; a run folder works too).
+
+        Each encoder: a module, a checkpoint path, or None for the file saved in the folder or,
+        failing that, the path recorded at training time.
+        """
+        directory = Path(directory)
+        if not (directory / WEIGHTS_NAME).is_file() and (directory / "final" / WEIGHTS_NAME).is_file():
+            directory = directory / "final"
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+        model = ContrastiveModel(ContrastiveConfig.from_json(directory / CONFIG_NAME))
+        load_strict(model, read_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+        record_path = directory / ENCODERS_NAME
+        record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+        encoders = [_resolve_encoder(side, arg, directory, record.get(f"{side}_encoder", {}))
+                    for side, arg in (("video", video_encoder), ("audio", audio_encoder))]
+        return cls(model, *encoders).to(device)
+
+
+def _resolve_encoder(side: str, arg: EncoderArg, directory: Path, record: dict) -> nn.Module:
+    from muvi.models.audiomae import AudioMAEConfig, load_audiomae_encoder
+    from muvi.models.videomae import VideoMAEConfig, load_videomae_encoder
+
+    load, config_cls = {"video": (load_videomae_encoder, VideoMAEConfig),
+                        "audio": (load_audiomae_encoder, AudioMAEConfig)}[side]
+    if isinstance(arg, nn.Module):
+        return arg
+    if arg is not None:
+        return load(arg)
+    saved = directory / f"contrastive_{side}_encoder.safetensors"
+    if saved.is_file():
+        return load(saved, config_cls.from_json(saved.with_suffix(".json")))
+    if record.get("path") and Path(record["path"]).is_file():
+        return load(record["path"], config_cls.from_dict(record["config"], source=str(directory / ENCODERS_NAME)))
+    raise FileNotFoundError(f"{directory}: no {side} encoder saved and the one recorded at training time "
+                            f"({record.get('path')}) is not there; pass {side}_encoder=PATH")
+
+
+def load_similarity_model(path: Union[str, Path], **kwargs) -> SimilarityScorer:
+    """What ``python -m muvi.eval --contrastive PATH`` loads: :meth:`SimilarityScorer.from_pretrained`."""
+    return SimilarityScorer.from_pretrained(path, **kwargs)

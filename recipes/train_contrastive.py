@@ -1,0 +1,299 @@
+"""Recipe 3: contrastive music-visual pre-training of the visual adaptor (paper section 3.2).
+
+    accelerate launch recipes/train_contrastive.py --config recipes/configs/contrastive_paper.json \
+        --run-dir runs/contrastive --set data=pairs.csv video_encoder=vit_b_k710_dl_from_giant.pth \
+        audio_encoder=audiomae_pretrained.pth [--resume]
+
+Frozen VideoMAE V2 and AudioMAE; the adaptor, the audio head and the temperature learn
+(``ContrastiveModel``). Each step: a batch of (video, music) segments, every clip from a
+different video; for each pair two constructed negatives (beat-aware temporal shift, random
+replacement by another pair's music; silence where one cannot be built); CLIP loss with the
+in-batch music and the pair's own negatives as the candidates of each video.
+
+Decisions:
+- Equal lengths: the sampler draws one segment length per global batch (``same_length``), so
+  clips only differ when a file is shorter than the drawn length; each batch is then cropped
+  to its shortest clip (frames and music), which keeps the similarity a plain mean over frames.
+- In-batch negatives are per process (no all-gather); the sampler keeps the global batch
+  distinct, so gathering could be added without changing the data.
+- Beat tracking (deterministic) runs in the data-loader workers; every random choice of the
+  negatives comes from a numpy RNG seeded by ``step_generator``, so a resume is exact.
+- The video encoder runs under autocast (bf16 on GPU); AudioMAE always in fp32.
+Outputs: ``final/contrastive.safetensors`` + ``final/contrastive.json`` (EMA weights; keys
+``adaptor.*``, ``audio_head.*``, ``logit_scale``) and ``final/contrastive_encoders.json``, read
+by ``muvi.models.contrastive.SimilarityScorer.from_pretrained`` for SIM.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from muvi.config import Config, ConfigError
+from muvi.data.datasets import VideoMusicDataset, collate_segments
+from muvi.data.negatives import beat_cycle_frames, make_negative
+from muvi.data.sampler import DurationBalancedBatchSampler
+from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder, load_audiomae_encoder
+from muvi.models.contrastive import (ContrastiveConfig, ContrastiveModel, SimilarityScorer,
+                                     frozen_music_features, frozen_video_tokens)
+from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
+from muvi.training import (EMA, Throughput, check_finite, latest_checkpoint, load_checkpoint, load_config,
+                           lr_factor, make_accelerator, recipe_parser, save_checkpoint, setup_logging, step_generator,
+                           unwrap_state)
+
+logger = logging.getLogger("train_contrastive")
+
+
+@dataclasses.dataclass
+class ContrastiveTrainConfig(Config):
+    # data: a folder of videos with their own music, or a CSV of "video,audio" rows
+    data: str = ""
+    sample_rate: int = 16000          # AudioMAE's rate: loading at it saves a resample
+    fps: float = 10.0
+    min_seconds: float = 4.0
+    max_seconds: float = 30.0
+    same_length: bool = True          # one segment length per batch (see the module docstring)
+    skip_unreadable: bool = True      # leave out (and list) pairs whose headers cannot be read
+    # frozen encoders: a checkpoint path, or "" for the preset with RANDOM weights (tests only)
+    video_encoder: str = ""
+    video_encoder_preset: str = "vit-b"
+    audio_encoder: str = ""
+    audio_encoder_preset: str = "vit-b"
+    encoder_batch: int = 64           # video clips per encoder call (bounds memory)
+    # learnable part: a ContrastiveConfig preset plus field overrides
+    model: str = "base"
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    # constructed negatives, one per entry for every pair ([] = in-batch negatives only)
+    negatives: list = dataclasses.field(default_factory=lambda: ["shift", "replace"])
+    shift_zone: float = 0.125
+    shift_max_beats: float = 4.0
+    replace_min_frac: float = 0.2
+    replace_max_frac: float = 0.5
+    replace_margin: float = 0.05
+    crossfade_seconds: float = 0.1
+    # optimisation
+    steps: int = 2_000_000
+    batch_size: int = 160
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 1000
+    schedule: str = "constant"
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    log_every: int = 100
+    ckpt_every: int = 5000
+    seed: int = 0
+    mixed_precision: str = "auto"
+    num_workers: int = 4
+
+    def __post_init__(self):
+        bad = sorted(set(self.negatives) - {"shift", "replace"})
+        if bad:
+            raise ConfigError(f"negatives: unknown kinds {bad}; use 'shift' and/or 'replace'")
+
+
+def _seeded(seed: int):
+    """Random initialisation that depends on ``seed`` only, not on what was built before."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=[]))
+    torch.manual_seed(seed)
+    return stack
+
+
+def build_encoders(cfg: ContrastiveTrainConfig) -> tuple[VideoMAEEncoder, AudioMAEEncoder]:
+    """The two frozen encoders: from checkpoints, or presets with random weights (loudly)."""
+    if cfg.video_encoder:
+        video = load_videomae_encoder(cfg.video_encoder)
+    else:
+        logger.warning("!!! video encoder: VideoMAE preset %r with RANDOM frozen weights; the adaptor "
+                       "learns nothing useful. Pass --set video_encoder=PATH for real training. !!!",
+                       cfg.video_encoder_preset)
+        with _seeded(cfg.seed + 1):
+            video = VideoMAEEncoder(VideoMAEConfig.preset(cfg.video_encoder_preset))
+    if cfg.audio_encoder:
+        audio = load_audiomae_encoder(cfg.audio_encoder)
+    else:
+        logger.warning("!!! audio encoder: AudioMAE preset %r with RANDOM frozen weights; SIM from this "
+                       "run is meaningless. Pass --set audio_encoder=PATH for real training. !!!",
+                       cfg.audio_encoder_preset)
+        with _seeded(cfg.seed + 2):
+            audio = AudioMAEEncoder(AudioMAEConfig.preset(cfg.audio_encoder_preset))
+    return video.eval().requires_grad_(False), audio.eval().requires_grad_(False)
+
+
+def model_config(cfg: ContrastiveTrainConfig, video: VideoMAEEncoder, audio: AudioMAEEncoder) -> ContrastiveConfig:
+    """The preset with overrides; the encoder widths and the frame rate come from the run."""
+    mc = ContrastiveConfig.preset(cfg.model, **cfg.model_overrides)
+    return dataclasses.replace(mc, audio_dim=audio.config.hidden_size, frame_rate=cfg.fps,
+                               adaptor={**mc.adaptor, "encoder_dim": video.config.hidden_size})
+
+
+def collate_cropped(items: list[dict], sample_rate: int, fps: float, track_beats: bool) -> dict:
+    """Stack a batch cropped to its shortest clip, with each clip's beat cycle in frames
+    (0 where none can be trusted). Runs in the loader workers: beat tracking is the slow part."""
+    frames = min(it["frames"].shape[0] for it in items)
+    samples = int(round(frames * sample_rate / fps))
+    for it in items:
+        it["frames"], it["music"] = it["frames"][:frames], it["music"][:samples]
+    batch = collate_segments(items)
+    cycles = [beat_cycle_frames(m, sample_rate, fps) if track_beats else None for m in batch["music"]]
+    batch["beat_cycle"] = [c or 0.0 for c in cycles]
+    return batch
+
+
+def build_negatives(music: torch.Tensor, cycles: Sequence[float], rng: np.random.Generator,
+                    cfg: ContrastiveTrainConfig) -> tuple[torch.Tensor, list[str]]:
+    """(B, N) music → (B, K, N) negatives, K = len(cfg.negatives), and the kind actually built."""
+    b = music.shape[0]
+    out, kinds = torch.zeros(b, len(cfg.negatives), music.shape[1], dtype=music.dtype), []
+    for i in range(b):
+        for k, kind in enumerate(cfg.negatives):
+            other = None
+            if kind == "replace" and b > 1:
+                other = music[(i + int(rng.integers(1, b))) % b]  # another pair of the batch
+            neg = make_negative(music[i], cfg.sample_rate, cfg.fps, other, rng, kind=kind,
+                                zone=cfg.shift_zone, max_beats=cfg.shift_max_beats,
+                                min_frac=cfg.replace_min_frac, max_frac=cfg.replace_max_frac,
+                                margin=cfg.replace_margin, crossfade_seconds=cfg.crossfade_seconds,
+                                beat_cycle=cycles[i])
+            out[i, k] = neg.waveform
+            kinds.append(neg.kind)
+    return out, kinds
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    args = recipe_parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg = load_config(ContrastiveTrainConfig, args.config, args.overrides)
+    if not cfg.data:
+        raise ConfigError("no training data: --set data=FOLDER_OR_CSV")
+    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
+    setup_logging(acc.is_main_process)
+    run_dir, device, rank = Path(args.run_dir), acc.device, acc.process_index
+
+    video_enc, audio_enc = build_encoders(cfg)
+    video_enc, audio_enc = video_enc.to(device), audio_enc.to(device)
+    with _seeded(cfg.seed):
+        model = ContrastiveModel(model_config(cfg, video_enc, audio_enc)).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases, temperature
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    ema = EMA(model, cfg.ema_decay)
+
+    dataset = VideoMusicDataset(cfg.data, cfg.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.seed,
+                                fps=cfg.fps, size=video_enc.config.image_size, skip_unreadable=cfg.skip_unreadable)
+    if dataset.skipped:
+        logger.warning("left out %d unreadable pair(s): %s", len(dataset.skipped),
+                       "; ".join(f"{path} ({why})" for path, why in dataset.skipped))
+    sampler = DurationBalancedBatchSampler(
+        dataset.durations, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=acc.num_processes,
+        segment_seconds=(cfg.min_seconds, cfg.max_seconds) if cfg.same_length else None, frame_rate=cfg.fps)
+
+    step = 0
+    ckpt = latest_checkpoint(run_dir) if args.resume else None
+    if args.resume and ckpt is None:
+        logger.warning("--resume: no checkpoint in %s; starting from scratch", run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        step = int(state["step"])
+        logger.info("resumed from %s at step %d", ckpt, step)
+    model, opt = acc.prepare(model, opt)
+
+    collate = functools.partial(collate_cropped, sample_rate=cfg.sample_rate, fps=cfg.fps,
+                                track_beats="shift" in cfg.negatives)
+    # Persistent workers: epochs can be short, and each new worker pays librosa's JIT start-up.
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                        persistent_workers=cfg.num_workers > 0)
+    consumed = sampler.state_dict()["batch"]  # batches of the current epoch already trained on
+
+    def batches():
+        nonlocal consumed
+        while True:
+            for batch in loader:
+                consumed += 1
+                yield batch
+            sampler.set_epoch(sampler.epoch + 1)
+            consumed = 0
+
+    stream = batches()
+    meter = Throughput(run_dir, enabled=acc.is_main_process)
+    counts = {"shift": 0, "replace": 0, "silence": 0}
+    logger.info("training %d trainable parameters from step %d to %d, batch %d x %d process(es) x %d accum",
+                sum(p.numel() for p in model.parameters()), step, cfg.steps, cfg.batch_size,
+                acc.num_processes, cfg.grad_accum)
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.schedule)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = next(stream)
+            names = ", ".join(f"{Path(p).name}@{s:.1f}s" for p, s in zip(batch["video_path"], batch["start"]))
+            gen = step_generator(cfg.seed, step * cfg.grad_accum + micro, rank)
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            music, frames = batch["music"], batch["frames"]
+            b, t = frames.shape[:2]
+            negatives, kinds = build_negatives(music, batch["beat_cycle"], rng, cfg)
+            for kind in kinds:
+                counts[kind] += 1
+            waves = torch.cat([music, negatives.flatten(0, 1)]).to(device)
+            feats = frozen_music_features(audio_enc, waves, cfg.sample_rate, cfg.fps, t)
+            with acc.autocast():
+                # Tokens are computed once per batch: every negative shares its pair's video.
+                tokens = frozen_video_tokens(video_enc, frames.to(device), cfg.encoder_batch)
+            sync = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
+                loss, stats = model(tokens, feats[:b], feats[b:].unflatten(0, (b, len(cfg.negatives))))
+                check_finite(loss, step, names)
+                acc.backward(loss)  # divided by grad_accum inside
+            loss_sum += loss.item()
+            meter.add(b, b * t)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(acc.unwrap_model(model))
+        step += 1
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            extra = {}
+            if "neg_sims" in stats:
+                sims = stats["neg_sims"].flatten().cpu()
+                for kind in ("shift", "replace", "silence"):
+                    picked = [float(s) for s, k in zip(sims, kinds) if k == kind]
+                    if picked:
+                        extra[f"{kind}_sim"] = sum(picked) / len(picked)
+            scalars = {k: float(v) for k, v in stats.items() if k != "neg_sims"}
+            meter.log(step, loss=loss_sum / cfg.grad_accum, lr=opt.param_groups[0]["lr"],
+                      grad_norm=float(grad_norm), frames=t, **scalars, **extra, **{f"neg_{k}": v for k, v in counts.items()})
+            counts = dict.fromkeys(counts, 0)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if acc.is_main_process:
+                save_checkpoint(run_dir, step, {
+                    "step": step, "model": unwrap_state(model), "ema": ema.state_dict(),
+                    "optimizer": opt.state_dict(), "sampler": sampler.state_dict(consumed=consumed),
+                    "config": cfg.to_dict()})
+            acc.wait_for_everyone()
+
+    final = run_dir / "final"
+    if acc.is_main_process:
+        scorer = SimilarityScorer(ema.shadow, video_enc, audio_enc)
+        scorer.save_pretrained(final, video_source=cfg.video_encoder or None,
+                               audio_source=cfg.audio_encoder or None)
+        logger.info("wrote the EMA weights to %s", final)
+    acc.wait_for_everyone()
+    return final
+
+
+if __name__ == "__main__":
+    main()
