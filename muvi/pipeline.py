@@ -17,15 +17,15 @@ import logging
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from muvi import flow
-from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
+from muvi.checkpoint import load_strict, read_state_dict
 from muvi.config import Config, ConfigError
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
+from muvi.models.frame_encoder import FrameEncoder, FrameEncoderConfig
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
@@ -44,7 +44,8 @@ COMPONENTS = {
     "vae": (VAEConfig, MelVAE),
     "vocoder": (HiFiGANConfig, HiFiGANGenerator),
 }
-VIDEO_ENCODERS = {"videomae": (VideoMAEConfig, VideoMAEEncoder)}
+VIDEO_ENCODERS = {"videomae": (VideoMAEConfig, VideoMAEEncoder),
+                  "efficientnet-lite": (FrameEncoderConfig, FrameEncoder)}
 
 #: preset name -> preset name per component (for random pipelines: tests and benchmarks).
 PRESETS = {
@@ -81,13 +82,19 @@ class MuviPipeline(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_presets(cls, preset: str = "tiny", *, seed: int = 0, **overrides: str) -> "MuviPipeline":
-        """A randomly initialised pipeline built from component presets (tests, benchmarks)."""
+    def from_presets(cls, preset: str = "tiny", *, seed: int = 0, video_encoder_type: str = "videomae",
+                     **overrides: str) -> "MuviPipeline":
+        """A randomly initialised pipeline built from component presets (tests, benchmarks).
+
+        ``video_encoder_type`` is a key of ``VIDEO_ENCODERS``; the ``video_encoder`` preset name
+        is looked up in that encoder's config (e.g. ``video_encoder="efficientnet-lite0"``)."""
         if preset not in PRESETS:
             raise ConfigError(f"unknown pipeline preset {preset!r}; choose from {sorted(PRESETS)}")
+        if video_encoder_type not in VIDEO_ENCODERS:
+            raise ConfigError(f"unknown video_encoder_type {video_encoder_type!r}; known: {sorted(VIDEO_ENCODERS)}")
         names = {**PRESETS[preset], **overrides}
         torch.manual_seed(seed)
-        config = PipelineConfig()
+        config = PipelineConfig(video_encoder_type=video_encoder_type)
         enc_cfg_cls, enc_cls = VIDEO_ENCODERS[config.video_encoder_type]
         enc_cfg = enc_cfg_cls.preset(names["video_encoder"])
         dit_cfg = DiTConfig.preset(names["dit"])

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from muvi import flow, video as video_io
+from muvi import video as video_io
 from muvi.pipeline import PRESETS, MuviPipeline
 
 

