@@ -1,5 +1,6 @@
-"""Pieces every training recipe shares: config overrides, EMA, the learning-rate schedule,
-atomic checkpoints with exact resume, a NaN guard and throughput logging.
+"""Pieces every training recipe shares: config overrides, EMA, the optimiser and learning-rate
+schedule, atomic checkpoints with exact resume, a NaN guard, throughput logging, the music data
+pipeline and random crops of the mel recipes, and the export of trained components.
 
 They are plain functions and small classes, not a framework: each recipe under ``recipes/``
 is an explicit loop that calls them.
@@ -89,6 +90,20 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int = 0, schedule: str 
     raise ValueError(f"unknown schedule {schedule!r}; use 'constant' or 'cosine'")
 
 
+def adamw(*modules: nn.Module, lr: float, weight_decay: float,
+          betas: tuple[float, ...] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """One AdamW over the parameters of ``modules`` (one parameter group, in module order)."""
+    return torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=lr, betas=tuple(betas),
+                             weight_decay=weight_decay)
+
+
+def set_lr(lr: float, *optimizers: Optional[torch.optim.Optimizer]) -> None:
+    """Every parameter group of every optimizer (None: skipped) to ``lr``."""
+    for optimizer in (o for o in optimizers if o is not None):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+
 # ----------------------------------------------------------------------------- guards
 
 class NonFiniteLoss(FloatingPointError):
@@ -126,6 +141,26 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def checkpoint_state(step: int, config: Config, sampler, consumed: int, **parts: Any) -> dict[str, Any]:
+    """What a recipe checkpoints: the step, every part under its keyword (modules as
+    :func:`unwrap_state`, anything else as its ``state_dict()``; None is left out), the sampler's
+    position after ``consumed`` batches of its epoch, and the config. :func:`restore` reads it back.
+    """
+    state: dict[str, Any] = {"step": step}
+    for key, part in parts.items():
+        if part is not None:
+            state[key] = unwrap_state(part) if isinstance(part, nn.Module) else part.state_dict()
+    state.update(sampler=sampler.state_dict(consumed=consumed), config=config.to_dict())
+    return state
+
+
+def restore(state: dict[str, Any], **parts: Any) -> None:
+    """Load every part (None: skipped) from the checkpoint entry of the same name."""
+    for key, part in parts.items():
+        if part is not None:
+            part.load_state_dict(state[key])
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
@@ -197,6 +232,20 @@ class Throughput:
         return row
 
 
+def save_component(module: nn.Module, folder: str | Path, name: str) -> Path:
+    """A trained part as a release reads it: ``<name>.safetensors`` + its config as ``<name>.json``.
+
+    Returns ``folder``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+              str(folder / f"{name}.safetensors"))
+    module.config.to_json(folder / f"{name}.json")
+    return folder
+
+
 def unwrap_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """A module's state dict on the CPU, without DDP/compile wrappers' prefixes."""
     inner = getattr(model, "module", model)
@@ -251,6 +300,37 @@ def music_files(spec: str) -> str | list[str]:
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
         return [str(path.parent / ln) for ln in lines if ln and not ln.startswith("#")]
     return spec
+
+
+def music_data(music: str, sample_rate: int, min_seconds: float, max_seconds: float, batch_size: int, *,
+               seed: int, num_workers: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+    """(MusicDataset, DurationBalancedBatchSampler, DataLoader) of random segments of the music
+    files ``music`` names (:func:`music_files`); unreadable files are left out and listed."""
+    from torch.utils.data import DataLoader
+
+    from muvi.data.datasets import MusicDataset, collate_segments
+    from muvi.data.sampler import DurationBalancedBatchSampler
+
+    dataset = MusicDataset(music_files(music), sample_rate, min_seconds, max_seconds, seed, skip_unreadable=True)
+    sampler = DurationBalancedBatchSampler(dataset.durations, batch_size, seed=seed, rank=rank,
+                                           world_size=world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_segments,
+                        num_workers=num_workers, pin_memory=pin_memory)
+    return dataset, sampler, loader
+
+
+def random_crop(mel: torch.Tensor, valid: torch.Tensor, frames: int, gen: torch.Generator,
+                pad_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """mel (B, M, T) with valid frame counts (B,) → a random window (B, M, frames) per clip and its
+    start frame (B,), drawn from ``gen``. Clips shorter than the window start at 0 and run into the
+    batch padding; a batch shorter than the window is padded with ``pad_value`` (log-mel silence)."""
+    if mel.shape[-1] < frames:
+        mel = torch.nn.functional.pad(mel, (0, frames - mel.shape[-1]), value=pad_value)
+    room = (valid - frames).clamp_min(0)
+    u = torch.rand(valid.shape, generator=gen, device=gen.device).to(valid.device)
+    start = (u * (room + 1)).long().clamp_max(room)
+    index = start[:, None] + torch.arange(frames, device=mel.device)  # (B, frames)
+    return mel.gather(2, index[:, None, :].expand(-1, mel.shape[1], -1)), start
 
 
 def batch_stream(loader, sampler):

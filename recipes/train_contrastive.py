@@ -44,9 +44,9 @@ from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder, load_audiomae_
 from muvi.models.contrastive import (ContrastiveConfig, ContrastiveModel, SimilarityScorer,
                                      frozen_music_features, frozen_video_tokens)
 from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
-from muvi.training import (EMA, Throughput, check_finite, latest_checkpoint, load_checkpoint, load_config,
-                           lr_factor, make_accelerator, recipe_parser, save_checkpoint, setup_logging, step_generator,
-                           unwrap_state)
+from muvi.training import (EMA, Throughput, batch_stream, check_finite, checkpoint_state, latest_checkpoint,
+                           load_checkpoint, load_config, lr_factor, make_accelerator, recipe_parser, restore,
+                           save_checkpoint, set_lr, setup_logging, step_generator)
 
 logger = logging.getLogger("train_contrastive")
 
@@ -203,10 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         logger.warning("--resume: no checkpoint in %s; starting from scratch", run_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
+        restore(state, model=model, ema=ema, optimizer=opt, sampler=sampler)
         step = int(state["step"])
         logger.info("resumed from %s at step %d", ckpt, step)
     model, opt = acc.prepare(model, opt)
@@ -217,28 +214,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0)
     consumed = sampler.state_dict()["batch"]  # batches of the current epoch already trained on
-
-    def batches():
-        nonlocal consumed
-        while True:
-            for batch in loader:
-                consumed += 1
-                yield batch
-            sampler.set_epoch(sampler.epoch + 1)
-            consumed = 0
-
-    stream = batches()
+    stream = batch_stream(loader, sampler)
     meter = Throughput(run_dir, enabled=acc.is_main_process)
     counts = {"shift": 0, "replace": 0, "silence": 0}
     logger.info("training %d trainable parameters from step %d to %d, batch %d x %d process(es) x %d accum",
                 sum(p.numel() for p in model.parameters()), step, cfg.steps, cfg.batch_size,
                 acc.num_processes, cfg.grad_accum)
     while step < cfg.steps:
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.schedule)
+        set_lr(cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.schedule), opt)
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            batch = next(stream)
+            consumed, batch = next(stream)
             names = ", ".join(f"{Path(p).name}@{s:.1f}s" for p, s in zip(batch["video_path"], batch["start"]))
             gen = step_generator(cfg.seed, step * cfg.grad_accum + micro, rank)
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
@@ -279,10 +265,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             counts = dict.fromkeys(counts, 0)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             if acc.is_main_process:
-                save_checkpoint(run_dir, step, {
-                    "step": step, "model": unwrap_state(model), "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(), "sampler": sampler.state_dict(consumed=consumed),
-                    "config": cfg.to_dict()})
+                save_checkpoint(run_dir, step, checkpoint_state(step, cfg, sampler, consumed, model=model, ema=ema,
+                                                                optimizer=opt))
             acc.wait_for_everyone()
 
     final = run_dir / "final"

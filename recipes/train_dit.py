@@ -192,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     if cfg.init_dit:
         load_init(dit, cfg.init_dit, ("dit",))
     model = FlowModel(dit, adaptor)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = training.adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: training.lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.schedule))
     ema = training.EMA(model, cfg.ema_decay)
@@ -203,11 +203,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}/checkpoints")
         state = training.load_checkpoint(ckpt)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ema.load_state_dict(state["ema"])
-        sampler.load_state_dict(state["sampler"])
+        training.restore(state, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, sampler=sampler)
         step = state["step"]
         logger.info("resumed from %s at step %d", ckpt, step)
     model, optimizer = acc.prepare(model, optimizer)
@@ -246,10 +242,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
             meter.log(step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             if acc.is_main_process:
-                training.save_checkpoint(run_dir, step, {
-                    "step": step, "model": training.unwrap_state(model), "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "sampler": sampler.state_dict(consumed=consumed), "config": cfg.to_dict()},
+                training.save_checkpoint(run_dir, step, training.checkpoint_state(
+                    step, cfg, sampler, consumed, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler),
                     keep=cfg.keep_checkpoints)
             acc.wait_for_everyone()
     final = run_dir / "final"
@@ -261,14 +255,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
 def save_final(model: FlowModel, folder: Path) -> None:
     """EMA weights of each trained component: ``<name>.safetensors`` + ``<name>.json``."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
     for name, module in (("dit", model.dit), ("adaptor", model.adaptor)):
-        if module is None:
-            continue
-        save_file({k: v.contiguous().cpu() for k, v in module.state_dict().items()}, str(folder / f"{name}.safetensors"))
-        module.config.to_json(folder / f"{name}.json")
+        if module is not None:
+            training.save_component(module, folder, name)
     logger.info("wrote EMA weights to %s", folder)
 
 

@@ -61,7 +61,7 @@ from muvi.models.vae import MelVAE, VAEConfig, estimate_latent_stats
 from muvi import training
 from muvi.training import (EMA, Throughput, check_finite, latest_checkpoint, load_checkpoint,
                            load_config, lr_factor, make_accelerator, recipe_parser, save_checkpoint,
-                           setup_logging, step_generator, unwrap_state)
+                           setup_logging, step_generator)
 
 logger = logging.getLogger("train_vae")
 
@@ -114,13 +114,7 @@ def crop_windows(mel: torch.Tensor, valid: torch.Tensor, frames: int, gen: torch
                  pad_value: float) -> tuple[torch.Tensor, torch.Tensor]:
     """mel (B, M, T), valid frames (B,) → a random window (B, M, frames) per clip and its
     valid frame count (B,). Short clips start at 0 and keep their padding (masked later)."""
-    if mel.shape[-1] < frames:
-        mel = torch.nn.functional.pad(mel, (0, frames - mel.shape[-1]), value=pad_value)
-    room = (valid - frames).clamp_min(0)
-    u = torch.rand(valid.shape, generator=gen, device=gen.device).to(valid.device)
-    start = (u * (room + 1)).long().clamp_max(room)
-    index = start[:, None] + torch.arange(frames, device=mel.device)  # (B, frames)
-    window = mel.gather(2, index[:, None, :].expand(-1, mel.shape[1], -1))
+    window, start = training.random_crop(mel, valid, frames, gen, pad_value)
     return window, (valid - start).clamp(0, frames)
 
 
@@ -170,27 +164,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             if cfg.adv_weight > 0 else None)
     ema = EMA(vae, cfg.ema_decay)
     ema.shadow.to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    opt_d = (torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = training.adamw(vae, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt_d = (training.adamw(disc, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
              if disc is not None else None)
 
-    dataset = MusicDataset(training.music_files(cfg.music), mel_cfg.sample_rate, cfg.min_seconds, cfg.max_seconds,
-                           cfg.seed, skip_unreadable=True)
-    sampler = DurationBalancedBatchSampler(dataset.durations, cfg.batch_size, seed=cfg.seed,
-                                           rank=acc.process_index, world_size=acc.num_processes)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_segments,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    dataset, sampler, loader = training.music_data(
+        cfg.music, mel_cfg.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.batch_size, seed=cfg.seed,
+        num_workers=cfg.num_workers, rank=acc.process_index, world_size=acc.num_processes,
+        pin_memory=device.type == "cuda")
 
     start = 0
     ckpt = latest_checkpoint(run_dir) if args.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         start = state["step"]
-        vae.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        sampler.load_state_dict(state["sampler"])
-        if disc is not None:
-            disc.load_state_dict(state["discriminator"])
+        training.restore(state, model=vae, ema=ema, sampler=sampler, discriminator=disc)
         logger.info("resuming from %s (step %d)", ckpt, start)
     models = [vae, opt] + ([disc, opt_d] if disc is not None else [])
     prepared = acc.prepare(*models)
@@ -198,9 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     if disc is not None:
         disc, opt_d = prepared[2:]
     if ckpt is not None:
-        opt.load_state_dict(state["optimizer"])
-        if disc is not None:
-            opt_d.load_state_dict(state["disc_optimizer"])
+        training.restore(state, optimizer=opt, disc_optimizer=opt_d)
         del state
     vae_inner = acc.unwrap_model(vae)
     disc_inner = acc.unwrap_model(disc) if disc is not None else None
@@ -215,9 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     vae.train()
     for step in range(start + 1, cfg.steps + 1):
         lr = cfg.lr * lr_factor(step - 1, cfg.warmup_steps, cfg.steps, cfg.schedule)
-        for o in filter(None, (opt, opt_d)):
-            for group in o.param_groups:
-                group["lr"] = lr
+        training.set_lr(lr, opt, opt_d)
         use_adv = disc is not None and step >= cfg.adv_start_step
         for micro in range(cfg.grad_accum):
             consumed, batch = next(stream)
@@ -269,12 +253,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                       adv_lambda=weight.item(), disc=loss_d.item(), lr=lr)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             if acc.is_main_process:
-                state = {"step": step, "model": unwrap_state(vae), "ema": ema.state_dict(),
-                         "optimizer": opt.state_dict(), "sampler": sampler.state_dict(consumed=consumed),
-                         "config": cfg.to_dict()}
-                if disc is not None:
-                    state.update(discriminator=unwrap_state(disc), disc_optimizer=opt_d.state_dict())
-                save_checkpoint(run_dir, step, state)
+                save_checkpoint(run_dir, step, training.checkpoint_state(
+                    step, cfg, sampler, consumed, model=vae, ema=ema, optimizer=opt, discriminator=disc,
+                    disc_optimizer=opt_d))
             acc.wait_for_everyone()
 
     final = run_dir / "final"
@@ -288,8 +269,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 def export(model: MelVAE, dataset: MusicDataset, cfg: VAETrainConfig, melspec: MelSpectrogram,
            out: Path) -> None:
     """Latent statistics from whole segments (their own sampler stream), then the release files."""
-    from safetensors.torch import save_file
-
     device, tc = melspec.mel_basis.device, model.time_compression
     sampler = DurationBalancedBatchSampler(dataset.durations, cfg.batch_size, seed=cfg.seed + 1,
                                            batches_per_epoch=cfg.stats_batches)
@@ -308,10 +287,7 @@ def export(model: MelVAE, dataset: MusicDataset, cfg: VAETrainConfig, melspec: M
     model.set_latent_stats(mean, std.clamp_min(1e-5))
     logger.info("latent mean %s, std %s", [round(v, 3) for v in mean.tolist()],
                 [round(v, 3) for v in std.tolist()])
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-              str(out / "vae.safetensors"))
-    model.config.to_json(out / "vae.json")
+    training.save_component(model, out, "vae")
     melspec.config.to_json(out / "mel.json")
     logger.info("wrote %s", out / "vae.safetensors")
 

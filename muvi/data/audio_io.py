@@ -35,6 +35,34 @@ def _check_exists(path: Path) -> None:
         raise FileNotFoundError(f"media file not found: {path}")
 
 
+def stream_duration(path: Path, kind: str, error: type[Exception], unreadable: str) -> float:
+    """Seconds of the first ``kind`` ("audio" or "video") stream, from FFmpeg's view of the
+    container headers (no decoding): the stream's own duration, else (video) frames / rate,
+    else the container's.
+
+    Every failure raises ``error``: no such stream, no stated duration, or any other read error
+    with the message ``unreadable.format(path=path, err=err)``.
+    """
+    import av
+    try:
+        with av.open(str(path)) as container:
+            streams = container.streams.audio if kind == "audio" else container.streams.video
+            if not streams:
+                raise error(f"{path}: no {kind} stream")
+            stream = streams[0]
+            if stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+            if kind == "video" and stream.frames and stream.average_rate:
+                return stream.frames / float(stream.average_rate)
+            if container.duration is not None:
+                return container.duration / av.time_base
+    except error:
+        raise
+    except Exception as err:
+        raise error(unreadable.format(path=path, err=err)) from err
+    raise error(f"{path}: the container does not state the {kind} duration")
+
+
 def audio_duration(path: str | os.PathLike) -> float:
     """Duration in seconds of the first audio stream, from the headers only (no decoding)."""
     path = Path(path)
@@ -47,21 +75,7 @@ def audio_duration(path: str | os.PathLike) -> float:
                 return info.frames / info.samplerate
         except Exception as err:  # fall through to FFmpeg, which reads more variants
             logger.debug("soundfile could not read the header of %s (%s); trying PyAV", path, err)
-    import av
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                raise MediaReadError(f"{path}: no audio stream")
-            stream = container.streams.audio[0]
-            if stream.duration is not None and stream.time_base is not None:
-                return float(stream.duration * stream.time_base)
-            if container.duration is not None:
-                return container.duration / av.time_base
-    except MediaReadError:
-        raise
-    except Exception as err:
-        raise MediaReadError(f"cannot read audio header of {path}: {err}") from err
-    raise MediaReadError(f"{path}: the container does not state the audio duration")
+    return stream_duration(path, "audio", MediaReadError, "cannot read audio header of {path}: {err}")
 
 
 def _read_soundfile(path: Path, offset: float, duration: Optional[float]) -> tuple[np.ndarray, int]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from muvi.data.audio_io import AUDIO_EXTENSIONS, MediaReadError, audio_duration, load_audio
+from muvi.data.audio_io import AUDIO_EXTENSIONS, MediaReadError, audio_duration, load_audio, stream_duration
 from muvi.data.sampler import SegmentKey
 from muvi.video import VideoError, resize_center_crop
 
@@ -40,6 +40,25 @@ def _scan(folder: Path, extensions: frozenset) -> list[Path]:
     return files
 
 
+def draw_aligned_segment(total: int, rng: np.random.Generator, min_frames: int, max_frames: int,
+                         align: int = 1, frames: Optional[int] = None) -> tuple[int, int]:
+    """(start, length) in frames of a random segment of a ``total``-frame item.
+
+    Length uniform in ``[min_frames, max_frames]`` (``frames`` when given), capped by the item;
+    items shorter than ``min_frames`` are taken whole. ``start`` is a multiple of ``align``.
+    """
+    if total < 1:
+        raise ValueError("an item of zero frames has no segment")
+    if frames is not None:
+        length = min(total, max(1, int(frames)))
+    elif total < min_frames:
+        length = total
+    else:
+        length = int(rng.integers(min_frames, min(total, max_frames) + 1))
+    start = align * int(rng.integers(0, (total - length) // align + 1))
+    return start, length
+
+
 def draw_segment(length: float, rng: np.random.Generator, min_seconds: float, max_seconds: float,
                  frame_rate: float, seconds: Optional[float] = None) -> tuple[float, float]:
     """(start, end) in seconds of a segment of a ``length``-second file, on the frame grid.
@@ -50,15 +69,9 @@ def draw_segment(length: float, rng: np.random.Generator, min_seconds: float, ma
     total = int(math.floor(length * frame_rate + 1e-6))
     if total < 1:
         raise ValueError(f"a file of {length:.3f} s holds no whole frame at {frame_rate} Hz")
-    if seconds is not None:
-        frames = min(total, max(1, int(round(seconds * frame_rate))))
-    elif length < min_seconds:
-        frames = total
-    else:
-        lo = math.ceil(min_seconds * frame_rate - 1e-6)
-        hi = min(total, math.floor(max_seconds * frame_rate + 1e-6))
-        frames = int(rng.integers(lo, hi + 1))
-    start = int(rng.integers(0, total - frames + 1))
+    start, frames = draw_aligned_segment(
+        total, rng, math.ceil(min_seconds * frame_rate - 1e-6), math.floor(max_seconds * frame_rate + 1e-6),
+        frames=None if seconds is None else int(round(seconds * frame_rate)))
     return start / frame_rate, (start + frames) / frame_rate
 
 
@@ -75,27 +88,10 @@ def _fit(wave: torch.Tensor, samples: int, path: Path) -> torch.Tensor:
 
 def video_duration(path: PathLike) -> float:
     """Duration in seconds of the first video stream, from the container headers."""
-    import av
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            if stream.duration is not None and stream.time_base is not None:
-                return float(stream.duration * stream.time_base)
-            if stream.frames and stream.average_rate:
-                return stream.frames / float(stream.average_rate)
-            if container.duration is not None:
-                return container.duration / av.time_base
-    except VideoError:
-        raise
-    except Exception as err:
-        raise VideoError(f"{path}: not a readable video ({err})") from None
-    raise VideoError(f"{path}: the container does not state the video duration")
+    return stream_duration(path, "video", VideoError, "{path}: not a readable video ({err})")
 
 
 def read_video_frames(path: PathLike, start: float, end: float, fps: float = 10.0, size: int = 224,
@@ -134,24 +130,20 @@ def read_video_frames(path: PathLike, start: float, end: float, fps: float = 10.
     return torch.cat(out)
 
 
-class _SegmentDataset(Dataset):
-    """Shared machinery: durations, skipping unreadable files, keys to seeded segments."""
+class KeyedSegmentDataset(Dataset):
+    """Keys to seeded random streams, so that items are pure functions of
+    ``(seed, epoch, index, draw)``: shared by these datasets and the cached-feature one."""
 
-    def __init__(self, sample_rate: int, min_seconds: float, max_seconds: float, frame_rate: float,
-                 seed: int) -> None:
+    #: what an index counts, for the out-of-range message
+    unit = "files"
+
+    def __init__(self, min_seconds: float, max_seconds: float, seed: int) -> None:
         if not 0 < min_seconds <= max_seconds:
             raise ValueError(f"need 0 < min_seconds <= max_seconds, got {min_seconds}, {max_seconds}")
-        self.sample_rate, self.frame_rate, self.seed = int(sample_rate), float(frame_rate), int(seed)
-        self.min_seconds, self.max_seconds = float(min_seconds), float(max_seconds)
-        self.epoch = 0
-        self.durations: list[float] = []
-        self.skipped: list[tuple[str, str]] = []  # (file, reason) left out with skip_unreadable
+        self.seed, self.epoch = int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.durations)
 
     def _key(self, key) -> SegmentKey:
         if isinstance(key, SegmentKey):
@@ -160,12 +152,31 @@ class _SegmentDataset(Dataset):
             return SegmentKey(*key)
         return SegmentKey(int(key), self.epoch, 0, None)
 
-    def segment(self, key) -> tuple[int, float, float]:
-        """(index, start, end) of the segment a key stands for."""
+    def _key_rng(self, key) -> tuple[SegmentKey, np.random.Generator]:
+        """The key (an int uses :meth:`set_epoch`'s epoch and draw 0) and its random stream."""
         key = self._key(key)
         if not 0 <= key.index < len(self):
-            raise IndexError(f"index {key.index} out of range for {len(self)} files")
-        rng = np.random.default_rng([self.seed, key.epoch, key.index, key.draw])
+            raise IndexError(f"index {key.index} out of range for {len(self)} {self.unit}")
+        return key, np.random.default_rng([self.seed, key.epoch, key.index, key.draw])
+
+
+class _SegmentDataset(KeyedSegmentDataset):
+    """Shared machinery: durations, skipping unreadable files, keys to seeded segments."""
+
+    def __init__(self, sample_rate: int, min_seconds: float, max_seconds: float, frame_rate: float,
+                 seed: int) -> None:
+        super().__init__(min_seconds, max_seconds, seed)
+        self.sample_rate, self.frame_rate = int(sample_rate), float(frame_rate)
+        self.min_seconds, self.max_seconds = float(min_seconds), float(max_seconds)
+        self.durations: list[float] = []
+        self.skipped: list[tuple[str, str]] = []  # (file, reason) left out with skip_unreadable
+
+    def __len__(self) -> int:
+        return len(self.durations)
+
+    def segment(self, key) -> tuple[int, float, float]:
+        """(index, start, end) of the segment a key stands for."""
+        key, rng = self._key_rng(key)
         start, end = draw_segment(self.durations[key.index], rng, self.min_seconds, self.max_seconds,
                                   self.frame_rate, key.seconds)
         return key.index, start, end

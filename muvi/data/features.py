@@ -32,13 +32,11 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from muvi.checkpoint import load_strict, read_state_dict
-from muvi.data.sampler import SegmentKey
+from muvi.data.datasets import KeyedSegmentDataset, draw_aligned_segment
 
 logger = logging.getLogger(__name__)
 
@@ -379,26 +377,7 @@ class FeatureCache:
 
 # ----------------------------------------------------------------------------- training data
 
-def draw_aligned_segment(total: int, rng: np.random.Generator, min_frames: int, max_frames: int,
-                         align: int = 1, frames: Optional[int] = None) -> tuple[int, int]:
-    """(start, length) in frames of a random segment of a ``total``-frame item.
-
-    Length uniform in ``[min_frames, max_frames]`` (``frames`` when given), capped by the item;
-    items shorter than ``min_frames`` are taken whole. ``start`` is a multiple of ``align``.
-    """
-    if total < 1:
-        raise ValueError("an item of zero frames has no segment")
-    if frames is not None:
-        length = min(total, max(1, int(frames)))
-    elif total < min_frames:
-        length = total
-    else:
-        length = int(rng.integers(min_frames, min(total, max_frames) + 1))
-    start = align * int(rng.integers(0, (total - length) // align + 1))
-    return start, length
-
-
-class CachedLatentDataset(Dataset):
+class CachedLatentDataset(KeyedSegmentDataset):
     """Random segments of cached posteriors (and video tokens): what DiT training reads.
 
     Same key semantics as :mod:`muvi.data.datasets`: a :class:`SegmentKey` or an int; items
@@ -412,15 +391,16 @@ class CachedLatentDataset(Dataset):
     frames per item) feed :class:`~muvi.data.sampler.DurationBalancedBatchSampler`.
     """
 
+    unit = "items"
+
     def __init__(self, root: str | os.PathLike, *, min_seconds: float = 4.0, max_seconds: float = 30.0,
                  latent_rate: float = 10.0, seed: int = 0, with_video: bool = False) -> None:
-        if not 0 < min_seconds <= max_seconds:
-            raise ValueError(f"need 0 < min_seconds <= max_seconds, got {min_seconds}, {max_seconds}")
+        super().__init__(min_seconds, max_seconds, seed)
         self.cache = FeatureCache(root)
         cached_rate = self.cache.info.get("latent_rate")
         if cached_rate is not None and abs(cached_rate - latent_rate) > 1e-6:
             raise ValueError(f"{root} holds latents at {cached_rate} Hz, not {latent_rate} Hz")
-        self.latent_rate, self.seed, self.with_video, self.epoch = float(latent_rate), int(seed), with_video, 0
+        self.latent_rate, self.with_video = float(latent_rate), with_video
         self.min_frames = math.ceil(min_seconds * latent_rate - 1e-6)
         self.max_frames = math.floor(max_seconds * latent_rate + 1e-6)
         self.ids = [i for i in self.cache.ids if not with_video or "tokens" in self.cache.meta(i)["shapes"]]
@@ -441,22 +421,9 @@ class CachedLatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _key(self, key) -> SegmentKey:
-        if isinstance(key, SegmentKey):
-            return key
-        if isinstance(key, (tuple, list)):
-            return SegmentKey(*key)
-        return SegmentKey(int(key), self.epoch, 0, None)
-
     def segment(self, key) -> tuple[int, int, int]:
         """(index, start frame, length in frames) of the segment a key stands for."""
-        key = self._key(key)
-        if not 0 <= key.index < len(self):
-            raise IndexError(f"index {key.index} out of range for {len(self)} items")
-        rng = np.random.default_rng([self.seed, key.epoch, key.index, key.draw])
+        key, rng = self._key_rng(key)
         frames = None if key.seconds is None else int(round(key.seconds * self.latent_rate))
         start, length = draw_aligned_segment(self.frames[key.index], rng, self.min_frames, self.max_frames,
                                              self.frames_per_token, frames)

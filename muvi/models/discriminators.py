@@ -80,6 +80,19 @@ class HiFiGANDiscriminatorConfig(Config):
             raise ValueError("need at least one period and one scale")
 
 
+def _conv_stack(x: torch.Tensor, convs: nn.ModuleList, conv_post: nn.Module,
+                slope: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Leaky-ReLU convolutions then the score conv: (flattened scores, every layer's output as a
+    feature map for the feature-matching loss)."""
+    fmaps = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), slope)
+        fmaps.append(x)
+    x = conv_post(x)
+    fmaps.append(x)
+    return x.flatten(1), fmaps
+
+
 class PeriodDiscriminator(nn.Module):
     """Waveform (B, 1, N) folded to (B, 1, N / p, p); 2D convs with kernels (k, 1) along time."""
 
@@ -100,13 +113,7 @@ class PeriodDiscriminator(nn.Module):
         if n % self.period:  # reflect-pad the tail to a whole number of periods, as released
             x = F.pad(x, (0, self.period - n % self.period), mode="reflect")
         x = x.view(b, c, -1, self.period)  # (B, 1, N / p, p)
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), self.slope)
-            fmaps.append(x)
-        x = self.conv_post(x)
-        fmaps.append(x)
-        return x.flatten(1), fmaps
+        return _conv_stack(x, self.convs, self.conv_post, self.slope)
 
 
 class ScaleDiscriminator(nn.Module):
@@ -124,13 +131,7 @@ class ScaleDiscriminator(nn.Module):
         self.conv_post = norm(nn.Conv1d(widths[-1], 1, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        fmaps = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), self.slope)
-            fmaps.append(x)
-        x = self.conv_post(x)
-        fmaps.append(x)
-        return x.flatten(1), fmaps
+        return _conv_stack(x, self.convs, self.conv_post, self.slope)
 
 
 def _as_channel(x: torch.Tensor) -> torch.Tensor:
