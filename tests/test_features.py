@@ -324,3 +324,13 @@ def test_writer_and_cache_storage_rules(tmp_path):
     writer.add("item2", {"mean": torch.zeros(1, 2)}, {})
     writer.close()
     assert [json.loads(line)["id"] for line in index.read_text().splitlines()] == ["item0", "item2"]
+
+
+def test_fingerprint_handles_scalar_buffers():
+    """BatchNorm's num_batches_tracked is 0-dimensional; fingerprints must cover it."""
+    from muvi.data.features import state_fingerprint
+
+    a, b = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    assert state_fingerprint(a) == state_fingerprint(b)
+    b.num_batches_tracked += 1
+    assert state_fingerprint(a) != state_fingerprint(b)

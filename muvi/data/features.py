@@ -72,7 +72,7 @@ def state_fingerprint(module: nn.Module) -> str:
     for key, value in sorted(module.state_dict().items()):
         value = value.detach().cpu().contiguous()
         digest.update(f"{key}:{tuple(value.shape)}:{value.dtype};".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
 
