@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
     parser.add_argument("--tolerance", type=float, default=0.1, help="beat matching window in s (default 0.1)")
     parser.add_argument("--plots", help="folder for one beat-alignment PNG per clip")
+    parser.add_argument("--events", help="folder of <stem>.json video event times (cuts, accents), e.g. "
+                        "the sidecars of recipes/build_corpus.py: beats are also scored against them")
     parser.add_argument("--no-musicnn", action="store_true", help="skip the musicnn embedding metrics")
     parser.add_argument("--contrastive", help="contrastive checkpoint for SIM")
     parser.add_argument("--vggish", help="VGGish weight file for FAD (never downloaded)")
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                           seed=args.seed, n_bootstrap=args.bootstrap, tolerance=args.tolerance,
                           embedder=None if args.no_musicnn else "musicnn", similarity_model=model,
                           plots_dir=args.plots, vggish=args.vggish, vggish_sha256=args.vggish_sha256,
-                          panns=args.panns, panns_sha256=args.panns_sha256, progress=not args.quiet)
+                          panns=args.panns, panns_sha256=args.panns_sha256, events_dir=args.events,
+                          progress=not args.quiet)
     except PairingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

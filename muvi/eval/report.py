@@ -75,7 +75,27 @@ METRIC_INFO: dict[str, tuple[str, bool | None, str]] = {
     "sim": ("percent", True, "contrastive video-music similarity of (video, generated music)"),
     "sim_ceiling": ("percent", True, "SIM of (video, real soundtrack)"),
     "sim_floor": ("percent", None, "SIM of shuffled (video, another clip's soundtrack) pairs"),
+    "event_hit": ("percent", True, "video events (cuts, accents) hit by a generated beat within the "
+                  "tolerance, pooled over clips"),
+    "event_f1": ("percent", True, "F1 of generated beats against the video's event times, pooled"),
+    "event_hit_ceiling": ("percent", True, "video events hit by a beat of the real soundtrack"),
+    "event_f1_ceiling": ("percent", True, "F1 of the real soundtrack's beats against the video's event times"),
 }
+
+
+def load_events(path: Path) -> np.ndarray:
+    """Event times (s) of one video from JSON: a list of times, or an object whose ``cuts`` /
+    ``accents`` / ``events`` lists hold times or ``{"time": t}`` entries (the corpus sidecars
+    of ``recipes/build_corpus.py``). Sorted, duplicates removed, t = 0 dropped (not an edit)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    items = data if isinstance(data, list) else [
+        e for key in ("cuts", "accents", "events") for e in data.get(key, [])]
+    try:
+        times = [float(e["time"] if isinstance(e, dict) else e) for e in items]
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: events must be times or {{'time': t}} objects") from None
+    times = np.unique(np.round(np.asarray(times, dtype=np.float64), 6))
+    return times[times > 0]
 
 
 class PairingError(ValueError):
@@ -251,7 +271,8 @@ def evaluate(generated_dir: str | Path, reference_dir: str | Path, videos_dir: s
              embedder="musicnn", similarity_model: SimilarityModel | None = None,
              plots_dir: str | Path | None = None, vggish: str | Path | None = None,
              vggish_sha256: str | None = None, panns: str | Path | None = None,
-             panns_sha256: str | None = None, progress: bool = True) -> dict:
+             panns_sha256: str | None = None, events_dir: str | Path | None = None,
+             progress: bool = True) -> dict:
     """Evaluate generated audio against reference audio (and videos) and return the report dict.
 
     Args:
@@ -269,12 +290,23 @@ def evaluate(generated_dir: str | Path, reference_dir: str | Path, videos_dir: s
         plots_dir: write one beat-alignment PNG per clip there.
         vggish, vggish_sha256, panns, panns_sha256: user-supplied weight files for the paper's
             audioldm_eval metrics, checked by hash (see :func:`muvi.eval.distances.load_user_backbone`).
+        events_dir: folder of ``<stem>.json`` event times of each video (cuts, motion accents;
+            see :func:`load_events`): beats are then also scored against the picture's own
+            events, for the generated music and for the real soundtrack (ceiling).
         progress: show a tqdm progress bar.
     """
     from tqdm import tqdm
 
     pairs = pair_files(generated_dir, reference_dir, videos_dir)
     n = len(pairs)
+    events = None
+    if events_dir is not None:
+        missing = [p.name for p in pairs if not (Path(events_dir) / f"{p.name}.json").is_file()]
+        if missing:
+            raise PairingError(f"{events_dir}: no event file for {len(missing)} clip(s): "
+                               + ", ".join(f"{m}.json" for m in missing))
+        events = [load_events(Path(events_dir) / f"{p.name}.json") for p in pairs]
+    event_counts = np.zeros((2, n, 3), dtype=np.int64)  # generated, real soundtrack
     beat_config = beat_config or BeatTrackerConfig()
     unavailable: dict[str, str] = {}
     weights: dict[str, str | None] = {}
@@ -322,6 +354,9 @@ def evaluate(generated_dir: str | Path, reference_dir: str | Path, videos_dir: s
         gen_beats = track_beats(gen_wave, gen_sr, beat_config)
         ref_beats = track_beats(ref_wave, ref_sr, beat_config)
         counts[i] = beat_counts(ref_beats, gen_beats, tolerance)
+        if events is not None:
+            event_counts[0, i] = beat_counts(events[i], gen_beats, tolerance)
+            event_counts[1, i] = beat_counts(events[i], ref_beats, tolerance)
         gen_s, ref_s = len(gen_wave) / gen_sr, len(ref_wave) / ref_sr
         if abs(gen_s - ref_s) > 1.0:
             logger.warning("%s: generated %.2f s vs reference %.2f s", pair.name, gen_s, ref_s)
@@ -363,6 +398,15 @@ def evaluate(generated_dir: str | Path, reference_dir: str | Path, videos_dir: s
     values, replicates = beat_metrics(counts), beat_metrics(counts[index])
     for name in BEAT_METRICS:
         metrics[name] = _entry(name, values[name], replicates[name], n)
+    if events is not None:
+        for row, suffix in ((0, ""), (1, "_ceiling")):
+            values, replicates = beat_metrics(event_counts[row]), beat_metrics(event_counts[row][index])
+            for name, source in (("event_hit", "beat_recall"), ("event_f1", "beat_f1")):
+                metrics[name + suffix] = _entry(name + suffix, values[source], replicates[source], n)
+        for i, clip in enumerate(clips):
+            clip["events"], clip["event_hits"] = int(event_counts[0, i, 0]), int(event_counts[0, i, 2])
+    else:
+        unavailable["event_hit"] = "no video event times supplied (events_dir / --events)"
 
     if embedder is not None:
         _embedding_metrics(metrics, unavailable, clips, gen_emb, ref_emb, np.array(gen_tags),
@@ -379,7 +423,8 @@ def evaluate(generated_dir: str | Path, reference_dir: str | Path, videos_dir: s
     report = {
         "format": REPORT_FORMAT,
         "config": {"generated_dir": str(generated_dir), "reference_dir": str(reference_dir),
-                   "videos_dir": None if videos_dir is None else str(videos_dir), "seed": seed,
+                   "videos_dir": None if videos_dir is None else str(videos_dir),
+                   "events_dir": None if events_dir is None else str(events_dir), "seed": seed,
                    "n_bootstrap": n_bootstrap, "ci": "percentile bootstrap over clips, 95%",
                    "beat_tolerance_s": tolerance, "beat_tracker": beat_config.to_dict()},
         "samples": {"count": n, "names": [p.name for p in pairs]},
