@@ -165,9 +165,7 @@ class MuviPipeline(nn.Module):
         size = cfg.image_size
         if frames.shape[-2:] != (size, size):
             frames = video_io.resize_center_crop(frames, size)
-        mean = getattr(cfg, "mean", video_io.IMAGENET_MEAN)
-        std = getattr(cfg, "std", video_io.IMAGENET_STD)
-        x = video_io.normalize_frames(frames.to(self.device), mean, std)
+        x = self.video_encoder.normalize(frames.to(self.device).float() / 255)
         return self.video_encoder.encode(x[None])
 
     def condition(self, tokens: torch.Tensor, num_frames: int) -> torch.Tensor:

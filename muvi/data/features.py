@@ -121,7 +121,7 @@ def encode_video_tokens(path: str | os.PathLike, encoder: nn.Module, *, fps: flo
     whole video: clips never straddle a window start, and a final window shorter than one clip
     is read together with the clip before it so that it gets the same last-clip treatment.
     """
-    from muvi.video import normalize_frames, read_frames, video_info
+    from muvi.video import read_frames, video_info
 
     cfg = encoder.config
     device = next(encoder.parameters()).device
@@ -138,7 +138,7 @@ def encode_video_tokens(path: str | os.PathLike, encoder: nn.Module, *, fps: flo
         else:
             drop = 0
         frames = read_frames(path, fps, start=first / fps, duration=(stop - first) / fps, size=cfg.image_size)
-        x = normalize_frames(frames.to(device), cfg.mean, cfg.std)
+        x = encoder.normalize(frames.to(device).float() / 255)
         out.append(encoder.encode(x[None], max_batch=max_batch)[0, drop:].float().cpu())
     return torch.cat(out)
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
 from muvi.config import Config
+from muvi.video import standardize
 
 logger = logging.getLogger(__name__)
 
@@ -215,14 +216,10 @@ class FrameEncoder(nn.Module):
         if config.use_head:
             self._conv_head = SameConv2d(width, config.head_channels, 1, bias=False)
             self._bn1 = FrozenBatchNorm2d(config.head_channels, eps=eps)
-        self.register_buffer("pixel_mean", torch.tensor(config.mean, dtype=torch.float32), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.std, dtype=torch.float32), persistent=False)
 
     def normalize(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames scaled to [0, 1], (..., C, H, W) → normalised with the config's mean/std."""
-        mean = self.pixel_mean.to(frames.dtype)[:, None, None]
-        std = self.pixel_std.to(frames.dtype)[:, None, None]
-        return (frames - mean) / std
+        return standardize(frames, self.config.mean, self.config.std)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         """Normalised frames (N, C, H, W) → feature grid (N, h, w, E)."""

@@ -33,6 +33,7 @@ from torch import nn
 
 from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
 from muvi.config import Config
+from muvi.video import standardize
 from muvi.models.layers import sinusoid_table
 
 logger = logging.getLogger(__name__)
@@ -165,14 +166,10 @@ class VideoMAEEncoder(nn.Module):
         # Fixed, never trained, never stored in the release's checkpoints: a buffer, not saved.
         self.register_buffer("pos_embed", sinusoid_table(config.num_tokens, config.hidden_size)[None],
                              persistent=False)
-        self.register_buffer("pixel_mean", torch.tensor(config.mean, dtype=torch.float32), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(config.std, dtype=torch.float32), persistent=False)
 
     def normalize(self, frames: torch.Tensor) -> torch.Tensor:
         """Frames scaled to [0, 1], (..., C, H, W) → normalised with the config's mean/std."""
-        mean = self.pixel_mean.to(frames.dtype)[:, None, None]
-        std = self.pixel_std.to(frames.dtype)[:, None, None]
-        return (frames - mean) / std
+        return standardize(frames, self.config.mean, self.config.std)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         """Normalised clips (N, C, T, H, W), T = num_frames → last hidden state (N, S, h, w, D)."""
