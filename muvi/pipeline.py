@@ -65,11 +65,17 @@ def load_video_encoder(spec: str) -> tuple[nn.Module, str, str]:
     ``efficientnet-lite0`` (package-shipped ImageNet weights), or a VideoMAE preset name (random
     weights seeded with 0, so extraction and export build the same one; tests only).
 
+    A packaged name may carry config overrides after a colon, e.g.
+    ``efficientnet-lite0:tubelet_size=1`` (one token step per frame instead of VideoMAE's two).
+
     Returns ``(encoder, pipeline video_encoder_type, source description)``.
     """
-    if spec in PACKAGED_VIDEO_ENCODERS:
-        kind, package = PACKAGED_VIDEO_ENCODERS[spec]
-        return load_frame_encoder(), kind, f"package:{package}"
+    name, _, overrides = spec.partition(":")
+    if name in PACKAGED_VIDEO_ENCODERS:
+        kind, package = PACKAGED_VIDEO_ENCODERS[name]
+        config = FrameEncoderConfig.from_dict({**FrameEncoderConfig.preset(name).to_dict(),
+                                               **_parse_overrides(overrides, spec)}, source=f"video encoder {spec!r}")
+        return load_frame_encoder(config=config), kind, f"package:{package}"
     if spec in VideoMAEConfig.PRESETS:
         logger.warning("VIDEO ENCODER %r HAS RANDOM WEIGHTS: its tokens mean nothing; pass a VideoMAE V2 "
                        "checkpoint (or efficientnet-lite0) for real use", spec)
@@ -80,6 +86,20 @@ def load_video_encoder(spec: str) -> tuple[nn.Module, str, str]:
         raise FileNotFoundError(f"video encoder {spec!r} is neither a file, one of {sorted(PACKAGED_VIDEO_ENCODERS)}, "
                                 f"nor a preset ({sorted(VideoMAEConfig.PRESETS)})")
     return load_videomae_encoder(spec), "videomae", "checkpoint"
+
+
+def _parse_overrides(text: str, spec: str) -> dict:
+    """``"a=1,b=x"`` → ``{"a": 1, "b": "x"}`` (values read as JSON where they parse)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"video encoder {spec!r}: override {item!r} is not of the form key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 @dataclasses.dataclass

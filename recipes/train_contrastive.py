@@ -4,8 +4,13 @@
         --run-dir runs/contrastive --set data=pairs.csv video_encoder=vit_b_k710_dl_from_giant.pth \
         audio_encoder=audiomae_pretrained.pth [--resume]
 
-Frozen VideoMAE V2 and AudioMAE; the adaptor, the audio head and the temperature learn
-(``ContrastiveModel``). Each step: a batch of (video, music) segments, every clip from a
+Frozen VideoMAE V2 and AudioMAE (the paper's); the adaptor, the audio head and the temperature
+learn (``ContrastiveModel``). Without those weights: ``video_encoder=efficientnet-lite0`` and
+``audio_encoder=musicnn`` (package weights; see ``muvi.pipeline.load_video_encoder`` and
+``muvi.models.music_encoder.load_audio_encoder`` for every spec). With ``token_cache=DIR`` (the
+``extract_features.py --pairs`` cache the video-to-music stage reads) the video tokens come from
+the cache instead of decoding and encoding every clip each step, and the music from each pair's
+audio file; ``video_encoder`` must then name the encoder that made the cache (checked). Each step: a batch of (video, music) segments, every clip from a
 different video; for each pair two constructed negatives (beat-aware temporal shift, random
 replacement by another pair's music; silence where one cannot be built); CLIP loss with the
 in-batch music and the pair's own negatives as the candidates of each video.
@@ -28,22 +33,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from muvi.config import Config, ConfigError
 from muvi.data.datasets import VideoMusicDataset, collate_segments
 from muvi.data.negatives import beat_cycle_frames, make_negative
 from muvi.data.sampler import DurationBalancedBatchSampler
-from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder, load_audiomae_encoder
+from muvi.data.audio_io import load_audio
+from muvi.data.datasets import fit_length
+from muvi.data.features import CachedLatentDataset
+from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder
 from muvi.models.contrastive import (ContrastiveConfig, ContrastiveModel, SimilarityScorer,
                                      frozen_music_features, frozen_video_tokens)
-from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
+from muvi.models.music_encoder import load_audio_encoder
+from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
+from muvi.pipeline import load_video_encoder
 from muvi.training import (EMA, Throughput, batch_stream, check_finite, checkpoint_state, latest_checkpoint,
                            load_checkpoint, load_config, lr_factor, make_accelerator, recipe_parser, restore,
                            save_checkpoint, set_lr, setup_logging, step_generator)
@@ -61,11 +73,13 @@ class ContrastiveTrainConfig(Config):
     max_seconds: float = 30.0
     same_length: bool = True          # one segment length per batch (see the module docstring)
     skip_unreadable: bool = True      # leave out (and list) pairs whose headers cannot be read
-    # frozen encoders: a checkpoint path, or "" for the preset with RANDOM weights (tests only)
+    # frozen encoders: a spec (checkpoint path, packaged name), or "" for the preset with RANDOM
+    # weights (tests only)
     video_encoder: str = ""
     video_encoder_preset: str = "vit-b"
     audio_encoder: str = ""
     audio_encoder_preset: str = "vit-b"
+    token_cache: str = ""             # a pair feature cache: read tokens instead of encoding video
     encoder_batch: int = 64           # video clips per encoder call (bounds memory)
     # learnable part: a ContrastiveConfig preset plus field overrides
     model: str = "base"
@@ -108,42 +122,75 @@ def _seeded(seed: int):
     return stack
 
 
-def build_encoders(cfg: ContrastiveTrainConfig) -> tuple[VideoMAEEncoder, AudioMAEEncoder]:
-    """The two frozen encoders: from checkpoints, or presets with random weights (loudly)."""
+def build_encoders(cfg: ContrastiveTrainConfig) -> tuple[nn.Module, nn.Module, Optional[str], Optional[str]]:
+    """The two frozen encoders and the specs that rebuild them (None: random preset weights)."""
     if cfg.video_encoder:
-        video = load_videomae_encoder(cfg.video_encoder)
+        video, _, described = load_video_encoder(cfg.video_encoder)
+        video_source = str(Path(cfg.video_encoder).resolve()) if described == "checkpoint" else cfg.video_encoder
     else:
         logger.warning("!!! video encoder: VideoMAE preset %r with RANDOM frozen weights; the adaptor "
                        "learns nothing useful. Pass --set video_encoder=PATH for real training. !!!",
                        cfg.video_encoder_preset)
         with _seeded(cfg.seed + 1):
-            video = VideoMAEEncoder(VideoMAEConfig.preset(cfg.video_encoder_preset))
+            video, video_source = VideoMAEEncoder(VideoMAEConfig.preset(cfg.video_encoder_preset)), None
     if cfg.audio_encoder:
-        audio = load_audiomae_encoder(cfg.audio_encoder)
+        audio, audio_source = load_audio_encoder(cfg.audio_encoder)
     else:
         logger.warning("!!! audio encoder: AudioMAE preset %r with RANDOM frozen weights; SIM from this "
                        "run is meaningless. Pass --set audio_encoder=PATH for real training. !!!",
                        cfg.audio_encoder_preset)
         with _seeded(cfg.seed + 2):
-            audio = AudioMAEEncoder(AudioMAEConfig.preset(cfg.audio_encoder_preset))
-    return video.eval().requires_grad_(False), audio.eval().requires_grad_(False)
+            audio, audio_source = AudioMAEEncoder(AudioMAEConfig.preset(cfg.audio_encoder_preset)), None
+    return video.eval().requires_grad_(False), audio.eval().requires_grad_(False), video_source, audio_source
 
 
-def model_config(cfg: ContrastiveTrainConfig, video: VideoMAEEncoder, audio: AudioMAEEncoder) -> ContrastiveConfig:
+def model_config(cfg: ContrastiveTrainConfig, video: nn.Module, audio: nn.Module) -> ContrastiveConfig:
     """The preset with overrides; the encoder widths and the frame rate come from the run."""
     mc = ContrastiveConfig.preset(cfg.model, **cfg.model_overrides)
     return dataclasses.replace(mc, audio_dim=audio.config.hidden_size, frame_rate=cfg.fps,
                                adaptor={**mc.adaptor, "encoder_dim": video.config.hidden_size})
 
 
-def collate_cropped(items: list[dict], sample_rate: int, fps: float, track_beats: bool) -> dict:
+class CachedPairDataset(CachedLatentDataset):
+    """Segments of a pair feature cache: the cached video tokens with the pair's music decoded at
+    ``sample_rate`` over the same span. Item: ``tokens`` (N, h, w, E), ``music`` (samples,),
+    ``frames`` (T, the segment's length at the cache's latent rate), ``video_path``, ``start``."""
+
+    def __init__(self, root: str, sample_rate: int, **kwargs):
+        super().__init__(root, with_video=True, **kwargs)
+        self.sample_rate = sample_rate
+
+    def __getitem__(self, key) -> dict:
+        item = super().__getitem__(key)
+        meta = self.cache.meta(item["id"])
+        start, seconds = item["start"], item["end"] - item["start"]
+        music = fit_length(load_audio(meta["audio"], self.sample_rate, offset=start, duration=seconds),
+                           int(round(seconds * self.sample_rate)), Path(meta["audio"]))
+        return {"tokens": item["tokens"].float(), "music": music, "frames": item["mean"].shape[0],
+                "video_path": meta["video"], "start": start}
+
+
+def collate_cropped(items: list[dict], sample_rate: int, fps: float, track_beats: bool,
+                    frames_per_token: int = 1) -> dict:
     """Stack a batch cropped to its shortest clip, with each clip's beat cycle in frames
-    (0 where none can be trusted). Runs in the loader workers: beat tracking is the slow part."""
-    frames = min(it["frames"].shape[0] for it in items)
+    (0 where none can be trusted). Runs in the loader workers: beat tracking is the slow part.
+    Items carry decoded ``frames`` (F, 3, H, W), or cached ``tokens`` with a frame count."""
+    cached = "tokens" in items[0]
+    frames = min(it["frames"] if cached else it["frames"].shape[0] for it in items)
     samples = int(round(frames * sample_rate / fps))
     for it in items:
-        it["frames"], it["music"] = it["frames"][:frames], it["music"][:samples]
-    batch = collate_segments(items)
+        it["music"] = it["music"][:samples]
+        if cached:
+            it["tokens"], it["frames"] = it["tokens"][:-(-frames // frames_per_token)], frames
+        else:
+            it["frames"] = it["frames"][:frames]
+    if cached:
+        batch = {"tokens": torch.stack([it["tokens"] for it in items]),
+                 "music": torch.stack([it["music"] for it in items]), "num_frames": frames,
+                 "video_path": [it["video_path"] for it in items], "start": [it["start"] for it in items]}
+    else:
+        batch = collate_segments(items)
+        batch["num_frames"] = frames
     cycles = [beat_cycle_frames(m, sample_rate, fps) if track_beats else None for m in batch["music"]]
     batch["beat_cycle"] = [c or 0.0 for c in cycles]
     return batch
@@ -169,16 +216,28 @@ def build_negatives(music: torch.Tensor, cycles: Sequence[float], rng: np.random
     return out, kinds
 
 
+def check_cache_encoder(info: dict, encoder: nn.Module, cache: str) -> None:
+    """The cache's tokens must come from the encoder SIM will run: same config (weights are not
+    compared; extract_features records the encoder's config in info.json)."""
+    made_with, ours = info.get("video_encoder"), json.loads(json.dumps(encoder.config.to_dict()))  # tuples → lists
+    if made_with is not None and made_with != ours:
+        changed = sorted(k for k in set(made_with) | set(ours) if made_with.get(k) != ours.get(k))
+        raise ConfigError(f"token_cache {cache} was made with a different video encoder (differs in {changed}); "
+                          f"set video_encoder to the one given to extract_features")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = recipe_parser(__doc__.splitlines()[0]).parse_args(argv)
     cfg = load_config(ContrastiveTrainConfig, args.config, args.overrides)
-    if not cfg.data:
-        raise ConfigError("no training data: --set data=FOLDER_OR_CSV")
+    if not cfg.data and not cfg.token_cache:
+        raise ConfigError("no training data: --set data=FOLDER_OR_CSV (or token_cache=PAIR_FEATURE_CACHE)")
+    if cfg.data and cfg.token_cache:
+        raise ConfigError("set data OR token_cache, not both (the cache names its own videos and music)")
     acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     setup_logging(acc.is_main_process)
     run_dir, device, rank = Path(args.run_dir), acc.device, acc.process_index
 
-    video_enc, audio_enc = build_encoders(cfg)
+    video_enc, audio_enc, video_source, audio_source = build_encoders(cfg)
     video_enc, audio_enc = video_enc.to(device), audio_enc.to(device)
     with _seeded(cfg.seed):
         model = ContrastiveModel(model_config(cfg, video_enc, audio_enc)).to(device)
@@ -188,9 +247,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     ema = EMA(model, cfg.ema_decay)
 
-    dataset = VideoMusicDataset(cfg.data, cfg.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.seed,
-                                fps=cfg.fps, size=video_enc.config.image_size, skip_unreadable=cfg.skip_unreadable)
-    if dataset.skipped:
+    frames_per_token = 1
+    if cfg.token_cache:
+        dataset = CachedPairDataset(cfg.token_cache, cfg.sample_rate, min_seconds=cfg.min_seconds,
+                                    max_seconds=cfg.max_seconds, latent_rate=cfg.fps, seed=cfg.seed)
+        check_cache_encoder(dataset.cache.info, video_enc, cfg.token_cache)
+        frames_per_token = dataset.frames_per_token
+    else:
+        dataset = VideoMusicDataset(cfg.data, cfg.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.seed, fps=cfg.fps,
+                                    size=video_enc.config.image_size, skip_unreadable=cfg.skip_unreadable)
+    if getattr(dataset, "skipped", None):
         logger.warning("left out %d unreadable pair(s): %s", len(dataset.skipped),
                        "; ".join(f"{path} ({why})" for path, why in dataset.skipped))
     sampler = DurationBalancedBatchSampler(
@@ -209,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     model, opt = acc.prepare(model, opt)
 
     collate = functools.partial(collate_cropped, sample_rate=cfg.sample_rate, fps=cfg.fps,
-                                track_beats="shift" in cfg.negatives)
+                                track_beats="shift" in cfg.negatives, frames_per_token=frames_per_token)
     # Persistent workers: epochs can be short, and each new worker pays librosa's JIT start-up.
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
                         persistent_workers=cfg.num_workers > 0)
@@ -228,16 +294,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             names = ", ".join(f"{Path(p).name}@{s:.1f}s" for p, s in zip(batch["video_path"], batch["start"]))
             gen = step_generator(cfg.seed, step * cfg.grad_accum + micro, rank)
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            music, frames = batch["music"], batch["frames"]
-            b, t = frames.shape[:2]
+            music, t = batch["music"], batch["num_frames"]
+            b = music.shape[0]
             negatives, kinds = build_negatives(music, batch["beat_cycle"], rng, cfg)
             for kind in kinds:
                 counts[kind] += 1
             waves = torch.cat([music, negatives.flatten(0, 1)]).to(device)
             feats = frozen_music_features(audio_enc, waves, cfg.sample_rate, cfg.fps, t)
-            with acc.autocast():
-                # Tokens are computed once per batch: every negative shares its pair's video.
-                tokens = frozen_video_tokens(video_enc, frames.to(device), cfg.encoder_batch)
+            if "tokens" in batch:
+                tokens = batch["tokens"].to(device)
+            else:
+                with acc.autocast():
+                    # Tokens are computed once per batch: every negative shares its pair's video.
+                    tokens = frozen_video_tokens(video_enc, batch["frames"].to(device), cfg.encoder_batch)
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
                 loss, stats = model(tokens, feats[:b], feats[b:].unflatten(0, (b, len(cfg.negatives))))
@@ -272,8 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     final = run_dir / "final"
     if acc.is_main_process:
         scorer = SimilarityScorer(ema.shadow, video_enc, audio_enc)
-        scorer.save_pretrained(final, video_source=cfg.video_encoder or None,
-                               audio_source=cfg.audio_encoder or None)
+        scorer.save_pretrained(final, video_source=video_source, audio_source=audio_source)
         logger.info("wrote the EMA weights to %s", final)
     acc.wait_for_everyone()
     return final

@@ -168,3 +168,39 @@ def test_sources_md_lists_every_source(built):
                 assert shot["source"] in text
     for needle in ("CC-BY 3.0", "CC0", "TimGM6mb", "bikes.mp4", "not used (licence unknown"):
         assert needle in text
+
+
+def test_heldout_evaluation_scores_three_conditions(built, tmp_path):
+    """recipes/eval_heldout.py on the tiny corpus with a random tiny release and SIM model: the
+    three conditions are what they claim (same seed; the next clip's video; no video at all)."""
+    import soundfile as sf
+    import torch
+
+    from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder
+    from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel, SimilarityScorer
+    from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
+    from muvi.pipeline import MuviPipeline
+
+    pipe = MuviPipeline.from_presets("tiny")
+    pipe.save_pretrained(tmp_path / "release")
+    torch.manual_seed(0)
+    SimilarityScorer(ContrastiveModel(ContrastiveConfig.preset("tiny")), VideoMAEEncoder(VideoMAEConfig.preset("tiny")),
+                     AudioMAEEncoder(AudioMAEConfig.preset("tiny"))).save_pretrained(tmp_path / "sim")
+    out = tmp_path / "eval"
+    reports = load_recipe("eval_heldout").main([
+        "--release", str(tmp_path / "release"), "--pairs", str(built / "pairs.csv"), "--out", str(out),
+        "--contrastive", str(tmp_path / "sim"), "--steps", "2", "--bootstrap", "20", "--seed", "5"])
+
+    videos = [built / "pairs" / f"pair_{i:04d}.mp4" for i in range(2)]
+    for condition, source, cfg_scale in (("own", videos[0], 4.0), ("shuffled", videos[1], 4.0),
+                                         ("null", videos[1], 0.0)):  # null ignores the video
+        wave, sr = sf.read(out / condition / "pair_0000.wav", dtype="float32")
+        expected = pipe.generate(str(source), duration=4.0, num_steps=2, seed=5, cfg_scale=cfg_scale, progress=False)
+        assert sr == 24000 and wave.shape == (96000,)
+        np.testing.assert_allclose(wave, expected.waveform.clamp(-1, 1).numpy(), atol=1e-4)  # 16-bit WAV
+    for condition in ("own", "shuffled", "null"):
+        metrics = reports[condition]["metrics"]
+        assert {"bhs", "beat_f1", "event_hit", "event_hit_ceiling", "sim", "sim_floor"} <= set(metrics)
+        assert json.loads((out / f"report_{condition}.json").read_text())["metrics"]["bhs"] == metrics["bhs"]
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {m} |" in summary for m in ("bhs", "event_hit", "sim"))

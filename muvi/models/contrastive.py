@@ -238,8 +238,11 @@ class SimilarityScorer(nn.Module):
         """Write ``contrastive.safetensors`` + ``contrastive.json`` (the learnt model) and
         ``contrastive_encoders.json`` (where the frozen encoders come from).
 
-        An encoder without a source file (a random preset) is saved beside it as
-        ``contrastive_{video,audio}_encoder.{safetensors,json}``, so SIM stays reproducible.
+        A source is a spec the encoder loaders accept (``muvi.pipeline.load_video_encoder``,
+        ``muvi.models.music_encoder.load_audio_encoder``): a checkpoint path or a packaged name
+        such as ``efficientnet-lite0`` or ``musicnn``. An encoder without one (random weights) is
+        saved beside as ``contrastive_{video,audio}_encoder.{safetensors,json}``, so SIM stays
+        reproducible.
         """
         from safetensors.torch import save_file
 
@@ -251,12 +254,14 @@ class SimilarityScorer(nn.Module):
         record = {}
         for side, encoder, source in (("video", self.video_encoder, video_source),
                                       ("audio", self.audio_encoder, audio_source)):
+            kind = _encoder_kind(encoder)
             if source is None:
                 save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
                           str(directory / f"contrastive_{side}_encoder.safetensors"))
                 encoder.config.to_json(directory / f"contrastive_{side}_encoder.json")
-            record[f"{side}_encoder"] = {"path": None if source is None else str(Path(source).resolve()),
-                                         "config": encoder.config.to_dict()}
+            elif Path(source).is_file():
+                source = str(Path(source).resolve())
+            record[f"{side}_encoder"] = {"kind": kind, "source": source, "config": encoder.config.to_dict()}
         (directory / ENCODERS_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
@@ -265,8 +270,8 @@ class SimilarityScorer(nn.Module):
                         ) -> "SimilarityScorer":
         """Load a folder written by :meth:`save_pretrained` (a run's ``final/``; a run folder works too).
 
-        Each encoder: a module, a checkpoint path, or None for the file saved in the folder or,
-        failing that, the path recorded at training time.
+        Each encoder: a module, a spec (path or packaged name), or None for the file saved in
+        the folder or, failing that, the source recorded at training time.
         """
         directory = Path(directory)
         if not (directory / WEIGHTS_NAME).is_file() and (directory / "final" / WEIGHTS_NAME).is_file():
@@ -282,23 +287,53 @@ class SimilarityScorer(nn.Module):
         return cls(model, *encoders).to(device)
 
 
-def _resolve_encoder(side: str, arg: EncoderArg, directory: Path, record: dict) -> nn.Module:
-    from muvi.models.audiomae import AudioMAEConfig, load_audiomae_encoder
-    from muvi.models.videomae import VideoMAEConfig, load_videomae_encoder
+def _encoder_kinds() -> dict:
+    """kind → (module class, config class, load(path, config) for a file saved beside)."""
+    from muvi.eval.musicnn import Musicnn, MusicnnConfig
+    from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder, load_audiomae_encoder
+    from muvi.models.frame_encoder import FrameEncoder, FrameEncoderConfig, load_frame_encoder
+    from muvi.models.music_encoder import MusicnnFrameEncoder
+    from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
 
-    load, config_cls = {"video": (load_videomae_encoder, VideoMAEConfig),
-                        "audio": (load_audiomae_encoder, AudioMAEConfig)}[side]
+    def load_musicnn(path, config):
+        encoder = MusicnnFrameEncoder(Musicnn(config))
+        load_strict(encoder, read_state_dict(path), source=str(path))
+        return encoder
+
+    return {"videomae": (VideoMAEEncoder, VideoMAEConfig, load_videomae_encoder),
+            "efficientnet-lite": (FrameEncoder, FrameEncoderConfig, load_frame_encoder),
+            "audiomae": (AudioMAEEncoder, AudioMAEConfig, load_audiomae_encoder),
+            "musicnn": (MusicnnFrameEncoder, MusicnnConfig, load_musicnn)}
+
+
+def _encoder_kind(encoder: nn.Module) -> str:
+    for kind, (module_cls, _, _) in _encoder_kinds().items():
+        if isinstance(encoder, module_cls):
+            return kind
+    raise TypeError(f"no saving rule for a {type(encoder).__name__} encoder")
+
+
+def _resolve_encoder(side: str, arg: EncoderArg, directory: Path, record: dict) -> nn.Module:
+    from muvi.models.music_encoder import load_audio_encoder
+    from muvi.pipeline import load_video_encoder
+
+    def from_spec(spec: str) -> nn.Module:
+        return load_video_encoder(spec)[0] if side == "video" else load_audio_encoder(spec)[0]
+
     if isinstance(arg, nn.Module):
         return arg
     if arg is not None:
-        return load(arg)
+        return from_spec(str(arg))
     saved = directory / f"contrastive_{side}_encoder.safetensors"
+    kind = record.get("kind", "videomae" if side == "video" else "audiomae")  # older folders: the paper's
     if saved.is_file():
+        _, config_cls, load = _encoder_kinds()[kind]
         return load(saved, config_cls.from_json(saved.with_suffix(".json")))
-    if record.get("path") and Path(record["path"]).is_file():
-        return load(record["path"], config_cls.from_dict(record["config"], source=str(directory / ENCODERS_NAME)))
+    source = record.get("source", record.get("path"))
+    if source and (Path(source).is_file() or not any(c in source for c in "/\\")):
+        return from_spec(source)
     raise FileNotFoundError(f"{directory}: no {side} encoder saved and the one recorded at training time "
-                            f"({record.get('path')}) is not there; pass {side}_encoder=PATH")
+                            f"({source}) is not there; pass {side}_encoder=PATH")
 
 
 def load_similarity_model(path: Union[str, Path], **kwargs) -> SimilarityScorer:

@@ -1,0 +1,174 @@
+"""Held-out evaluation of a release: music for every held-out video under three conditions,
+scored by the evaluation suite (``muvi.eval.evaluate``).
+
+    python recipes/eval_heldout.py --release checkpoints/muvi-demo --pairs CORPUS/heldout.csv \
+        --out runs/eval [--contrastive runs/contrastive/final] [--steps 25] [--cfg-scale 4]
+
+Conditions, with the same seed per clip (seed + clip index) so that they differ only in what
+the model is shown:
+
+* ``own``: each video's music generated from that video;
+* ``shuffled``: generated from the NEXT video of the list (cut to this clip's length): music
+  that is as good as the model makes but ignores this picture, the floor for alignment;
+* ``null``: the learnt null condition (``cfg_scale=0``): the model without any video.
+
+Each folder is scored against the real soundtracks: beats (BHS, F1), musicnn distances, SIM with
+``--contrastive`` (the model sees the clip's OWN video in every condition, so SIM measures the
+music's fit to that picture), and, where the pairs have ``<stem>.json`` sidecars with cut and
+accent times (``recipes/build_corpus.py`` writes them), beats against the video's own events.
+
+Writes ``OUT/{own,shuffled,null}/<stem>.wav``, ``OUT/report_<condition>.json`` and
+``OUT/summary.md``: a table of the headline metrics with 95% bootstrap intervals. Generated
+files already present are kept (rerun to finish an interrupted run); ``--force`` regenerates.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from muvi.data.audio_io import audio_duration
+
+logger = logging.getLogger("eval_heldout")
+
+CONDITIONS = ("own", "shuffled", "null")
+HEADLINE = ("bhs", "beat_f1", "event_hit", "event_f1", "sim", "fd_musicnn", "kl_softmax_musicnn")
+CEILINGS = {"event_hit": "event_hit_ceiling", "event_f1": "event_f1_ceiling", "sim": "sim_ceiling"}
+
+
+def read_pairs(csv_path: Path) -> list[tuple[Path, Path]]:
+    """(video, audio) rows of a ``video,audio`` CSV, paths relative to the CSV's folder."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"video", "audio"} <= set(rows[0]):
+        raise SystemExit(f"error: {csv_path} needs a header with 'video' and 'audio' columns")
+    pairs = [(csv_path.parent / r["video"], csv_path.parent / r["audio"]) for r in rows]
+    missing = [str(p) for pair in pairs for p in pair if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: {len(missing)} file(s) of {csv_path} missing, e.g. {missing[0]}")
+    if len({v.stem for v, _ in pairs}) != len(pairs):
+        raise SystemExit(f"error: {csv_path}: video file names must be distinct (results are paired by stem)")
+    return pairs
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    try:
+        dst.symlink_to(src.resolve())
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def stage_inputs(pairs: list[tuple[Path, Path]], out: Path) -> bool:
+    """OUT/ref, OUT/videos and OUT/events named by the video's stem; True if events exist."""
+    for name in ("ref", "videos", "events"):
+        (out / name).mkdir(parents=True, exist_ok=True)
+    events = True
+    for video, audio in pairs:
+        _link(audio, out / "ref" / f"{video.stem}{audio.suffix}")
+        _link(video, out / "videos" / video.name)
+        sidecar = video.with_suffix(".json")
+        if sidecar.is_file():
+            _link(sidecar, out / "events" / sidecar.name)
+        else:
+            events = False
+    return events
+
+
+def generate_all(pipe, pairs, out: Path, steps: int, cfg_scale: float, seed: int, force: bool) -> dict:
+    """Generate every condition's files; returns wall seconds per generated clip."""
+    from tqdm import tqdm
+
+    for name in CONDITIONS:
+        (out / name).mkdir(parents=True, exist_ok=True)
+    seconds = []
+    jobs = [(i, c) for i in range(len(pairs)) for c in CONDITIONS]
+    for i, condition in tqdm(jobs, desc="generating", unit="clip"):
+        video = pairs[i][0]
+        target = out / condition / f"{video.stem}.wav"
+        if target.is_file() and not force:
+            continue
+        duration = min(audio_duration(pairs[i][1]), pipe_duration(video))
+        source = pairs[(i + 1) % len(pairs)][0] if condition == "shuffled" else video
+        if condition == "shuffled" and pipe_duration(source) < duration:
+            duration = pipe_duration(source)  # a shorter neighbour: the clip is cut to it
+        start = time.perf_counter()
+        result = pipe.generate(str(source), duration=duration, num_steps=steps, seed=seed + i,
+                               cfg_scale=0.0 if condition == "null" else cfg_scale, progress=False)
+        seconds.append(time.perf_counter() - start)
+        result.save(target, overwrite=True)  # missing, or --force
+    return {"clips": len(seconds), "mean_wall_s": sum(seconds) / len(seconds) if seconds else None}
+
+
+def pipe_duration(video: Path) -> float:
+    from muvi.data.datasets import video_duration
+
+    return video_duration(video)
+
+
+def summary_table(reports: dict[str, dict]) -> str:
+    """Markdown: one row per headline metric, one column per condition (+ the real soundtrack)."""
+    lines = ["| metric | " + " | ".join(CONDITIONS) + " | real soundtrack |", "|---" * (len(CONDITIONS) + 2) + "|"]
+    for metric in HEADLINE:
+        cells, ceiling = [], ""
+        for condition in CONDITIONS:
+            m = reports[condition]["metrics"].get(metric)
+            cells.append("n/a" if m is None else f"{m['value']:.1f} [{m['ci95'][0]:.1f}, {m['ci95'][1]:.1f}]")
+        if metric in CEILINGS and CEILINGS[metric] in reports["own"]["metrics"]:
+            ceiling = f"{reports['own']['metrics'][CEILINGS[metric]]['value']:.1f}"
+        if metric == "sim" and "sim_floor" in reports["own"]["metrics"]:
+            ceiling += f" (shuffled real pairs: {reports['own']['metrics']['sim_floor']['value']:.1f})"
+        if any(c != "n/a" for c in cells):
+            lines.append(f"| {metric} | " + " | ".join(cells) + f" | {ceiling} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--release", type=Path, required=True, help="release folder (config.json + safetensors)")
+    parser.add_argument("--pairs", type=Path, required=True, help="CSV of held-out video,audio rows")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--contrastive", help="contrastive model folder for SIM (train_contrastive's final/)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--cfg-scale", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--force", action="store_true", help="regenerate files that already exist")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+    from muvi.eval.report import evaluate
+    from muvi.models.contrastive import load_similarity_model
+    from muvi.pipeline import MuviPipeline
+
+    pairs = read_pairs(args.pairs)
+    out = args.out
+    has_events = stage_inputs(pairs, out)
+    pipe = MuviPipeline.from_pretrained(args.release, device=args.device)
+    timing = generate_all(pipe, pairs, out, args.steps, args.cfg_scale, args.seed, args.force)
+    scorer = load_similarity_model(args.contrastive, device=args.device) if args.contrastive else None
+    reports = {}
+    for condition in CONDITIONS:
+        reports[condition] = evaluate(out / condition, out / "ref", out / "videos", out / f"report_{condition}.json",
+                                      seed=args.seed, n_bootstrap=args.bootstrap, similarity_model=scorer,
+                                      events_dir=out / "events" if has_events else None, progress=False)
+    table = summary_table(reports)
+    header = (f"Held-out evaluation of `{args.release}` on {len(pairs)} pairs of `{args.pairs}`: {args.steps} Euler "
+              f"steps, cfg {args.cfg_scale} (null: 0), seeds {args.seed}..{args.seed + len(pairs) - 1}; "
+              f"values with 95% bootstrap intervals over clips.\n\n")
+    (out / "summary.md").write_text(header + table, encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps({"timing": timing, "conditions": {
+        c: {k: r["metrics"][k] for k in r["metrics"]} for c, r in reports.items()}}, indent=2) + "\n", encoding="utf-8")
+    print(header + table)
+    return reports
+
+
+if __name__ == "__main__":
+    main()
