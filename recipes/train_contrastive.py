@@ -10,10 +10,12 @@ learn (``ContrastiveModel``). Without those weights: ``video_encoder=efficientne
 ``muvi.models.music_encoder.load_audio_encoder`` for every spec). With ``token_cache=DIR`` (the
 ``extract_features.py --pairs`` cache the video-to-music stage reads) the video tokens come from
 the cache instead of decoding and encoding every clip each step, and the music from each pair's
-audio file; ``video_encoder`` must then name the encoder that made the cache (checked). Each step: a batch of (video, music) segments, every clip from a
-different video; for each pair two constructed negatives (beat-aware temporal shift, random
-replacement by another pair's music; silence where one cannot be built); CLIP loss with the
-in-batch music and the pair's own negatives as the candidates of each video.
+audio file; ``video_encoder`` must then name the encoder that made the cache (checked).
+
+Each step: a batch of (video, music) segments, every clip from a different video; for each
+pair two constructed negatives (beat-aware temporal shift, random replacement by another pair's
+music; silence where one cannot be built); CLIP loss with the in-batch music and the pair's own
+negatives as the candidates of each video.
 
 Decisions:
 - Equal lengths: the sampler draws one segment length per global batch (``same_length``), so
@@ -23,7 +25,7 @@ Decisions:
   distinct, so gathering could be added without changing the data.
 - Beat tracking (deterministic) runs in the data-loader workers; every random choice of the
   negatives comes from a numpy RNG seeded by ``step_generator``, so a resume is exact.
-- The video encoder runs under autocast (bf16 on GPU); AudioMAE always in fp32.
+- The video encoder runs under autocast (bf16 on GPU); the music encoder always in fp32.
 Outputs: ``final/contrastive.safetensors`` + ``final/contrastive.json`` (EMA weights; keys
 ``adaptor.*``, ``audio_head.*``, ``logit_scale``) and ``final/contrastive_encoders.json``, read
 by ``muvi.models.contrastive.SimilarityScorer.from_pretrained`` for SIM.
@@ -44,12 +46,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from muvi.config import Config, ConfigError
-from muvi.data.datasets import VideoMusicDataset, collate_segments
+from muvi.data.audio_io import load_audio
+from muvi.data.datasets import VideoMusicDataset, collate_segments, fit_length
+from muvi.data.features import CachedLatentDataset
 from muvi.data.negatives import beat_cycle_frames, make_negative
 from muvi.data.sampler import DurationBalancedBatchSampler
-from muvi.data.audio_io import load_audio
-from muvi.data.datasets import fit_length
-from muvi.data.features import CachedLatentDataset
 from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder
 from muvi.models.contrastive import (ContrastiveConfig, ContrastiveModel, SimilarityScorer,
                                      frozen_music_features, frozen_video_tokens)

@@ -123,6 +123,14 @@ class _ConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(F.relu(self.conv(x)))
 
+    def max_over_frequency(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(x).amax(dim=3)`` without the norm and ReLU on the full map: both are monotone
+        per channel (the norm decreasing where its scale is negative), so they commute with the
+        max (a min there). Halves the front end's time on long inputs."""
+        h = self.conv(x)
+        increasing = (self.bn.weight >= 0).view(1, -1, 1)
+        return self.bn(F.relu(torch.where(increasing, h.amax(dim=3), h.amin(dim=3))))
+
 
 class Musicnn(nn.Module):
     """The musicnn network: log-mel patches (N, T, F) -> logits and feature taps."""
@@ -157,9 +165,9 @@ class Musicnn(nn.Module):
         # 'same' (TF pads an even kernel one more frame after than before), then each map is
         # max-pooled over all remaining frequency bins.
         pad = c.timbral_frames // 2
-        features = [block(F.pad(x, (0, 0, pad, pad))).amax(dim=3) for block in self.timbral]
+        features = [block.max_over_frequency(F.pad(x, (0, 0, pad, pad))) for block in self.timbral]
         for k, block in zip(c.temporal_frames, self.temporal):
-            features.append(block(F.pad(x, (0, 0, (k - 1) // 2, k - 1 - (k - 1) // 2))).amax(dim=3))
+            features.append(block.max_over_frequency(F.pad(x, (0, 0, (k - 1) // 2, k - 1 - (k - 1) // 2))))
         h = torch.cat(features, dim=1)  # (N, C_front, T)
         dense_features = [h]
         pad = c.midend_frames // 2

@@ -28,6 +28,7 @@ from torch import nn
 
 from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
 from muvi.config import Config
+from muvi.models.layers import ViTBlock
 
 logger = logging.getLogger(__name__)
 
@@ -124,46 +125,6 @@ def patch_starts(num_frames: int, config: AudioMAEConfig) -> torch.Tensor:
     return torch.cat([torch.arange(n_grid) * p, tail])
 
 
-class _Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (three h k) -> three b h n k", three=3, h=self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(rearrange(out, "b h n k -> b n (h k)"))
-
-
-class _Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class _Block(nn.Module):
-    """Pre-norm ViT block (timm ``Block``: norm1, attn.qkv/proj, norm2, mlp.fc1/fc2)."""
-
-    def __init__(self, config: AudioMAEConfig):
-        super().__init__()
-        d = config.hidden_size
-        self.norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.attn = _Attention(d, config.num_heads)
-        self.norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.mlp = _Mlp(d, int(d * config.mlp_ratio))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 def _release_pos_table(config: AudioMAEConfig) -> torch.Tensor:
     """The fixed 2D sin-cos table the release initialises (1, 1 + P*Fp, D) with; stored in its checkpoints.
 
@@ -203,7 +164,9 @@ class AudioMAEEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # Fixed (not trained) in the release but stored in its checkpoints: a persistent buffer.
         self.register_buffer("pos_embed", _release_pos_table(config), persistent=True)
-        self.blocks = nn.ModuleList(_Block(config) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(
+            ViTBlock(config.hidden_size, config.num_heads, int(config.hidden_size * config.mlp_ratio),
+                     config.layer_norm_eps) for _ in range(config.depth))
         final = nn.LayerNorm(d, eps=config.layer_norm_eps)
         if config.global_pool:
             self.fc_norm = final

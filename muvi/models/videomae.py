@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
 from muvi.config import Config
+from muvi.models.layers import ViTBlock
 from muvi.video import standardize
 from muvi.models.layers import sinusoid_table
 
@@ -108,53 +108,6 @@ class PatchEmbed(nn.Module):
         return rearrange(self.proj(clips), "n d s h w -> n (s h w) d")
 
 
-class Attention(nn.Module):
-    def __init__(self, config: VideoMAEConfig):
-        super().__init__()
-        dim = config.hidden_size
-        self.num_heads = config.num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        if config.qkv_bias:
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
-        else:
-            self.q_bias = self.v_bias = None
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None
-        if self.q_bias is not None:
-            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)
-        q, k, v = rearrange(qkv, "n l (three h k) -> three n h l k", three=3, h=self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # default scale = head width ** -0.5
-        return self.proj(rearrange(out, "n h l k -> n l (h k)"))
-
-
-class Mlp(nn.Module):
-    def __init__(self, config: VideoMAEConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.mlp_hidden_size)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(config.mlp_hidden_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, config: VideoMAEConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attn = Attention(config)
-        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = Mlp(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
 class VideoMAEEncoder(nn.Module):
     """The VideoMAE (V2) ViT without its classification head; see the module docstring."""
 
@@ -162,7 +115,9 @@ class VideoMAEEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(config)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(
+            ViTBlock(config.hidden_size, config.num_heads, config.mlp_hidden_size, config.layer_norm_eps,
+                     "qv" if config.qkv_bias else "none") for _ in range(config.depth))
         # Fixed, never trained, never stored in the release's checkpoints: a buffer, not saved.
         self.register_buffer("pos_embed", sinusoid_table(config.num_tokens, config.hidden_size)[None],
                              persistent=False)
