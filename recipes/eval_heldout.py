@@ -18,7 +18,8 @@ music's fit to that picture), and, where the pairs have ``<stem>.json`` sidecars
 accent times (``recipes/build_corpus.py`` writes them), beats against the video's own events.
 
 Writes ``OUT/{own,shuffled,null}/<stem>.wav``, ``OUT/report_<condition>.json`` and
-``OUT/summary.md``: a table of the headline metrics with 95% bootstrap intervals. Generated
+``OUT/summary.md``: a table of the headline metrics with 95% bootstrap intervals, and the
+per-clip differences own − shuffled and own − null (paired: same clip, seed and reference). Generated
 files already present are kept (rerun to finish an interrupted run); ``--force`` regenerates.
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+import numpy as np
 
 from muvi.data.audio_io import audio_duration
 
@@ -129,6 +132,40 @@ def summary_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_clip(report: dict, metric: str) -> Optional[np.ndarray]:
+    """Per-clip values of ``bhs`` (matched / reference beats), ``event_hit`` (video events hit)
+    or ``sim``, in percent, in the report's clip order; None when the report lacks them."""
+    clips = report["clips"]
+    try:
+        if metric == "bhs":
+            return np.array([100 * c["matched_beats"] / c["reference_beats"] for c in clips])
+        if metric == "event_hit":
+            return np.array([100 * c["event_hits"] / c["events"] for c in clips])
+        return np.array([c[metric] for c in clips])  # the report stores SIM in percent
+    except (KeyError, ZeroDivisionError):
+        return None
+
+
+def paired_table(reports: dict[str, dict], seed: int = 0, n_bootstrap: int = 1000) -> str:
+    """Markdown: own minus each floor, clip by clip (same seed, same reference), with a
+    percentile bootstrap 95% interval over clips and how many clips the own video wins."""
+    rng = np.random.default_rng(seed)
+    lines = ["| metric | own − shuffled [95% CI] | clips own > shuffled | own − null [95% CI] | clips own > null |",
+             "|---|---|---|---|---|"]
+    for metric in ("bhs", "event_hit", "sim"):
+        own = _per_clip(reports["own"], metric)
+        if own is None:
+            continue
+        cells = []
+        for floor in ("shuffled", "null"):
+            diff = own - _per_clip(reports[floor], metric)
+            boot = diff[rng.integers(0, len(diff), (n_bootstrap, len(diff)))].mean(1)
+            low, high = np.percentile(boot, [2.5, 97.5])
+            cells += [f"{diff.mean():+.1f} [{low:+.1f}, {high:+.1f}]", f"{int((diff > 0).sum())} / {len(diff)}"]
+        lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--release", type=Path, required=True, help="release folder (config.json + safetensors)")
@@ -159,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         reports[condition] = evaluate(out / condition, out / "ref", out / "videos", out / f"report_{condition}.json",
                                       seed=args.seed, n_bootstrap=args.bootstrap, similarity_model=scorer,
                                       events_dir=out / "events" if has_events else None, progress=False)
-    table = summary_table(reports)
+    table = summary_table(reports) + "\nPaired by clip:\n\n" + paired_table(reports, args.seed, args.bootstrap)
     header = (f"Held-out evaluation of `{args.release}` on {len(pairs)} pairs of `{args.pairs}`: {args.steps} Euler "
               f"steps, cfg {args.cfg_scale} (null: 0), seeds {args.seed}..{args.seed + len(pairs) - 1}; "
               f"values with 95% bootstrap intervals over clips.\n\n")

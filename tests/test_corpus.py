@@ -203,4 +203,17 @@ def test_heldout_evaluation_scores_three_conditions(built, tmp_path):
         assert {"bhs", "beat_f1", "event_hit", "event_hit_ceiling", "sim", "sim_floor"} <= set(metrics)
         assert json.loads((out / f"report_{condition}.json").read_text())["metrics"]["bhs"] == metrics["bhs"]
     summary = (out / "summary.md").read_text()
-    assert all(f"| {m} |" in summary for m in ("bhs", "event_hit", "sim"))
+    assert all(f"| {m} |" in summary for m in ("bhs", "event_hit", "sim")) and "own − shuffled" in summary
+
+
+def test_paired_table_subtracts_clip_by_clip():
+    eval_heldout = load_recipe("eval_heldout")
+    own = [{"matched_beats": m, "reference_beats": 10, "event_hits": h, "events": 4, "sim": s}
+           for m, h, s in ((5, 2, 10.0), (6, 4, 20.0), (7, 1, 30.0))]
+    floor = [dict(c, matched_beats=c["matched_beats"] - 1, event_hits=c["event_hits"] - 1, sim=c["sim"] + 5)
+             for c in own]
+    table = eval_heldout.paired_table({"own": {"clips": own}, "shuffled": {"clips": floor}, "null": {"clips": own}})
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:]}
+    assert rows["bhs"][0].startswith("+10.0 [+10.0, +10.0]") and rows["bhs"][1] == "3 / 3"
+    assert rows["event_hit"][0].startswith("+25.0") and rows["sim"][0].startswith("-5.0") and rows["sim"][1] == "0 / 3"
+    assert rows["bhs"][2].startswith("+0.0") and rows["bhs"][3].strip(" |") == "0 / 3"
