@@ -39,3 +39,17 @@ def test_command_writes_playable_mp4_with_requested_duration(tmp_path):
     assert frames > 0
     # AAC adds encoder priming/padding of at most two 1024-sample frames.
     assert 2.5 * 24000 <= decoded <= 2.5 * 24000 + 2048
+
+
+def test_bundled_sim_model_rebuilds_its_encoders_from_packages():
+    """checkpoints/muvi-demo/sim: the contrastive model shipped for SIM; its frozen encoders come
+    from the package specs it recorded (EfficientNet-Lite0 per frame, musicnn)."""
+    from muvi.models.contrastive import SimilarityScorer
+    from muvi.models.music_encoder import MusicnnFrameEncoder
+
+    scorer = SimilarityScorer.from_pretrained(muvi.default_model_dir() / "sim")
+    assert isinstance(scorer.audio_encoder, MusicnnFrameEncoder)
+    assert scorer.video_encoder.config.tubelet_size == 1
+    out = muvi.generate(cli.bundled_sample_video(), duration=3.0, num_steps=2, seed=0, device="cpu", progress=False)
+    sim = scorer.similarity(str(cli.bundled_sample_video()), out.waveform.numpy(), out.sample_rate)
+    assert -1.0 <= sim <= 1.0
