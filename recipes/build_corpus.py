@@ -16,6 +16,9 @@ What it writes (``CorpusConfig`` in ``muvi/data/corpus.py`` holds every knob):
 * ``DIR/pairs/pair_NNNN.mp4`` + ``.wav`` + ``.json``: training pairs. The mp4 holds the picture
   (H.264) and the music (AAC); the wav is the same music, lossless; the JSON holds the beat grid,
   the cut times, the accent times and the shot plan. ``DIR/pairs.csv`` lists ``video,audio``.
+* ``DIR/validation.csv`` (``--num-validation N``): N more pairs made exactly like the training
+  ones (the next indices of ``pairs/``: same pieces and footage, clips never trained on) and left
+  out of ``pairs.csv``, for choosing settings (guidance scale, checkpoint) without the held-out set.
 * ``DIR/heldout/heldout_NNNN.*`` and ``DIR/heldout.csv``: pairs never used for training, from
   pieces that no training clip uses, edited from footage no training pair shows (the last
   quarter of each source video and two photographs held back).
@@ -276,14 +279,17 @@ def _sources_md(cfg: C.CorpusConfig, usage: dict[str, dict[str, int]], video_tab
              "## Music (rendered at {} Hz)".format(cfg.sample_rate), "",
              f"Every piece: {MUSIC21_LICENCE}. Package: music21 {_version('music21')}. "
              f"Left out: {skipped['restricted']} encodings with a restrictive rights notice and "
-             f"{skipped['too_big']} scores over {cfg.max_score_kb} KiB (slow to parse).", "",
-             "| file | embedded rights notice | music clips | training pairs | held-out pairs |",
-             "| --- | --- | --- | --- | --- |"]
+             f"{skipped['too_big']} scores over {cfg.max_score_kb} KiB (slow to parse). A notice that "
+             "names neither a holder nor terms (a bare 'Copyright ©': a blank field left by the notation "
+             "program that exported the encoding) is not restrictive; it is listed below as found.", "",
+             "| file | embedded rights notice | music clips | training pairs | validation pairs | held-out pairs |",
+             "| --- | --- | --- | --- | --- | --- |"]
     root = _package_dir("music21")
     for piece in sorted(usage):
         notice = " ".join(_rights(root / piece.removeprefix("music21/")).split()).replace("|", "/") or "none"
         u = usage[piece]
-        lines.append(f"| `{piece}` | {notice} | {u.get('music', 0)} | {u.get('pairs', 0)} | {u.get('heldout', 0)} |")
+        lines.append(f"| `{piece}` | {notice} | {u.get('music', 0)} | {u.get('pairs', 0)} | "
+                     f"{u.get('validation', 0)} | {u.get('heldout', 0)} |")
     lines += ["", "Rendering: the General-MIDI soundfont `pretty_midi/TimGM6mb.sf2` (Tim Brechbill's "
               "TimGM6mb, shipped inside pretty_midi " + _version("pretty_midi") + " (MIT); distributed by "
               "MuseScore and Debian under GPL-2.0), synthesised with tinysoundfont " + _version("tinysoundfont") +
@@ -308,6 +314,7 @@ def build_corpus(cfg: C.CorpusConfig, out: Path, *, progress: bool = True, force
             raise FileExistsError(f"{out} is not empty; pass --force to rebuild it")
         for name in ("music", "pairs", "heldout"):
             shutil.rmtree(out / name, ignore_errors=True)
+        (out / "validation.csv").unlink(missing_ok=True)
     for name in ("music", "pairs", "heldout"):
         (out / name).mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -319,15 +326,17 @@ def build_corpus(cfg: C.CorpusConfig, out: Path, *, progress: bool = True, force
     train_pool, heldout_pool, video_table = video_pools(cfg)
     cache = PieceCache()
     usage: dict[str, dict[str, int]] = {}
-    items: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    jobs = [(s, i) for s, n in (("music", cfg.num_music), ("pairs", cfg.num_pairs), ("heldout", cfg.num_heldout))
-            for i in range(n)]
-    for split, index in tqdm(jobs, desc="corpus", unit="clip", disable=not progress):
+    items: dict[str, list[dict]] = {s: [] for s in (*SPLITS, "validation")}
+    # Validation pairs are the training split's next indices: what a bigger build would train on.
+    jobs = [(s, i, s) for s, n in (("music", cfg.num_music), ("pairs", cfg.num_pairs)) for i in range(n)]
+    jobs += [("pairs", cfg.num_pairs + i, "validation") for i in range(cfg.num_validation)]
+    jobs += [("heldout", i, "heldout") for i in range(cfg.num_heldout)]
+    for split, index, role in tqdm(jobs, desc="corpus", unit="clip", disable=not progress):
         rng = np.random.default_rng([cfg.seed, SPLITS[split], index])
         seconds = (round(cfg.music_seconds * cfg.fps) if split == "music" else round(cfg.pair_seconds * cfg.fps)) / cfg.fps
         clip = draw_clip(sources[split], cache, seconds, cfg, rng, root)
-        usage.setdefault(clip.info["piece"], {}).setdefault(split, 0)
-        usage[clip.info["piece"]][split] += 1
+        usage.setdefault(clip.info["piece"], {}).setdefault(role, 0)
+        usage[clip.info["piece"]][role] += 1
         if split == "music":
             stem = out / "music" / f"music_{index:04d}"
             C.write_wav(stem.with_suffix(".wav"), clip.waveform, cfg.sample_rate)
@@ -339,10 +348,12 @@ def build_corpus(cfg: C.CorpusConfig, out: Path, *, progress: bool = True, force
             record = build_pair(clip, pool, cfg, seconds, rng, out / folder / f"{prefix}_{index:04d}")
         _write_json((out / ("music" if split == "music" else "pairs" if split == "pairs" else "heldout")
                      / Path(record["audio"]).with_suffix(".json").name), record)
-        items[split].append({"file": record.get("video", record["audio"]), "piece": clip.info["piece"],
+        items[role].append({"file": record.get("video", record["audio"]), "piece": clip.info["piece"],
                              "bpm": clip.info["bpm"], "cuts": len(record.get("cuts", [])),
                              "accents": len(record.get("accents", []))})
-    for split, folder in (("pairs", "pairs"), ("heldout", "heldout")):
+    for split, folder in (("pairs", "pairs"), ("validation", "pairs"), ("heldout", "heldout")):
+        if split == "validation" and not cfg.num_validation:
+            continue
         with open(out / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["video", "audio"])
@@ -353,8 +364,9 @@ def build_corpus(cfg: C.CorpusConfig, out: Path, *, progress: bool = True, force
                                          "pillow", "scikit-video", "scikit-image", "matplotlib", "torch")}
     manifest = {"config": cfg.to_dict(), "versions": versions, "items": items}
     _write_json(out / "corpus.json", manifest)
-    logger.info("corpus of %d music clips, %d pairs, %d held-out pairs written to %s in %.1f s",
-                cfg.num_music, cfg.num_pairs, cfg.num_heldout, out, time.time() - start)
+    logger.info("corpus of %d music clips, %d pairs, %d validation pairs, %d held-out pairs written to %s "
+                "in %.1f s", cfg.num_music, cfg.num_pairs, cfg.num_validation, cfg.num_heldout, out,
+                time.time() - start)
     return manifest
 
 
@@ -367,6 +379,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--num-music", type=int, default=None)
     parser.add_argument("--num-pairs", type=int, default=None)
     parser.add_argument("--num-heldout", type=int, default=None)
+    parser.add_argument("--num-validation", type=int, default=None,
+                        help="pairs made like the training ones, listed in validation.csv, not in pairs.csv")
     parser.add_argument("--seconds", type=float, default=None, help="length of each pair")
     parser.add_argument("--music-seconds", type=float, default=None, help="length of each music clip")
     parser.add_argument("--allow-unknown-licence", action="store_true",
@@ -383,7 +397,7 @@ def make_config(args: argparse.Namespace) -> C.CorpusConfig:
     if args.config is not None:
         data.update(json.loads(args.config.read_text(encoding="utf-8")))
     flags = {"seed": args.seed, "num_music": args.num_music, "num_pairs": args.num_pairs,
-             "num_heldout": args.num_heldout, "pair_seconds": args.seconds, "music_seconds": args.music_seconds,
+             "num_heldout": args.num_heldout, "num_validation": args.num_validation, "pair_seconds": args.seconds, "music_seconds": args.music_seconds,
              "allow_unknown_licence": True if args.allow_unknown_licence else None}
     data.update({k: v for k, v in flags.items() if v is not None})
     for item in args.set:

@@ -21,6 +21,11 @@ Writes ``OUT/{own,shuffled,null}/<stem>.wav``, ``OUT/report_<condition>.json`` a
 ``OUT/summary.md``: a table of the headline metrics with 95% bootstrap intervals, and the
 per-clip differences own − shuffled and own − null (paired: same clip, seed and reference). Generated
 files already present are kept (rerun to finish an interrupted run); ``--force`` regenerates.
+
+Choosing settings (guidance scale, checkpoint) belongs on a validation CSV, never on the held-out
+one: ``build_corpus.py --num-validation N`` writes ``validation.csv``, pairs made like the
+training ones but left out of ``pairs.csv``. The null condition does not depend on the guidance
+scale, so a sweep over ``--cfg-scale`` may copy ``null/`` from its first run into the others.
 """
 from __future__ import annotations
 
@@ -197,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                       seed=args.seed, n_bootstrap=args.bootstrap, similarity_model=scorer,
                                       events_dir=out / "events" if has_events else None, progress=False)
     table = summary_table(reports) + "\nPaired by clip:\n\n" + paired_table(reports, args.seed, args.bootstrap)
-    header = (f"Held-out evaluation of `{args.release}` on {len(pairs)} pairs of `{args.pairs}`: {args.steps} Euler "
+    header = (f"Evaluation of `{args.release}` on {len(pairs)} pairs of `{args.pairs}`: {args.steps} Euler "
               f"steps, cfg {args.cfg_scale} (null: 0), seeds {args.seed}..{args.seed + len(pairs) - 1}; "
               f"values with 95% bootstrap intervals over clips.\n\n")
     (out / "summary.md").write_text(header + table, encoding="utf-8")

@@ -22,7 +22,7 @@ pytest.importorskip("skimage")
 from conftest import load_recipe  # noqa: E402
 from muvi.data import corpus as C  # noqa: E402
 
-ARGS = ["--preset", "tiny", "--seed", "3", "--no-progress"]
+ARGS = ["--preset", "tiny", "--seed", "3", "--num-validation", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,12 @@ def test_layout_and_csv(built):
     from muvi.data.datasets import VideoMusicDataset
 
     assert len(list((built / "music").glob("music_*.wav"))) == 2
-    assert len(list((built / "pairs").glob("pair_*.mp4"))) == 2
+    assert len(list((built / "pairs").glob("pair_*.mp4"))) == 3  # 2 training + 1 validation
     assert len(list((built / "heldout").glob("heldout_*.mp4"))) == 1
+    assert (built / "pairs.csv").read_text().splitlines()[1:] == [
+        f"pairs/pair_{i:04d}.mp4,pairs/pair_{i:04d}.wav" for i in range(2)]
+    assert (built / "validation.csv").read_text().splitlines() == [
+        "video,audio", "pairs/pair_0002.mp4,pairs/pair_0002.wav"]
     data = VideoMusicDataset(built / "pairs.csv", min_seconds=1.0, max_seconds=2.0, size=64)
     assert len(data) == 2 and data.durations == pytest.approx([4.0, 4.0], abs=0.05)
     item = data[0]
@@ -157,6 +161,23 @@ def test_same_seed_same_bytes(built, tmp_path):
     assert names == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     for name in names:  # wav, json, csv, md and (deterministic encoder settings) mp4
         assert (built / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def test_validation_pairs_are_the_training_split_continued(built, tmp_path):
+    """A validation pair is byte for byte the pair a build with more training pairs would make
+    (same pieces, footage and random stream), so choosing settings on it is choosing on clips
+    drawn like the training ones but never trained on."""
+    load_recipe("build_corpus").main(["--out", str(tmp_path), "--preset", "tiny", "--seed", "3", "--num-pairs", "3",
+                                      "--num-music", "0", "--num-heldout", "0", "--no-progress"])
+    assert not (tmp_path / "validation.csv").exists()
+    assert len((tmp_path / "pairs.csv").read_text().splitlines()) == 4
+    for suffix in (".mp4", ".wav", ".json"):
+        for i in range(3):
+            name = f"pairs/pair_{i:04d}{suffix}"
+            assert (built / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    sources = (built / "SOURCES.md").read_text()
+    assert "| validation pairs |" in sources
+    assert json.loads((built / "corpus.json").read_text())["items"]["validation"][0]["file"] == "pair_0002.mp4"
 
 
 def test_sources_md_lists_every_source(built):

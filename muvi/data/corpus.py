@@ -68,6 +68,7 @@ class CorpusConfig(Config):
     num_music: int = 40              # music-only clips (VAE, vocoder, unconditional DiT)
     num_pairs: int = 30              # training video-music pairs
     num_heldout: int = 8             # held-out pairs: unseen pieces, unseen stretches of footage
+    num_validation: int = 0          # pairs made like the training ones but not trained on (settings)
     music_seconds: float = 20.0
     pair_seconds: float = 15.0
     sample_rate: int = 24000
@@ -91,7 +92,7 @@ class CorpusConfig(Config):
     crf: int = 23
 
     PRESETS = {
-        "demo": {},
+        "demo": {"num_pairs": 120, "num_validation": 16},
         "tiny": {"num_music": 2, "num_pairs": 2, "num_heldout": 1, "music_seconds": 4.0,
                  "pair_seconds": 4.0, "composers": ("bach",)},
     }
