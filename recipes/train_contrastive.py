@@ -21,8 +21,11 @@ Decisions:
 - Equal lengths: the sampler draws one segment length per global batch (``same_length``), so
   clips only differ when a file is shorter than the drawn length; each batch is then cropped
   to its shortest clip (frames and music), which keeps the similarity a plain mean over frames.
-- In-batch negatives are per process (no all-gather); the sampler keeps the global batch
-  distinct, so gathering could be added without changing the data.
+- In-batch negatives are the GLOBAL batch's (``global_negatives``, on by default): with several
+  processes each one gathers the others' video and music embeddings
+  (``ContrastiveModel.loss(gather=True)``), so 8 processes × 20 clips train like the paper's
+  batch of 160; the sampler keeps the global batch distinct. Every process then crops its batch
+  to the shortest clip of the global batch (one all-reduce of the frame count per step).
 - Beat tracking (deterministic) runs in the data-loader workers; every random choice of the
   negatives comes from a numpy RNG seeded by ``step_generator``, so a resume is exact.
 - The video encoder runs under autocast (bf16 on GPU); the music encoder always in fp32.
@@ -73,6 +76,7 @@ class ContrastiveTrainConfig(Config):
     min_seconds: float = 4.0
     max_seconds: float = 30.0
     same_length: bool = True          # one segment length per batch (see the module docstring)
+    global_negatives: bool = True     # in-batch negatives from every process (all-gather)
     skip_unreadable: bool = True      # leave out (and list) pairs whose headers cannot be read
     # frozen encoders: a spec (checkpoint path, packaged name), or "" for the preset with RANDOM
     # weights (tests only)
@@ -197,6 +201,26 @@ def collate_cropped(items: list[dict], sample_rate: int, fps: float, track_beats
     return batch
 
 
+def crop_batch(batch: dict, frames: int, sample_rate: int, fps: float, frames_per_token: int = 1) -> dict:
+    """A collated batch cut to its first ``frames`` frames (music, decoded frames or tokens)."""
+    samples = int(round(frames * sample_rate / fps))
+    out = {**batch, "music": batch["music"][:, :samples], "num_frames": frames}
+    if "tokens" in batch:
+        out["tokens"] = batch["tokens"][:, :-(-frames // frames_per_token)]
+    if "frames" in batch:
+        out["frames"] = batch["frames"][:, :frames]
+    if "music_lengths" in batch:
+        out["music_lengths"] = batch["music_lengths"].clamp(max=samples)
+    return out
+
+
+def global_min(value: int, device: torch.device) -> int:
+    """The smallest ``value`` over all processes."""
+    t = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
 def build_negatives(music: torch.Tensor, cycles: Sequence[float], rng: np.random.Generator,
                     cfg: ContrastiveTrainConfig) -> tuple[torch.Tensor, list[str]]:
     """(B, N) music → (B, K, N) negatives, K = len(cfg.negatives), and the kind actually built."""
@@ -284,14 +308,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     stream = batch_stream(loader, sampler)
     meter = Throughput(run_dir, enabled=acc.is_main_process)
     counts = {"shift": 0, "replace": 0, "silence": 0}
-    logger.info("training %d trainable parameters from step %d to %d, batch %d x %d process(es) x %d accum",
-                sum(p.numel() for p in model.parameters()), step, cfg.steps, cfg.batch_size,
-                acc.num_processes, cfg.grad_accum)
+    gather = cfg.global_negatives and acc.num_processes > 1
+    logger.info("training %d trainable parameters from step %d to %d, batch %d x %d process(es) x %d accum, "
+                "in-batch negatives from %s", sum(p.numel() for p in model.parameters()), step, cfg.steps,
+                cfg.batch_size, acc.num_processes, cfg.grad_accum, "every process" if gather else "each process alone")
     while step < cfg.steps:
         set_lr(cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.schedule), opt)
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
             consumed, batch = next(stream)
+            if gather:  # the loss compares clips across processes: one length for all of them
+                frames = global_min(batch["num_frames"], device)
+                if frames < batch["num_frames"]:
+                    batch = crop_batch(batch, frames, cfg.sample_rate, cfg.fps, frames_per_token)
             names = ", ".join(f"{Path(p).name}@{s:.1f}s" for p, s in zip(batch["video_path"], batch["start"]))
             gen = step_generator(cfg.seed, step * cfg.grad_accum + micro, rank)
             rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
@@ -310,7 +339,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                     tokens = frozen_video_tokens(video_enc, batch["frames"].to(device), cfg.encoder_batch)
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
-                loss, stats = model(tokens, feats[:b], feats[b:].unflatten(0, (b, len(cfg.negatives))))
+                loss, stats = model(tokens, feats[:b], feats[b:].unflatten(0, (b, len(cfg.negatives))),
+                                    gather=gather)
                 check_finite(loss, step, names)
                 acc.backward(loss)  # divided by grad_accum inside
             loss_sum += loss.item()

@@ -129,6 +129,58 @@ def test_forward_is_loss_of_the_embeddings():
     assert model(tokens, music)[0].item() < loss.item()
 
 
+def _gathered_loss_worker(rank: int, world: int, port: int, tensors: dict, out_dir: str) -> None:
+    """One process of a gloo group: its own slice of the batch, loss with gathered negatives."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_model()
+        b = tensors["video"].shape[0] // world
+        mine = {k: v[rank * b:(rank + 1) * b].clone().requires_grad_() for k, v in tensors.items()}
+        loss, stats = model.loss(mine["video"], mine["audio"], mine["negatives"], gather=True)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "scale_grad": model.logit_scale.grad,
+                    "accuracy": stats["v2m_accuracy"], **{k: v.grad for k, v in mine.items()}},
+                   Path(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_loss_over_two_processes_is_the_global_batch_loss(tmp_path):
+    """Two gloo processes with two pairs each and ``gather=True`` give, once averaged the way DDP
+    averages gradients, the loss and every gradient of one process holding all four pairs: the
+    in-batch negatives are the global batch's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(6)
+    tensors = {"video": torch.randn(4, 6, 64), "audio": torch.randn(4, 6, 64), "negatives": torch.randn(4, 2, 6, 64)}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gathered_loss_worker, args=(2, port, tensors, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    model = tiny_model()
+    full = {k: v.clone().requires_grad_() for k, v in tensors.items()}
+    loss, stats = model.loss(full["video"], full["audio"], full["negatives"])
+    loss.backward()
+    torch.testing.assert_close(sum(r["loss"] for r in ranks) / 2, loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sum(r["scale_grad"] for r in ranks) / 2, model.logit_scale.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(sum(r["accuracy"] for r in ranks) / 2, stats["v2m_accuracy"])
+    for name in tensors:  # each rank holds the summed gradient of its own slice; DDP divides by 2
+        got = torch.cat([r[name] for r in ranks]) / 2
+        torch.testing.assert_close(got, full[name].grad, rtol=1e-4, atol=1e-7)
+    # Without gathering each process would see only its own two pairs: a different loss.
+    alone = sum(model.loss(*(v[r * 2:(r + 1) * 2] for v in tensors.values()))[0].item() for r in range(2)) / 2
+    assert abs(alone - loss.item()) > 1e-3
+
+
 def test_gradients_reach_only_adaptor_head_and_temperature(real_music_24k):
     wave, sr = real_music_24k
     video_enc, audio_enc = tiny_encoders()  # fresh modules: requires_grad is still True

@@ -95,6 +95,18 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pairs_csv,
     assert all(torch.isfinite(v).all() for v in load_checkpoint(ckpt)["model"].values())
 
 
+def test_crop_batch_cuts_music_frames_and_tokens_to_the_same_span():
+    """The crop that gives every process the global batch's shortest length: music samples,
+    decoded frames and cached tokens (two frames per token step, rounded up) stay in step."""
+    batch = {"music": torch.randn(2, 16000 * 3), "frames": torch.randn(2, 30, 3, 8, 8), "num_frames": 30,
+             "tokens": torch.randn(2, 15, 2, 2, 4), "music_lengths": torch.tensor([48000, 40000]), "start": [0, 1]}
+    out = recipe.crop_batch(batch, 25, SR, 10.0, frames_per_token=2)
+    assert out["music"].shape == (2, 40000) and out["frames"].shape[1] == 25 and out["tokens"].shape[1] == 13
+    assert out["num_frames"] == 25 and out["music_lengths"].tolist() == [40000, 40000] and out["start"] == [0, 1]
+    torch.testing.assert_close(out["music"], batch["music"][:, :40000])
+    assert batch["music"].shape == (2, 48000)  # the input batch is left as it was
+
+
 @pytest.mark.slow
 def test_two_process_cpu_launch(pairs_csv, tmp_path):
     """``accelerate launch`` with 2 CPU processes (DDP over gloo): each rank gets its own half of a
@@ -109,7 +121,7 @@ def test_two_process_cpu_launch(pairs_csv, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "batch 2 x 2 process(es)" in done.stderr
+    assert "batch 2 x 2 process(es)" in done.stderr and "in-batch negatives from every process" in done.stderr
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     assert (tmp_path / "final" / "contrastive.safetensors").is_file()

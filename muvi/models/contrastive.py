@@ -105,29 +105,41 @@ class ContrastiveModel(nn.Module):
         v, a = F.normalize(video, dim=-1), F.normalize(audio, dim=-1)
         return torch.einsum("btd,mtd->bm", v, a) / video.shape[1]
 
-    def loss(self, video: torch.Tensor, audio: torch.Tensor,
-             negatives: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    def loss(self, video: torch.Tensor, audio: torch.Tensor, negatives: Optional[torch.Tensor] = None,
+             gather: bool = False) -> tuple[torch.Tensor, dict]:
         """CLIP loss over a batch of pairs, with ``negatives`` (B, K, T, D) per video.
 
-        Video → music: each video's candidates are all B music clips plus its own K constructed
-        negatives. Music → video: the B videos. Returns the loss and a few diagnostics.
+        Video → music: each video's candidates are all the batch's music clips plus its own K
+        constructed negatives. Music → video: all the batch's videos. With ``gather`` in a
+        distributed run the batch is the GLOBAL one: every process gathers the others' video and
+        music embeddings (gradients flow back to their owners) and scores its own rows against
+        all of them, so that, after DDP averages the gradients, training sees the loss of the
+        whole global batch (the paper's batch of 160 spread over processes). Every process must
+        then hold the same B and T. Returns the loss and a few diagnostics.
         """
         b = video.shape[0]
         # Similarities and softmax in fp32 even under bf16 autocast: the logits are scaled by up to 100.
         video, audio = video.float(), audio.float()
         negatives = negatives.float() if negatives is not None else None
         scale = self.logit_scale.exp().clamp(max=100.0)
-        sims = self.similarity_matrix(video, audio)                         # (B, B)
+        all_video, all_audio, offset = video, audio, 0
+        if gather and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            all_video, all_audio = gather_with_grad(video), gather_with_grad(audio)
+            offset = torch.distributed.get_rank() * b
+        sims = self.similarity_matrix(video, all_audio)                     # (B, world · B)
+        sims_a = self.similarity_matrix(audio, all_video)                   # music → every video
         logits_v = sims
         if negatives is not None and negatives.shape[1]:
             neg = self.similarity(video[:, None], negatives)                  # (B, K)
             logits_v = torch.cat([sims, neg], dim=1)
-        target = torch.arange(b, device=video.device)
-        loss = 0.5 * (F.cross_entropy(scale * logits_v, target) + F.cross_entropy(scale * sims.T, target))
-        stats = {"pos_sim": sims.diagonal().mean().detach(), "temperature": (1 / scale).detach(),
+        target = torch.arange(offset, offset + b, device=video.device)
+        loss = 0.5 * (F.cross_entropy(scale * logits_v, target) + F.cross_entropy(scale * sims_a, target))
+        positives = sims[:, offset:offset + b].diagonal()
+        stats = {"pos_sim": positives.mean().detach(), "temperature": (1 / scale).detach(),
                  "v2m_accuracy": (logits_v.argmax(1) == target).float().mean().detach()}
-        if b > 1:
-            stats["batch_neg_sim"] = ((sims.sum() - sims.diagonal().sum()) / (b * b - b)).detach()
+        if sims.shape[1] > 1:
+            stats["batch_neg_sim"] = ((sims.sum() - positives.sum()) / (sims.numel() - b)).detach()
         if negatives is not None and negatives.shape[1]:
             stats["neg_sim"] = neg.mean().detach()
             stats["neg_sims"] = neg.detach()  # (B, K): lets the caller split by negative kind
@@ -135,19 +147,45 @@ class ContrastiveModel(nn.Module):
 
     def forward(self, video_tokens: torch.Tensor, music_features: torch.Tensor,
                 negative_features: Optional[torch.Tensor] = None,
-                cls: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+                cls: Optional[torch.Tensor] = None, gather: bool = False) -> tuple[torch.Tensor, dict]:
         """The training step's loss from frozen features, in one call (so DDP sees a forward).
 
         ``video_tokens`` (B, N', h, w, E'); ``music_features`` (B, T, E) and
-        ``negative_features`` (B, K, T, E) at the frame rate, T frames each.
+        ``negative_features`` (B, K, T, E) at the frame rate, T frames each. ``gather``: see
+        :meth:`loss`.
         """
         b, t = music_features.shape[:2]
         video = self.video_embedding(video_tokens, t, cls)
         if negative_features is None or not negative_features.shape[1]:
-            return self.loss(video, self.audio_embedding(music_features, t))
+            return self.loss(video, self.audio_embedding(music_features, t), gather=gather)
         k = negative_features.shape[1]
         audio = self.audio_embedding(torch.cat([music_features, negative_features.flatten(0, 1)]), t)
-        return self.loss(video, audio[:b], audio[b:].unflatten(0, (b, k)))
+        return self.loss(video, audio[:b], audio[b:].unflatten(0, (b, k)), gather=gather)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward hands each process the gradient of its own slice
+    summed over every process's loss (an all-reduce, which every backend has, then a slice)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        dist = torch.distributed
+        ctx.rank, ctx.size = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every process's ``x`` concatenated along dim 0 in rank order (same shape on every process),
+    differentiable: see :class:`_GatherWithGrad`."""
+    return _GatherWithGrad.apply(x)
 
 
 # ----------------------------------------------------------------------------- frozen encoders
