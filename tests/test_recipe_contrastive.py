@@ -114,6 +114,12 @@ def test_two_process_cpu_launch(pairs_csv, tmp_path):
     import os
     import subprocess
 
+    from muvi.data.negatives import beat_cycle_frames
+
+    # Compile librosa's numba kernels into this session's cache first: two ranks compiling into
+    # one cache folder at once can crash one of them (seen once here as a gloo "connection reset").
+    music, sr = sf.read(pairs_csv.parent / "music0.wav", dtype="float32")
+    beat_cycle_frames(torch.from_numpy(music[: 6 * sr]), sr, 10.0)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(ROOT / "recipes" / "train_contrastive.py"), "--config", str(CONFIG), "--run-dir", str(tmp_path),
