@@ -19,7 +19,7 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "checkpoints" / "muvi-demo"
 
 
-def generate(video, cfg_scale: float = 4.0, num_steps: int = 25, seed: Optional[int] = None,
+def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed: Optional[int] = None,
              prompt_audio=None, duration: Optional[float] = None, model=None, *,
              fps: Optional[float] = None, prompt_sample_rate: Optional[int] = None,
              device: Optional[str] = None, method: str = "euler", progress: bool = True):
@@ -29,6 +29,7 @@ def generate(video, cfg_scale: float = 4.0, num_steps: int = 25, seed: Optional[
         video: a video file path (decoded at 10 FPS), or a frames tensor (F, 3, H, W) or
             (F, H, W, 3), uint8 or float in [0, 1], with its frame rate in ``fps``.
         cfg_scale: classifier-free guidance scale ``s`` in ``null + s·(cond − null)``; 1 = off.
+            Default: the release's ``default_cfg_scale`` (the paper's 4 for the bundled model).
         num_steps: Euler steps from noise (t = 0) to music (t = 1).
         seed: makes the output repeatable.
         prompt_audio: optional music (path, or waveform at ``prompt_sample_rate``, default

@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("video", nargs="?", type=Path, help="input video (default: the bundled sample clip)")
     gen.add_argument("-o", "--output", type=Path, help="OUT.mp4 (video with music) or OUT.wav/.flac "
                      "(default: <video name>_muvi.mp4 in the current folder)")
-    gen.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    gen.add_argument("--cfg-scale", type=float, default=None,
+                     help="classifier-free guidance scale (default: the model's, 4 for the bundled demo)")
     gen.add_argument("--steps", type=int, default=25, help="Euler steps (default 25)")
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--duration", type=float, default=None, help="seconds from the start (default: all)")

@@ -52,6 +52,19 @@ def test_same_seed_same_waveform_and_different_seed_differs(pipe):
     assert not torch.equal(a.waveform, c.waveform)
 
 
+def test_guidance_scale_defaults_to_the_release_setting(pipe):
+    old = pipe.config.default_cfg_scale
+    try:
+        pipe.config.default_cfg_scale = 2.0
+        auto = run(pipe, sample_clip(), duration=1.0, seed=5)
+    finally:
+        pipe.config.default_cfg_scale = old
+    two = run(pipe, sample_clip(), duration=1.0, seed=5, cfg_scale=2.0)
+    four = run(pipe, sample_clip(), duration=1.0, seed=5, cfg_scale=4.0)
+    assert auto.cfg_scale == 2.0 and torch.equal(auto.waveform, two.waveform)
+    assert not torch.equal(auto.waveform, four.waveform)
+
+
 def test_tensor_input_matches_file_input(pipe):
     frames = read_frames(sample_clip(), fps=25)                       # the clip's own rate
     from_tensor = run(pipe, frames, fps=25, duration=2.0, seed=1)
