@@ -122,13 +122,14 @@ class ContrastiveModel(nn.Module):
         video, audio = video.float(), audio.float()
         negatives = negatives.float() if negatives is not None else None
         scale = self.logit_scale.exp().clamp(max=100.0)
-        all_video, all_audio, offset = video, audio, 0
-        if gather and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            all_video, all_audio = gather_with_grad(video), gather_with_grad(audio)
-            offset = torch.distributed.get_rank() * b
-        sims = self.similarity_matrix(video, all_audio)                     # (B, world · B)
-        sims_a = self.similarity_matrix(audio, all_video)                   # music → every video
+        dist = torch.distributed
+        if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            offset = dist.get_rank() * b                                     # this process's rows
+            sims = self.similarity_matrix(video, gather_with_grad(audio))   # (B, world · B)
+            sims_a = self.similarity_matrix(audio, gather_with_grad(video))  # music → every video
+        else:
+            offset, sims = 0, self.similarity_matrix(video, audio)          # (B, B)
+            sims_a = sims.T
         logits_v = sims
         if negatives is not None and negatives.shape[1]:
             neg = self.similarity(video[:, None], negatives)                  # (B, K)
