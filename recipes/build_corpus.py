@@ -350,8 +350,8 @@ def build_corpus(cfg: C.CorpusConfig, out: Path, *, progress: bool = True, force
         _write_json((out / ("music" if split == "music" else "pairs" if split == "pairs" else "heldout")
                      / Path(record["audio"]).with_suffix(".json").name), record)
         items[role].append({"file": record.get("video", record["audio"]), "piece": clip.info["piece"],
-                             "bpm": clip.info["bpm"], "cuts": len(record.get("cuts", [])),
-                             "accents": len(record.get("accents", []))})
+                            "bpm": clip.info["bpm"], "cuts": len(record.get("cuts", [])),
+                            "accents": len(record.get("accents", []))})
     for split, folder in (("pairs", "pairs"), ("validation", "pairs"), ("heldout", "heldout")):
         if split == "validation" and not cfg.num_validation:
             continue
@@ -398,7 +398,8 @@ def make_config(args: argparse.Namespace) -> C.CorpusConfig:
     if args.config is not None:
         data.update(json.loads(args.config.read_text(encoding="utf-8")))
     flags = {"seed": args.seed, "num_music": args.num_music, "num_pairs": args.num_pairs,
-             "num_heldout": args.num_heldout, "num_validation": args.num_validation, "pair_seconds": args.seconds, "music_seconds": args.music_seconds,
+             "num_heldout": args.num_heldout, "num_validation": args.num_validation,
+             "pair_seconds": args.seconds, "music_seconds": args.music_seconds,
              "allow_unknown_licence": True if args.allow_unknown_licence else None}
     data.update({k: v for k, v in flags.items() if v is not None})
     for item in args.set:
