@@ -180,22 +180,14 @@ def collate_cropped(items: list[dict], sample_rate: int, fps: float, track_beats
     """Stack a batch cropped to its shortest clip, with each clip's beat cycle in frames
     (0 where none can be trusted). Runs in the loader workers: beat tracking is the slow part.
     Items carry decoded ``frames`` (F, 3, H, W), or cached ``tokens`` with a frame count."""
-    cached = "tokens" in items[0]
-    frames = min(it["frames"] if cached else it["frames"].shape[0] for it in items)
-    samples = int(round(frames * sample_rate / fps))
-    for it in items:
-        it["music"] = it["music"][:samples]
-        if cached:
-            it["tokens"], it["frames"] = it["tokens"][:-(-frames // frames_per_token)], frames
-        else:
-            it["frames"] = it["frames"][:frames]
-    if cached:
-        batch = {"tokens": torch.stack([it["tokens"] for it in items]),
-                 "music": torch.stack([it["music"] for it in items]), "num_frames": frames,
+    frames = min(it["frames"] if "tokens" in it else it["frames"].shape[0] for it in items)
+    if "tokens" in items[0]:
+        pad = functools.partial(torch.nn.utils.rnn.pad_sequence, batch_first=True)
+        batch = {"tokens": pad([it["tokens"] for it in items]), "music": pad([it["music"] for it in items]),
                  "video_path": [it["video_path"] for it in items], "start": [it["start"] for it in items]}
     else:
         batch = collate_segments(items)
-        batch["num_frames"] = frames
+    batch = crop_batch(batch, frames, sample_rate, fps, frames_per_token)
     cycles = [beat_cycle_frames(m, sample_rate, fps) if track_beats else None for m in batch["music"]]
     batch["beat_cycle"] = [c or 0.0 for c in cycles]
     return batch
