@@ -11,7 +11,9 @@ from typing import Optional
 
 __version__ = "0.1.0"
 
-__all__ = ["generate", "MuviPipeline", "GenerationOutput", "default_model_dir", "__version__"]
+__all__ = ["generate", "MuviPipeline", "GenerationOutput", "MuviError", "default_model_dir", "__version__"]
+
+from muvi.errors import MuviError  # noqa: E402 (no heavy imports)
 
 
 def default_model_dir() -> Path:
@@ -37,28 +39,47 @@ def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed
             generation and is not part of the output.
         duration: seconds of music from the start of the video (default: the whole video).
         model: a release folder, a loaded :class:`MuviPipeline`, or None for the bundled model.
-        device: "cpu", "cuda", … (default: CUDA when available).
+        device: "cpu", "cuda", "cuda:1", … (default: CUDA when available); with a loaded
+            ``model`` its own device is used.
         method: "euler" (the paper's) or any torchdiffeq method name.
 
     Returns:
         :class:`GenerationOutput` with ``waveform``, ``sample_rate`` and ``save(path)``.
+
+    Raises:
+        muvi.errors.InputError: a bad argument or input file, before any model is loaded; the
+            one-line message names it.
+        muvi.errors.GenerationError: the model produced non-finite audio.
     """
-    import torch
+    from muvi.inputs import ModelLimits, check_request
 
-    from muvi.pipeline import MuviPipeline
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(model, MuviPipeline):
-        pipe = model
-    else:
+    pipe = _loaded_pipeline(model)
+    folder = None
+    if pipe is None:
         folder = default_model_dir() if model is None else Path(model)
         if model is None and not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"no bundled model at {folder}; pass model=<release folder>")
-        pipe = MuviPipeline.from_pretrained(folder, device=device)
-    return pipe.generate(video, fps=fps, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
-                         prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
-                         duration=duration, method=method, progress=progress)
+            from muvi.errors import MissingFileError
+
+            raise MissingFileError(f"no bundled model at {folder}; pass model=<release folder>")
+    limits = pipe.limits if pipe is not None else ModelLimits.from_release(folder)
+    # Every argument and input file is checked before the model is loaded.
+    request = check_request(video, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
+                            prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
+                            duration=duration, fps=fps, device=device if pipe is None else str(pipe.device),
+                            method=method, limits=limits)
+    if pipe is None:
+        from muvi.pipeline import MuviPipeline
+
+        pipe = MuviPipeline.from_pretrained(folder, device=request.device)
+    return pipe.run(request, progress=progress)
+
+
+def _loaded_pipeline(model):
+    """``model`` when it is a loaded MuviPipeline (without importing torch otherwise)."""
+    import sys
+
+    pipeline = sys.modules.get("muvi.pipeline")
+    return model if pipeline is not None and isinstance(model, pipeline.MuviPipeline) else None
 
 
 def __getattr__(name: str):

@@ -1,20 +1,34 @@
-"""Reading weight files and loading them strictly, with errors that say what is wrong."""
+"""Reading and writing weight files, and loading them strictly, with errors that say what is wrong.
+
+muvi's own safetensors files carry the config their weights were trained with in their
+metadata (``muvi.config``, JSON). :func:`load_weights` compares it with the config the module
+was built from (a release's ``config.json``, a recipe's ``<name>.json``), so an edited config
+whose change the shapes do not reveal (``num_heads``, ``rope_base``, ``norm_eps``) is refused
+instead of silently making different music. Files without that metadata (published
+checkpoints, older releases) load as before.
+"""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
 
+from muvi.errors import MissingFileError, MuviError
+
 logger = logging.getLogger(__name__)
+
+#: the safetensors metadata key holding a component's config as JSON
+CONFIG_METADATA_KEY = "muvi.config"
 
 #: Keys under which training scripts commonly nest the state dict.
 _WRAPPER_KEYS = ("model", "module", "state_dict", "generator", "model_state")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MuviError, ValueError):
     """A checkpoint that does not fit the model it is loaded into."""
 
 
@@ -26,7 +40,7 @@ def read_state_dict(path: str | Path, *, wrapper_keys: Iterable[str] = _WRAPPER_
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -63,8 +77,71 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, source:
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                              ("shape mismatches", shapes)):
             if items:
-                shown = ", ".join(items[:20]) + (f", … ({len(items) - 20} more)" if len(items) > 20 else "")
-                lines.append(f"  {title} ({len(items)}): {shown}")
+                lines.append(f"  {title} ({len(items)}): {', '.join(items)}")
         raise CheckpointError("\n".join(lines))
     module.load_state_dict(state, strict=True)
     logger.debug("loaded %d tensors from %s into %s", len(state), source, type(module).__name__)
+
+
+def save_weights(module: nn.Module, path: str | Path, config: Optional[Mapping[str, Any]] = None) -> Path:
+    """``module``'s state as safetensors at ``path``, with ``config`` (default: the module's
+    own ``config.to_dict()``, when it has one) in the metadata for :func:`load_weights`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if config is None and hasattr(getattr(module, "config", None), "to_dict"):
+        config = module.config.to_dict()
+    metadata = {"format": "pt"}
+    if config is not None:
+        metadata[CONFIG_METADATA_KEY] = json.dumps(config, sort_keys=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path),
+              metadata=metadata)
+    return path
+
+
+def stored_config(path: str | Path) -> Optional[dict[str, Any]]:
+    """The config in a safetensors file's metadata, or None (no metadata, or not safetensors)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: its {CONFIG_METADATA_KEY} metadata is not JSON ({err})") from None
+
+
+def check_config(path: str | Path, config: Mapping[str, Any], *, source: str = "the config") -> None:
+    """Raise :class:`CheckpointError` when ``config`` differs from the one stored in ``path``.
+
+    Fields the stored config lacks (added to the class later, at their defaults) are not
+    compared; every other difference is listed."""
+    stored = stored_config(path)
+    if stored is None:
+        return
+    ours = json.loads(json.dumps(dict(config)))  # tuples → lists, as stored
+    missing = object()
+    diffs = [f"{key} = {ours.get(key, '(absent)')!r} but the weights were saved with {stored[key]!r}"
+             for key in sorted(stored) if ours.get(key, missing) != stored[key]]
+    if diffs:
+        raise CheckpointError(f"{path}: {source} does not match the config these weights were saved with: "
+                              + "; ".join(diffs) + " (undo the edit, or retrain)")
+
+
+def load_weights(module: nn.Module, path: str | Path, *, source: str = "the config") -> nn.Module:
+    """Read ``path``, check the module's config against the stored one (:func:`check_config`)
+    and load strictly (:func:`load_strict`). Returns ``module``."""
+    path = Path(path)
+    state = read_state_dict(path)
+    if hasattr(getattr(module, "config", None), "to_dict"):
+        check_config(path, module.config.to_dict(), source=source)
+    load_strict(module, state, source=str(path))
+    return module

@@ -10,10 +10,12 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Type, TypeVar
 
+from muvi.errors import MuviError
+
 C = TypeVar("C", bound="Config")
 
 
-class ConfigError(ValueError):
+class ConfigError(MuviError, ValueError):
     """A config that cannot be built: unknown fields or values of the wrong kind."""
 
 

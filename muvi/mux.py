@@ -1,49 +1,164 @@
-"""Putting a generated soundtrack into a copy of the video, leaving the video stream untouched."""
+"""Putting a generated soundtrack into a copy of the video.
+
+The picture is copied packet for packet when the output container can hold its codec (an .mp4
+of H.264 stays bit-identical); otherwise it is transcoded to H.264 (CRF 18, visually lossless
+for most footage) and one log line says so, as for a 12 fps cinepak .mkv from an old game. The
+source's timestamps are kept (start offset, variable frame rate) and so is its display
+rotation; the music starts with the first frame. With ``duration`` the picture is cut there
+too. The source's own audio is left out: the music is the only audio stream.
+
+The file is written under a unique temporary name in the output's folder (``tempfile``, never
+the name of any existing file) and renamed over ``out_path`` only when complete; every error
+path removes it.
+"""
 from __future__ import annotations
 
+import logging
 import os
+from fractions import Fraction
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
+from muvi.errors import InputError, MuxError
+from muvi.media import VIDEO_FORMATS, write_atomically
+
+logger = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = frozenset(VIDEO_FORMATS)
+#: what an unsupported picture is transcoded to, and how
+TRANSCODE_CODEC = "libx264"
+TRANSCODE_OPTIONS = {"crf": "18", "preset": "veryfast"}
+
 
 def mux_audio(video_path: str | Path, waveform: np.ndarray, sample_rate: int, out_path: str | Path,
-              *, audio_codec: str = "aac", bitrate: int = 192_000) -> Path:
-    """Write ``out_path``: the video stream of ``video_path`` copied packet for packet (no
-    re-encoding) plus ``waveform`` (mono float in [-1, 1]) as the only audio stream.
+              *, duration: Optional[float] = None, bitrate: int = 192_000) -> Path:
+    """Write ``out_path``: the picture of ``video_path`` (copied, or transcoded when the
+    container cannot hold its codec) with ``waveform`` (mono float in [-1, 1]) as its audio.
 
-    The file is written under a temporary name and renamed, so a failure leaves nothing
-    half-written, and ``out_path`` must differ from the input.
+    ``duration`` (seconds from the first frame) cuts the picture there; by default it runs to
+    the end. Raises :class:`~muvi.errors.MuxError` naming the file when writing fails.
     """
+    video_path, out_path = Path(video_path), Path(out_path)
+    suffix = out_path.suffix.lower()
+    if suffix not in VIDEO_FORMATS:
+        raise InputError(f"{out_path}: cannot write a video with suffix {out_path.suffix!r}; "
+                         f"use one of {', '.join(sorted(VIDEO_FORMATS))}")
+    if out_path.exists() and os.path.samefile(out_path, video_path):
+        raise InputError(f"{out_path}: refusing to overwrite the input video")
+    samples = np.asarray(waveform, dtype=np.float32).reshape(-1)
+    if not np.isfinite(samples).all():
+        raise InputError(f"{out_path}: the audio to write holds NaN or infinite samples")
+    try:
+        write_atomically(out_path, lambda tmp: _mux(video_path, samples, sample_rate, tmp,
+                                                     duration=duration, bitrate=bitrate))
+    except MuxError:
+        raise
+    except Exception as err:  # FFmpeg errors on a file PyAV opened fine while probing
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MuxError(f"{out_path}: could not write the video ({text})") from None
+    return out_path
+
+
+def _mux(video_path: Path, samples: np.ndarray, sample_rate: int, tmp: Path, *,
+         duration: Optional[float], bitrate: int) -> None:
     import av
 
-    video_path, out_path = Path(video_path), Path(out_path)
-    if out_path.resolve() == video_path.resolve():
-        raise ValueError(f"{out_path}: refusing to overwrite the input video")
-    tmp = out_path.with_name(f".{out_path.stem}.tmp{out_path.suffix}")
-    try:
-        with av.open(str(video_path)) as src, av.open(str(tmp), "w") as dst:
-            if not src.streams.video:
-                raise ValueError(f"{video_path}: no video stream to copy")
-            v_in = src.streams.video[0]
+    with av.open(str(video_path)) as src:
+        if not src.streams.video:
+            raise InputError(f"{video_path}: no video stream to copy")
+        v_in = src.streams.video[0]
+        codec = v_in.codec_context.name
+        with av.open(str(tmp), "w", format=_format_for(tmp)) as probe:
+            copy = codec in probe.supported_codecs
+    if copy:
+        try:
+            _write(video_path, samples, sample_rate, tmp, duration=duration, bitrate=bitrate, copy=True)
+            return
+        except av.error.FFmpegError as err:  # the container claimed the codec but refused it
+            logger.info("%s: copying the %s picture failed (%s); transcoding", video_path, codec, err)
+    logger.warning("%s: the %s container cannot hold %s video; transcoding it to H.264 (CRF %s)",
+                   video_path, tmp.suffix.replace(".part", "").lstrip("."), codec, TRANSCODE_OPTIONS["crf"])
+    _write(video_path, samples, sample_rate, tmp, duration=duration, bitrate=bitrate, copy=False)
+
+
+def _format_for(tmp: Path) -> str:
+    return VIDEO_FORMATS[tmp.suffix.lower()][0]
+
+
+def _write(video_path: Path, samples: np.ndarray, sample_rate: int, tmp: Path, *,
+           duration: Optional[float], bitrate: int, copy: bool) -> None:
+    import av
+
+    with av.open(str(video_path)) as src, av.open(str(tmp), "w", format=_format_for(tmp)) as dst:
+        v_in = src.streams.video[0]
+        base = v_in.time_base
+        first = _first_pts(video_path)
+        end = None if duration is None else first + round(duration / base)
+        if copy:
             v_out = dst.add_stream_from_template(v_in)
-            a_out = dst.add_stream(audio_codec, rate=sample_rate)
-            a_out.layout = "mono"
-            a_out.bit_rate = bitrate
+        else:
+            rate = v_in.average_rate or v_in.guessed_rate or Fraction(25)
+            v_out = dst.add_stream(TRANSCODE_CODEC, rate=rate, options=dict(TRANSCODE_OPTIONS))
+            v_out.width = v_in.codec_context.width - v_in.codec_context.width % 2
+            v_out.height = v_in.codec_context.height - v_in.codec_context.height % 2
+            v_out.pix_fmt = "yuv420p"
+            v_out.time_base = base
+            v_out.codec_context.time_base = base
+        rotation = _rotation(video_path)
+        if rotation:
+            v_out.set_display_rotation(rotation)
+        a_out = dst.add_stream(VIDEO_FORMATS[tmp.suffix.lower()][1], rate=sample_rate, layout="mono")
+        a_out.bit_rate = bitrate
+        a_out.time_base = Fraction(1, sample_rate)
+
+        if copy:
             for packet in src.demux(v_in):
-                if packet.dts is None:  # the demuxer's flush packet
+                if not packet.size:  # the demuxer's flush packet
+                    continue
+                if end is not None and packet.pts is not None and packet.pts >= end:
                     continue
                 packet.stream = v_out
                 dst.mux(packet)
-            samples = np.clip(np.asarray(waveform, dtype=np.float32), -1, 1)[None]  # (1, N) planar
-            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
-            frame.sample_rate = sample_rate
-            frame.pts = 0
-            for packet in a_out.encode(frame):
+        else:
+            v_in.thread_type = "AUTO"
+            for frame in src.decode(v_in):
+                if end is not None and frame.pts is not None and frame.pts >= end:
+                    break
+                out = frame.reformat(width=v_out.width, height=v_out.height, format="yuv420p")
+                out.pts, out.time_base = frame.pts, base
+                for packet in v_out.encode(out):
+                    dst.mux(packet)
+            for packet in v_out.encode(None):
                 dst.mux(packet)
-            for packet in a_out.encode(None):
-                dst.mux(packet)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+
+        # The music starts with the first frame, in the file's own clock.
+        frame = av.AudioFrame.from_ndarray(np.clip(samples, -1, 1)[None], format="fltp", layout="mono")
+        frame.sample_rate = sample_rate
+        frame.pts = round(float(first * base) * sample_rate)
+        frame.time_base = Fraction(1, sample_rate)
+        for packet in a_out.encode(frame):
+            dst.mux(packet)
+        for packet in a_out.encode(None):
+            dst.mux(packet)
+
+
+def _first_pts(video_path: Path) -> int:
+    """The smallest presentation timestamp of the video stream (its time base)."""
+    import av
+
+    with av.open(str(video_path)) as src:
+        v_in = src.streams.video[0]
+        stamps = [p.pts for p in src.demux(v_in) if p.size and p.pts is not None]
+    return min(stamps) if stamps else 0
+
+
+def _rotation(video_path: Path) -> int:
+    """The display rotation of the first frame (degrees counter-clockwise; 0 when none)."""
+    import av
+
+    with av.open(str(video_path)) as src:
+        for frame in src.decode(src.streams.video[0]):
+            return int(round(frame.rotation or 0))
+    return 0

@@ -8,8 +8,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-AUDIO_SUFFIXES = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
-
+from muvi.errors import GenerationError, OutputError, OutputExistsError
+from muvi.media import AUDIO_FORMATS as AUDIO_SUFFIXES, write_atomically
 
 @dataclasses.dataclass
 class GenerationOutput:
@@ -40,9 +40,13 @@ class GenerationOutput:
             raise ValueError(f"{path}: unsupported audio suffix {path.suffix!r}; "
                              f"use one of {sorted(AUDIO_SUFFIXES)} (or `muvi generate` for video)")
         if self.source and path.resolve() == Path(self.source).resolve():
-            raise ValueError(f"{path}: refusing to overwrite the input video")
+            raise OutputError(f"{path}: refusing to overwrite the input video")
         if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+            raise OutputExistsError(f"{path} exists; pass overwrite=True to replace it")
+        data = self.numpy()
+        if not np.isfinite(data).all():
+            raise GenerationError(f"{path}: the waveform holds NaN or infinite samples; nothing written")
         path.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(str(path), np.clip(self.numpy(), -1.0, 1.0), self.sample_rate, format=fmt)
+        write_atomically(path, lambda tmp: sf.write(str(tmp), np.clip(data, -1.0, 1.0), self.sample_rate,
+                                                    format=fmt))
         return path

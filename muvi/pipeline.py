@@ -15,14 +15,15 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import nn
 
 from muvi import flow
-from muvi.checkpoint import load_strict, read_state_dict
+from muvi.checkpoint import load_weights, save_weights
 from muvi.config import Config, ConfigError
+from muvi.errors import GenerationError, InputError
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
 from muvi.models.frame_encoder import FrameEncoder, FrameEncoderConfig, load_frame_encoder
@@ -32,6 +33,9 @@ from muvi.models.vae import MelVAE, VAEConfig
 from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
 from muvi.output import GenerationOutput
 from muvi import video as video_io
+
+if TYPE_CHECKING:
+    from muvi.inputs import ModelLimits, Request
 
 logger = logging.getLogger(__name__)
 
@@ -157,16 +161,13 @@ class MuviPipeline(nn.Module):
 
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
         """Write ``config.json`` and ``<component>.safetensors`` files into ``directory``."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {"format_version": FORMAT_VERSION, "pipeline": self.config.to_dict(),
                   "mel": self.mel.config.to_dict()}
         for name, module in self._components().items():
             config[name] = module.config.to_dict()
-            state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            save_file(state, str(directory / f"{name}.safetensors"))
+            save_weights(module, directory / f"{name}.safetensors")
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return directory
 
@@ -194,8 +195,7 @@ class MuviPipeline(nn.Module):
         for name, (cfg_cls, mod_cls) in kinds.items():
             cfg = cfg_cls.from_dict(raw[name], source=f"{path} [{name}]")
             module = mod_cls(cfg)
-            weights = directory / f"{name}.safetensors"
-            load_strict(module, read_state_dict(weights), source=str(weights))
+            load_weights(module, directory / f"{name}.safetensors", source=f"config.json [{name}]")
             modules[name] = module
         mel = MelSpectrogram(MelConfig.from_dict(raw["mel"], source=f"{path} [mel]"))
         return cls(config, mel=mel, **modules).to(device)
@@ -229,37 +229,63 @@ class MuviPipeline(nn.Module):
         mel = self.vae.decode(self.vae.denormalize(latent.transpose(1, 2)))
         return self.vocoder(mel)
 
-    @torch.no_grad()
+    @property
+    def limits(self) -> "ModelLimits":
+        """What input checks need to know of this pipeline (:class:`muvi.inputs.ModelLimits`)."""
+        from muvi.inputs import ModelLimits
+
+        return ModelLimits(sample_rate=self.mel.config.sample_rate, max_duration=self.config.max_duration,
+                           video_fps=self.config.video_fps, default_cfg_scale=self.config.default_cfg_scale)
+
     def generate(self, video, *, fps: Optional[float] = None, cfg_scale: Optional[float] = None,
                  num_steps: int = 25, seed: Optional[int] = None, prompt_audio=None,
                  prompt_sample_rate: Optional[int] = None, duration: Optional[float] = None,
                  method: str = "euler", progress: bool = True) -> GenerationOutput:
         """Music for ``video``: see :func:`muvi.generate` for the arguments."""
-        from muvi.inputs import load_prompt, load_video_frames
+        from muvi.inputs import check_request
 
+        request = check_request(video, fps=fps, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
+                                prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
+                                duration=duration, method=method, limits=self.limits, check_device=False)
+        return self.run(request, progress=progress)
+
+    @torch.no_grad()
+    def run(self, request: "Request", *, progress: bool = True) -> GenerationOutput:
+        """Music for a request checked by :func:`muvi.inputs.check_request` against this pipeline.
+
+        Raises :class:`~muvi.errors.GenerationError` when the waveform is not finite."""
         cfg = self.config
-        scale = cfg.default_cfg_scale if cfg_scale is None else float(cfg_scale)
-        frames, duration, source = load_video_frames(video, fps=fps, duration=duration,
-                                                     target_fps=cfg.video_fps, max_duration=cfg.max_duration)
+        duration = request.duration
         num_latent = video_io.duration_frames(duration, cfg.latent_rate)
         video_frames = video_io.duration_frames(num_latent / cfg.latent_rate, cfg.video_fps)
+        size = self.video_encoder.config.image_size
+        if request.info is not None:
+            frames = video_io.read_frames(request.video, cfg.video_fps, duration=duration, size=size,
+                                          info=request.info)
+        else:
+            count = video_io.duration_frames(duration, cfg.video_fps)
+            frames = video_io.resample_frames(request.video, request.fps, cfg.video_fps, count)
         if frames.shape[0] < video_frames:  # the last latent frame may reach past the last video frame
             frames = torch.cat([frames, frames[-1:].expand(video_frames - frames.shape[0], -1, -1, -1)])
         cond = self.condition(self.encode_video(frames[:video_frames]), num_latent)
 
         prefix = None
-        if prompt_audio is not None:
-            wave = load_prompt(prompt_audio, prompt_sample_rate, self.mel.config.sample_rate)
-            prefix = self.encode_audio(wave)
+        if request.prompt is not None:
+            prefix = self.encode_audio(request.prompt)
             if prefix.shape[1] > num_latent:
-                raise ValueError(f"the style prompt lasts {wave.shape[-1] / self.mel.config.sample_rate:.2f} s, "
+                raise InputError(f"the style prompt lasts {request.prompt.shape[-1] / self.mel.config.sample_rate:.2f} s, "
                                  f"longer than the output ({duration:.2f} s); give a shorter prompt")
-        latent = self.sample_latent(cond, num_steps=num_steps, cfg_scale=scale, seed=seed,
-                                    prefix=prefix, method=method, progress=progress)
+        latent = self.sample_latent(cond, num_steps=request.num_steps, cfg_scale=request.cfg_scale,
+                                    seed=request.seed, prefix=prefix, method=request.method, progress=progress)
         samples = int(round(duration * self.mel.config.sample_rate))
         waveform = self.decode_latent(latent)[0, :samples].float().cpu()
+        if not torch.isfinite(waveform).all():
+            bad = int((~torch.isfinite(waveform)).sum())
+            raise GenerationError(f"{request.source}: the generated audio has {bad} non-finite samples "
+                                  f"(NaN or inf); nothing was written. Check the model's weights")
         return GenerationOutput(waveform=waveform, sample_rate=self.mel.config.sample_rate,
-                                source=source, cfg_scale=scale, num_steps=num_steps, seed=seed)
+                                source=request.source, cfg_scale=request.cfg_scale,
+                                num_steps=request.num_steps, seed=request.seed)
 
     def sample_latent(self, cond: torch.Tensor, *, num_steps: int = 25, cfg_scale: float = 4.0,
                       seed: Optional[int] = None, prefix: Optional[torch.Tensor] = None,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from muvi.config import Config, ConfigError
+from muvi.errors import MuviError
 
 logger = logging.getLogger(__name__)
 C = TypeVar("C", bound=Config)
@@ -163,7 +164,12 @@ def restore(state: dict[str, Any], **parts: Any) -> None:
             part.load_state_dict(state[key])
 
 
+class ResumeError(MuviError, RuntimeError):
+    """``--resume`` found no checkpoint that loads."""
+
+
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """The folder ``checkpoints/latest`` names, if it holds a ``state.pt`` (not read)."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
@@ -174,6 +180,61 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only)."""
     return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+
+
+def resume(run_dir: str | Path, *, required: bool = True) -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+    """The newest checkpoint of ``run_dir`` that loads, as ``(folder, state)``.
+
+    ``latest`` is tried first, then every ``step_*`` folder from the newest down; one that is
+    missing, truncated or otherwise unreadable is logged with its reason and skipped, so a crash
+    that left a torn newest checkpoint resumes from the one before. With none that loads:
+    :class:`ResumeError` (one line) when there were checkpoints or ``required``; otherwise
+    ``(None, None)`` (a fresh start).
+    """
+    root = Path(run_dir) / "checkpoints"
+    candidates: list[Path] = []
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        if (named / "state.pt").is_file():
+            candidates.append(named)
+        else:
+            logger.warning("--resume: %s names %s, which holds no state.pt; looking for an older checkpoint",
+                           pointer, named.name)
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True) if root.is_dir() else []
+    candidates += [p for p in steps if p not in candidates]
+    failures = []
+    for folder in candidates:
+        try:
+            state = load_checkpoint(folder)
+            if not isinstance(state, dict) or "step" not in state:
+                raise ValueError("no training step recorded")
+        except Exception as err:  # noqa: BLE001 (torn zip, missing file, unpickling): try the previous one
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            failures.append(f"{folder.name} ({reason})")
+            logger.warning("--resume: %s does not load (%s); trying the previous checkpoint", folder, reason)
+            continue
+        if failures:
+            logger.warning("--resume: resuming from %s (step %d): the newer %s did not load", folder.name,
+                           state["step"], ", ".join(failures))
+        return folder, state
+    if failures:
+        raise ResumeError(f"--resume: no checkpoint in {root} loads: {'; '.join(failures)}")
+    if required:
+        raise ResumeError(f"--resume: no checkpoint in {root}; run without --resume to start fresh")
+    return None, None
+
+
+def run_recipe(main) -> None:
+    """``main()`` of a recipe script: a :class:`~muvi.errors.MuviError` (bad config, no
+    checkpoint to resume) is one line on stderr and exit status 2, not a traceback."""
+    import sys
+
+    try:
+        main()
+    except MuviError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def step_generator(seed: int, step: int, rank: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
@@ -236,12 +297,11 @@ def save_component(module: nn.Module, folder: str | Path, name: str) -> Path:
     """A trained part as a release reads it: ``<name>.safetensors`` + its config as ``<name>.json``.
 
     Returns ``folder``."""
-    from safetensors.torch import save_file
+    from muvi.checkpoint import save_weights
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-              str(folder / f"{name}.safetensors"))
+    save_weights(module, folder / f"{name}.safetensors")
     module.config.to_json(folder / f"{name}.json")
     return folder
 

@@ -1,58 +1,113 @@
 """Reading videos into frames at a fixed rate, and preparing them for a video encoder.
 
+Frames are chosen by their presentation timestamps: frame ``k`` at rate ``fps`` is the source
+frame on screen at ``start + k / fps`` (the last one whose timestamp is at or before it), so a
+variable-frame-rate file reads as it plays. A video's length is the span of its timestamps
+(first frame shown to last frame gone), not ``frames / average rate``. Decoding streams one
+frame at a time through FFmpeg (PyAV) and resizes each chosen frame at once, so memory does not
+grow with the source resolution. The display rotation stored in the file is applied.
+
 Shapes: F frames, H×W pixels.
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Optional
+import os
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from muvi.media import VideoError, VideoInfo, one_line, probe_video  # noqa: F401 (re-exported)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-class VideoError(ValueError):
-    """A video that cannot be used, with the file named in the message."""
-
-
-def video_info(path: str | Path) -> tuple[float, int]:
-    """(frame rate, number of frames) of a video file, with clear errors."""
-    reader = _open(path)
-    return float(reader.get_avg_fps()), len(reader)
+#: a target time within this of a frame's timestamp counts as that frame's (rounding of time bases)
+_EPS = 1e-6
 
 
-def read_frames(path: str | Path, fps: float = 10.0, *, start: float = 0.0,
-                duration: Optional[float] = None, size: Optional[int] = None) -> torch.Tensor:
-    """Decode ``path`` at ``fps`` frames per second from ``start`` for ``duration`` seconds.
+def iter_frames(path: str | os.PathLike, fps: float = 10.0, *, start: float = 0.0,
+                duration: Optional[float] = None, size: Optional[int] = None,
+                info: Optional[VideoInfo] = None) -> Iterator[torch.Tensor]:
+    """Frames of ``path`` at ``fps`` from ``start`` for ``duration`` seconds, one at a time:
+    uint8 (3, H, W), or (3, size, size) resized (short side) and centre-cropped with ``size``.
 
-    Frame ``k`` is the source frame shown at time ``start + k / fps`` (the frame whose display
-    interval contains it). ``duration=None`` reads to the end. With ``size`` the frames are
-    resized (short side) and centre-cropped to ``size``×``size``. Returns uint8 (F, 3, H, W).
+    ``round(duration · fps)`` frames come out (``duration=None``: to the end of the video).
+    Only the chosen frames are converted to RGB and resized, one by one.
     """
-    reader = _open(path)
-    src_fps, total = float(reader.get_avg_fps()), len(reader)
-    if not src_fps > 0:
-        raise VideoError(f"{path}: the video stream reports no frame rate")
-    length = total / src_fps
+    import av
+
+    info = info or probe_video(path)
     if duration is None:
-        duration = length - start
+        duration = info.duration - start
     count = int(round(duration * fps))
-    if start < 0 or count <= 0 or start >= length:
-        raise VideoError(f"{path}: nothing to read from {start:.2f} s for {duration:.2f} s "
-                         f"(the video lasts {length:.2f} s)")
-    times = start + np.arange(count) / fps
-    index = np.minimum(np.floor(times * src_fps + 1e-6).astype(np.int64), total - 1)
+    if start < 0 or count <= 0 or start >= info.duration:
+        raise VideoError(f"{info.path}: nothing to read from {start:.2f} s for {duration:.2f} s "
+                         f"(the video lasts {info.duration:.2f} s)")
+    targets = start + np.arange(count) / fps
     try:
-        frames = reader.get_batch(index.tolist()).asnumpy()  # (F, H, W, 3) uint8
-    except Exception as err:  # decord raises its own DECORDError types
-        raise VideoError(f"{path}: failed to decode frames ({err})") from None
-    out = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
-    return resize_center_crop(out, size) if size else out
+        with av.open(str(info.path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            decoded = _timed_frames(container, stream, info, start)
+            current, current_rgb, k = None, None, 0
+            for time, frame in decoded:
+                while k < count and targets[k] + _EPS < time:
+                    if current is None:  # the first frame is on screen from t = 0
+                        current = frame
+                    if current_rgb is None:
+                        current_rgb = _to_tensor(current, info, size)
+                    yield current_rgb
+                    k += 1
+                if k == count:
+                    return
+                current, current_rgb = frame, None
+    except VideoError:
+        raise
+    except Exception as err:
+        raise VideoError(f"{info.path}: failed to decode frames ({one_line(err)})") from None
+    if current is None:
+        raise VideoError(f"{info.path}: no frame decoded after {start:.2f} s")
+    last = _to_tensor(current, info, size) if current_rgb is None else current_rgb
+    for _ in range(k, count):  # the last frame stays on screen to the end
+        yield last
+
+
+def read_frames(path: str | os.PathLike, fps: float = 10.0, *, start: float = 0.0,
+                duration: Optional[float] = None, size: Optional[int] = None,
+                info: Optional[VideoInfo] = None) -> torch.Tensor:
+    """All of :func:`iter_frames` stacked: uint8 (F, 3, H, W)."""
+    return torch.stack(list(iter_frames(path, fps, start=start, duration=duration, size=size, info=info)))
+
+
+def _timed_frames(container, stream, info: VideoInfo, start: float):
+    """(seconds since the first frame, frame) in presentation order, from a keyframe at or
+    before ``start`` (from the beginning when the seek lands late)."""
+    base, origin = float(stream.time_base), info.start_time
+    if start > 0:
+        container.seek(int((origin + start) / base), stream=stream, backward=True)
+    previous = None
+    for i, frame in enumerate(container.decode(stream)):
+        if frame.pts is not None:
+            time = frame.pts * base - origin
+        else:  # no timestamp: one average frame interval after the previous frame
+            time = 0.0 if previous is None else previous + 1 / info.frame_rate
+        if i == 0 and start > 0 and time > start + _EPS:  # landed after the start: go back to 0
+            container.seek(0, stream=stream)
+            yield from _timed_frames(container, stream, info, 0.0)
+            return
+        previous = time
+        yield time, frame
+
+
+def _to_tensor(frame, info: VideoInfo, size: Optional[int]) -> torch.Tensor:
+    image = frame.to_ndarray(format="rgb24")  # (H, W, 3)
+    if info.rotation % 360:
+        image = np.rot90(image, k=round(info.rotation / 90) % 4)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    return resize_center_crop(x[None], size)[0] if size else x.contiguous()
 
 
 def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
@@ -76,30 +131,12 @@ def standardize(frames: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> t
 
 
 def resample_frames(frames: torch.Tensor, src_fps: float, fps: float, count: Optional[int] = None) -> torch.Tensor:
-    """Pick frames of a (F, …) tensor at ``fps`` by the same rule as :func:`read_frames`."""
+    """Pick frames of a (F, …) tensor at ``fps``: frame ``k`` is the one on screen at ``k / fps``."""
     total = frames.shape[0]
     if count is None:
         count = int(round(total / src_fps * fps))
     index = np.minimum(np.floor(np.arange(count) / fps * src_fps + 1e-6).astype(np.int64), total - 1)
     return frames[torch.from_numpy(index)]
-
-
-def _open(path: str | Path):
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"video not found: {path}")
-    if path.is_dir():
-        raise VideoError(f"{path}: is a directory, not a video file")
-    import decord
-
-    try:
-        reader = decord.VideoReader(str(path), num_threads=1)
-    except Exception as err:
-        raise VideoError(f"{path}: not a readable video (no decodable video stream: "
-                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-    if len(reader) == 0:
-        raise VideoError(f"{path}: the video stream has zero frames")
-    return reader
 
 
 def duration_frames(duration: float, rate: float) -> int:

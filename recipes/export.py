@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from muvi.checkpoint import load_strict, read_state_dict
+from muvi.checkpoint import load_weights
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
@@ -36,9 +36,7 @@ def load_component(folder: Path, name: str, config_cls, module_cls):
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder}: no {name}.json (is this a recipe's final/ folder?)")
     module = module_cls(config_cls.from_json(config_path))
-    weights = folder / f"{name}.safetensors"
-    load_strict(module, read_state_dict(weights), source=str(weights))
-    return module
+    return load_weights(module, folder / f"{name}.safetensors", source=config_path.name)
 
 
 def export(v2m: Path, vae: Path, vocoder: Path, encoder: str, out: Path,

@@ -60,8 +60,9 @@ from muvi.models.contrastive import (ContrastiveConfig, ContrastiveModel, Simila
 from muvi.models.music_encoder import load_audio_encoder
 from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
 from muvi.pipeline import load_video_encoder
-from muvi.training import (EMA, Throughput, batch_stream, check_finite, checkpoint_state, latest_checkpoint,
-                           load_checkpoint, load_config, lr_factor, make_accelerator, recipe_parser, restore,
+from muvi import training
+from muvi.training import (EMA, Throughput, batch_stream, check_finite, checkpoint_state,
+                           load_config, lr_factor, make_accelerator, recipe_parser, restore,
                            save_checkpoint, set_lr, setup_logging, step_generator)
 
 logger = logging.getLogger("train_contrastive")
@@ -281,11 +282,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         segment_seconds=(cfg.min_seconds, cfg.max_seconds) if cfg.same_length else None, frame_rate=cfg.fps)
 
     step = 0
-    ckpt = latest_checkpoint(run_dir) if args.resume else None
-    if args.resume and ckpt is None:
-        logger.warning("--resume: no checkpoint in %s; starting from scratch", run_dir)
+    ckpt, state = training.resume(run_dir) if args.resume else (None, None)
     if ckpt is not None:
-        state = load_checkpoint(ckpt)
         restore(state, model=model, ema=ema, optimizer=opt, sampler=sampler)
         step = int(state["step"])
         logger.info("resumed from %s at step %d", ckpt, step)
@@ -371,4 +369,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    training.run_recipe(main)

@@ -199,10 +199,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
 
     step = 0
     if args.resume:
-        ckpt = training.latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}/checkpoints")
-        state = training.load_checkpoint(ckpt)
+        ckpt, state = training.resume(run_dir)
         training.restore(state, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, sampler=sampler)
         step = state["step"]
         logger.info("resumed from %s at step %d", ckpt, step)
@@ -262,4 +259,4 @@ def save_final(model: FlowModel, folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    training.run_recipe(main)

@@ -59,7 +59,7 @@ from muvi.models.discriminators import (PatchDiscriminator, PatchDiscriminatorCo
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig, estimate_latent_stats
 from muvi import training
-from muvi.training import (EMA, Throughput, check_finite, latest_checkpoint, load_checkpoint,
+from muvi.training import (EMA, Throughput, check_finite,
                            load_config, lr_factor, make_accelerator, recipe_parser, save_checkpoint,
                            setup_logging, step_generator)
 
@@ -174,9 +174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         pin_memory=device.type == "cuda")
 
     start = 0
-    ckpt = latest_checkpoint(run_dir) if args.resume else None
+    ckpt, state = training.resume(run_dir) if args.resume else (None, None)
     if ckpt is not None:
-        state = load_checkpoint(ckpt)
         start = state["step"]
         training.restore(state, model=vae, ema=ema, sampler=sampler, discriminator=disc)
         logger.info("resuming from %s (step %d)", ckpt, start)
@@ -293,4 +292,4 @@ def export(model: MelVAE, dataset: MusicDataset, cfg: VAETrainConfig, melspec: M
 
 
 if __name__ == "__main__":
-    main()
+    training.run_recipe(main)

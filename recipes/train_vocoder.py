@@ -54,7 +54,7 @@ from muvi.models.discriminators import (HiFiGANDiscriminatorConfig, MultiPeriodD
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi import training
-from muvi.training import (EMA, Throughput, check_finite, latest_checkpoint, load_checkpoint,
+from muvi.training import (EMA, Throughput, check_finite,
                            load_config, lr_factor, make_accelerator, recipe_parser, save_checkpoint,
                            setup_logging, step_generator)
 
@@ -149,9 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         pin_memory=device.type == "cuda")
 
     start = 0
-    ckpt = latest_checkpoint(run_dir) if args.resume else None
+    ckpt, state = training.resume(run_dir) if args.resume else (None, None)
     if ckpt is not None:
-        state = load_checkpoint(ckpt)
         start = state["step"]
         training.restore(state, model=generator, mpd=mpd, msd=msd, ema=ema, sampler=sampler)
         logger.info("resuming from %s (step %d)", ckpt, start)
@@ -244,4 +243,4 @@ def export(shadow: HiFiGANGenerator, mel_cfg: MelConfig, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    training.run_recipe(main)

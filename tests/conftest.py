@@ -148,3 +148,73 @@ def assert_same(a, b, where: str = "state") -> None:
             assert_same(x, y, f"{where}[{i}]")
     else:
         assert a == b, (where, a, b)
+
+
+def make_clip(path: Path, codec: str = "libx264", fps=12, seconds: float = 1.5, size=(96, 64), *,
+              start: float = 0.0, audio: bool = False, rotation: int = 0, pts=None, time_base=None) -> Path:
+    """A small video written with PyAV (FFmpeg's own encoders): frame ``i`` is a colour ramp
+    whose red level is ``(23 · i) mod 256`` with a moving white column, so frames tell apart.
+
+    ``fps`` may be a float (29.97 → 30000/1001); ``start`` offsets the first timestamp;
+    ``pts`` (with ``time_base``) gives every frame's timestamp for variable-rate clips;
+    ``audio`` adds a quiet 440 Hz tone; ``rotation`` stores a display rotation.
+    """
+    from fractions import Fraction
+
+    import av
+
+    w, h = size
+    rate = Fraction(fps).limit_denominator(1001)
+    pix_fmt = {"cinepak": "rgb24", "msvideo1": "rgb555le", "mjpeg": "yuvj420p"}.get(codec, "yuv420p")
+    base = Fraction(1, 1) / rate if pts is None else Fraction(time_base)
+    count = int(round(seconds * float(rate))) if pts is None else len(pts)
+    stamps = [i + round(start * float(rate)) for i in range(count)] if pts is None else list(pts)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if pts is not None:
+            stream.time_base = stream.codec_context.time_base = base
+        if rotation:
+            stream.set_display_rotation(rotation)
+        sound = None
+        if audio:
+            webm = Path(path).suffix in (".webm", ".ogv")
+            sound = out.add_stream("libopus" if webm else "aac", rate=48000 if webm else 44100)
+        for i, stamp in enumerate(stamps):
+            image = np.zeros((h, w, 3), np.uint8)
+            image[..., 0] = (i * 23) % 256
+            image[: h // 2, : w // 2, 1] = 200
+            image[:, (i * 5) % w] = 255
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = stamp, base
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+        if sound is not None:
+            sr = sound.codec_context.sample_rate
+            tone = (0.1 * np.sin(2 * np.pi * 440 * np.arange(int(seconds * sr)) / sr)).astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(tone[None], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = sr, 0
+            for packet in [*sound.encode(frame), *sound.encode(None)]:
+                out.mux(packet)
+    return Path(path)
+
+
+def video_packets(path: Path) -> list[bytes]:
+    """The video stream's packets, as bytes, in file order."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [bytes(p) for p in container.demux(container.streams.video[0]) if p.size]
+
+
+def tiny_release(folder: Path) -> Path:
+    """A tiny random release (output layer not zero, so sampling does work), saved to ``folder``."""
+    import torch
+
+    from muvi.pipeline import MuviPipeline
+
+    pipe = MuviPipeline.from_presets("tiny", seed=0)
+    torch.nn.init.normal_(pipe.dit.out.weight, std=0.5)
+    return pipe.save_pretrained(folder)

@@ -175,7 +175,7 @@ def test_bad_tensors(pipe):
 
 
 def test_bad_durations(pipe):
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="duration=0: must be > 0"):
         run(pipe, sample_clip(), duration=0)
     with pytest.raises(ValueError, match="longer than the video"):
         run(pipe, sample_clip(), duration=60)
@@ -194,6 +194,12 @@ def test_checkpoint_that_does_not_match_its_config(pipe, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["dit"]["depth"] = 3
     (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"dit.safetensors: .*depth = 3 but the weights were saved with 2"):
+        MuviPipeline.from_pretrained(folder)
+    # Weights without the stored config (published files, older releases): every mismatch listed.
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(folder / "dit.safetensors")), str(folder / "dit.safetensors"))
     with pytest.raises(CheckpointError, match=r"dit.safetensors.*\n.*missing keys.*blocks\.2"):
         MuviPipeline.from_pretrained(folder)
     (folder / "vae.safetensors").unlink()

@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
-import torchaudio.functional as AF
+
+from muvi.errors import MissingFileError, MuviError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +29,13 @@ SOUNDFILE_EXTENSIONS = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".op
 AUDIO_EXTENSIONS = SOUNDFILE_EXTENSIONS | frozenset({".m4a", ".aac", ".wma", ".mka", ".ac3"})
 
 
-class MediaReadError(RuntimeError):
+class MediaReadError(MuviError, RuntimeError):
     """A media file exists but cannot be decoded (corrupt, unsupported, or no audio stream)."""
 
 
 def _check_exists(path: Path) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"media file not found: {path}")
+        raise MissingFileError(f"media file not found: {path}")
 
 
 def stream_duration(path: Path, kind: str, error: type[Exception], unreadable: str) -> float:
@@ -141,6 +144,9 @@ def load_audio(path: str | os.PathLike, sample_rate: int, mono: bool = True, off
     Returns float32 ``(N,)`` when ``mono`` (channels averaged), else ``(C, N)``. When the file
     ends early the result is shorter than requested rather than padded, so callers can see it.
     """
+    import torch
+    import torchaudio.functional as AF
+
     path = Path(path)
     _check_exists(path)
     if offset < 0 or (duration is not None and duration < 0):

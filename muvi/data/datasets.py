@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from muvi.data.audio_io import AUDIO_EXTENSIONS, MediaReadError, audio_duration, load_audio, stream_duration
 from muvi.data.sampler import SegmentKey
-from muvi.video import VideoError, resize_center_crop
+from muvi.video import VideoError, read_frames
 
 logger = logging.getLogger(__name__)
 
@@ -94,40 +94,17 @@ def video_duration(path: PathLike) -> float:
     return stream_duration(path, "video", VideoError, "{path}: not a readable video ({err})")
 
 
-def read_video_frames(path: PathLike, start: float, end: float, fps: float = 10.0, size: int = 224,
-                      chunk: int = 32) -> torch.Tensor:
+def read_video_frames(path: PathLike, start: float, end: float, fps: float = 10.0, size: int = 224) -> torch.Tensor:
     """uint8 (F, 3, size, size): frames at ``start + k / fps`` for ``F = round((end-start)*fps)``.
 
-    Frame ``k`` is the source frame shown at that time (the same rule as
-    :func:`muvi.video.read_frames`), resized so the short side is ``size`` (bilinear,
-    antialiased) and centre-cropped, as the inference pipeline does. Frames past the last one
-    repeat it. Decoding goes ``chunk`` frames at a time to bound memory on long HD segments.
+    The same frames as inference reads (:func:`muvi.video.read_frames`: chosen by timestamp,
+    resized so the short side is ``size`` and centre-cropped, one at a time); frames past the
+    last one repeat it.
     """
-    import decord
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
     count = int(round((end - start) * fps))
     if start < 0 or count <= 0:
-        raise ValueError(f"{path}: bad segment [{start}, {end}) s at {fps} fps")
-    try:
-        reader = decord.VideoReader(str(path), num_threads=1)
-        src_fps, total = float(reader.get_avg_fps()), len(reader)
-    except Exception as err:
-        raise VideoError(f"{path}: not a readable video ({str(err).splitlines()[0] if str(err) else err!r})") from None
-    if total == 0 or not src_fps > 0:
-        raise VideoError(f"{path}: the video stream has no frames or no frame rate")
-    times = start + np.arange(count) / fps
-    index = np.minimum(np.floor(times * src_fps + 1e-6).astype(np.int64), total - 1)
-    out = []
-    for i in range(0, count, chunk):
-        try:
-            frames = reader.get_batch(index[i:i + chunk].tolist()).asnumpy()  # (f, H, W, 3)
-        except Exception as err:
-            raise VideoError(f"{path}: failed to decode frames near {times[i]:.2f} s ({err})") from None
-        out.append(resize_center_crop(torch.from_numpy(frames).permute(0, 3, 1, 2), size))
-    return torch.cat(out)
+        raise VideoError(f"{path}: bad segment [{start}, {end}) s at {fps} fps")
+    return read_frames(path, fps, start=start, duration=count / fps, size=size)
 
 
 class KeyedSegmentDataset(Dataset):

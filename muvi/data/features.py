@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from muvi.checkpoint import load_strict, read_state_dict
+from muvi.checkpoint import load_weights
 from muvi.data.datasets import KeyedSegmentDataset, draw_aligned_segment
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ def load_component(directory: str | os.PathLike, name: str, config_cls, module_c
     else:
         raise FileNotFoundError(f"{directory}: no {name}.json (nor a config.json with a {name!r} section)")
     module = module_cls(config)
-    weights = directory / f"{name}.safetensors"
-    load_strict(module, read_state_dict(weights), source=str(weights))
+    load_weights(module, directory / f"{name}.safetensors", source=f"{own.name if own.is_file() else 'config.json'}")
     return module.eval().requires_grad_(False)
 
 
@@ -121,13 +120,13 @@ def encode_video_tokens(path: str | os.PathLike, encoder: nn.Module, *, fps: flo
     whole video: clips never straddle a window start, and a final window shorter than one clip
     is read together with the clip before it so that it gets the same last-clip treatment.
     """
-    from muvi.video import read_frames, video_info
+    from muvi.video import probe_video, read_frames
 
     cfg = encoder.config
     device = next(encoder.parameters()).device
+    info = probe_video(path)
     if num_frames is None:
-        src_fps, total = video_info(path)
-        num_frames = int(round(total / src_fps * fps))
+        num_frames = int(round(info.duration * fps))
     clip = cfg.num_frames
     window = max(1, int(window_seconds * fps) // clip) * clip
     out = []
@@ -137,7 +136,8 @@ def encode_video_tokens(path: str | os.PathLike, encoder: nn.Module, *, fps: flo
             first, drop = start - clip, cfg.steps_per_clip
         else:
             drop = 0
-        frames = read_frames(path, fps, start=first / fps, duration=(stop - first) / fps, size=cfg.image_size)
+        frames = read_frames(path, fps, start=first / fps, duration=(stop - first) / fps, size=cfg.image_size,
+                             info=info)
         x = encoder.normalize(frames.to(device).float() / 255)
         out.append(encoder.encode(x[None], max_batch=max_batch)[0, drop:].float().cpu())
     return torch.cat(out)

@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+from muvi.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
@@ -30,7 +32,7 @@ def load_events(path: Path) -> np.ndarray:
     return times[times > 0]
 
 
-class PairingError(ValueError):
+class PairingError(InputError):
     """Generated, reference and video files that cannot be paired one-to-one by file name."""
 
 
@@ -90,9 +92,33 @@ def pair_files(generated_dir: str | Path, reference_dir: str | Path,
     return [Pair(n, gen[n], ref[n], videos[n] if videos is not None else None) for n in sorted(gen)]
 
 
-def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """Mono float32 waveform (channels averaged) and its sample rate."""
+def check_audio_file(path: str | Path) -> None:
+    """Raise :class:`~muvi.errors.InputError` naming ``path`` unless its header reads as audio
+    with samples in it."""
     import soundfile
 
-    data, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    try:
+        info = soundfile.info(str(path))
+    except Exception as err:  # libsndfile's own error type
+        raise InputError(f"{path}: not readable audio ({_reason(err, path)})") from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise InputError(f"{path}: the audio file holds no samples")
+
+
+def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """Mono float32 waveform (channels averaged) and its sample rate; an unreadable or
+    non-finite file is an :class:`~muvi.errors.InputError` naming it."""
+    import soundfile
+
+    try:
+        data, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:  # libsndfile's own error type
+        raise InputError(f"{path}: not readable audio ({_reason(err, path)})") from None
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: the audio holds NaN or infinite samples")
     return np.ascontiguousarray(data.mean(axis=1)), int(sample_rate)
+
+
+def _reason(err: Exception, path: str | Path) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.replace(f"Error opening {str(path)!r}: ", "").replace(str(path), "").strip(" :") or type(err).__name__

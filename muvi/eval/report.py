@@ -33,7 +33,8 @@ import numpy as np
 
 from muvi.eval import distances as D
 from muvi.eval.beats import BEAT_METRICS, BeatTrackerConfig, beat_counts, beat_metrics, track_beats
-from muvi.eval.pairing import PairingError, load_audio, load_events, pair_files  # noqa: F401 (API)
+from muvi.eval.pairing import (PairingError, check_audio_file, load_audio, load_events,  # noqa: F401 (API)
+                               pair_files)
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +214,9 @@ def evaluate(generated_dir: str | Path, reference_dir: str | Path, videos_dir: s
     from tqdm import tqdm
 
     pairs = pair_files(generated_dir, reference_dir, videos_dir)
+    for pair in pairs:  # every file's header before any heavy work, so a bad one fails at once
+        check_audio_file(pair.generated)
+        check_audio_file(pair.reference)
     n = len(pairs)
     events = None
     if events_dir is not None:
@@ -436,10 +440,12 @@ def _audioldm_metrics(metrics: dict, unavailable: dict, clips: list, gen: list, 
 
 def write_report(report: dict, path: str | Path) -> Path:
     """Write the report as sorted, indented JSON (byte-identical for identical reports)."""
+    from muvi.media import write_atomically
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(report), sort_keys=True, indent=2, ensure_ascii=False) + "\n",
-                    encoding="utf-8")
+    text = json.dumps(_clean(report), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muvi.checkpoint import load_strict, read_state_dict
+from muvi.checkpoint import load_strict, load_weights, read_state_dict, save_weights
 from muvi.config import Config
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor, resample_time
 
@@ -283,20 +283,16 @@ class SimilarityScorer(nn.Module):
         saved beside as ``contrastive_{video,audio}_encoder.{safetensors,json}``, so SIM stays
         reproducible.
         """
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                  str(directory / WEIGHTS_NAME))
+        save_weights(self.model, directory / WEIGHTS_NAME)
         self.model.config.to_json(directory / CONFIG_NAME)
         record = {}
         for side, encoder, source in (("video", self.video_encoder, video_source),
                                       ("audio", self.audio_encoder, audio_source)):
             kind = _encoder_kind(encoder)
             if source is None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
-                          str(directory / f"contrastive_{side}_encoder.safetensors"))
+                save_weights(encoder, directory / f"contrastive_{side}_encoder.safetensors")
                 encoder.config.to_json(directory / f"contrastive_{side}_encoder.json")
             elif Path(source).is_file():
                 source = str(Path(source).resolve())
@@ -318,7 +314,7 @@ class SimilarityScorer(nn.Module):
         if not (directory / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
         model = ContrastiveModel(ContrastiveConfig.from_json(directory / CONFIG_NAME))
-        load_strict(model, read_state_dict(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+        load_weights(model, directory / WEIGHTS_NAME, source=CONFIG_NAME)
         record_path = directory / ENCODERS_NAME
         record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
         encoders = [_resolve_encoder(side, arg, directory, record.get(f"{side}_encoder", {}))
