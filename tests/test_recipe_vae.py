@@ -82,6 +82,45 @@ def test_resume_is_exact(full_run, music_dir, tmp_path):
                 read_state_dict(tmp_path / "final" / "vae.safetensors"))
 
 
+def test_truncated_latest_checkpoint_resumes_from_the_previous_one(full_run, music_dir, tmp_path, caplog):
+    run(tmp_path, music_dir, "steps=3")  # checkpoints at 2 and 3 (the last step)
+    torn = tmp_path / "checkpoints" / "step_00000003" / "state.pt"
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # a crash mid-write of step 3
+    run(tmp_path, music_dir, "steps=4", resume=True)
+    assert "resuming from step_00000002" in caplog.text
+    assert_same(load_checkpoint(full_run / "checkpoints" / "step_00000004"),
+                load_checkpoint(tmp_path / "checkpoints" / "step_00000004"))
+
+
+def test_killed_run_resumes_bit_exactly(full_run, music_dir, tmp_path):
+    """SIGKILL mid-run (no handler runs), then --resume: the same weights as a straight run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import recipe_argv
+
+    argv = [sys.executable, str(ROOT / "recipes" / "train_vae.py"),
+            *recipe_argv(CONFIG, tmp_path, f"music={music_dir}", "steps=400", "ckpt_every=1")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while latest_checkpoint(tmp_path) is None or latest_checkpoint(tmp_path).name < "step_00000002":
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest_checkpoint(tmp_path).name.split("_")[1])
+    assert 2 <= killed_at < 400
+    until = f"steps={killed_at + 1}"
+    run(tmp_path, music_dir, until, "ckpt_every=1", resume=True)
+    straight = tmp_path.parent / f"{tmp_path.name}_straight"
+    run(straight, music_dir, until, "ckpt_every=1")
+    name = f"step_{killed_at + 1:08d}"
+    assert_same(load_checkpoint(straight / "checkpoints" / name), load_checkpoint(tmp_path / "checkpoints" / name))
+
+
 def test_nan_stops_at_its_step_and_keeps_the_last_checkpoint(music_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = recipe.vae_losses

@@ -77,3 +77,71 @@ def test_step_generators_are_reproducible_and_distinct():
     assert torch.equal(a, torch.rand(3, generator=training.step_generator(1, 5, 0)))
     assert not torch.equal(a, torch.rand(3, generator=training.step_generator(1, 6, 0)))
     assert not torch.equal(a, torch.rand(3, generator=training.step_generator(1, 5, 1)))
+
+
+def _run_with_checkpoints(tmp_path, steps=(1, 2, 3)):
+    from muvi.training import save_checkpoint
+
+    for step in steps:
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((3,), float(step))}, keep=3)
+    return tmp_path / "checkpoints"
+
+
+def test_resume_skips_a_truncated_latest_checkpoint(tmp_path, caplog):
+    from muvi.training import resume
+
+    root = _run_with_checkpoints(tmp_path)
+    newest = root / "step_00000003" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # torn write, as after a crash or a full disk
+    folder, state = resume(tmp_path)
+    assert folder.name == "step_00000002" and state["step"] == 2 and torch.equal(state["w"], torch.full((3,), 2.0))
+    assert "step_00000003 does not load" in caplog.text and "resuming from step_00000002" in caplog.text
+
+
+def test_resume_when_latest_names_a_missing_folder(tmp_path, caplog):
+    import shutil
+
+    from muvi.training import resume
+
+    root = _run_with_checkpoints(tmp_path)
+    shutil.rmtree(root / "step_00000003")
+    folder, state = resume(tmp_path)
+    assert folder.name == "step_00000002" and state["step"] == 2
+    assert "names step_00000003, which holds no state.pt" in caplog.text
+
+
+def test_resume_errors_in_one_line_when_nothing_loads(tmp_path):
+    from muvi.errors import MuviError
+    from muvi.training import ResumeError, resume
+
+    with pytest.raises(ResumeError, match=r"^--resume: no checkpoint in .*; run without --resume") as info:
+        resume(tmp_path)
+    assert isinstance(info.value, MuviError) and "\n" not in str(info.value)
+    assert resume(tmp_path, required=False) == (None, None)
+    root = _run_with_checkpoints(tmp_path, steps=(1, 2))
+    for state in root.glob("step_*/state.pt"):
+        state.write_bytes(b"garbage")
+    with pytest.raises(ResumeError, match=r"no checkpoint in .* loads: step_00000002 \(.*\); step_00000001") as info:
+        resume(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["train_vae", "train_vocoder", "train_dit", "train_contrastive"])
+def test_every_recipe_resumes_through_the_same_function(name):
+    """Each recipe resumes with training.resume (tested above; end to end in test_recipe_vae) and
+    its script turns a MuviError such as ResumeError into one line (training.run_recipe)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py").read_text()
+    assert "training.resume(run_dir)" in text and "training.run_recipe(main)" in text
+    assert "latest_checkpoint(" not in text
+
+
+def test_run_recipe_prints_one_line(capsys):
+    def main():
+        raise training.ResumeError("--resume: no checkpoint in runs/x/checkpoints")
+
+    with pytest.raises(SystemExit) as info:
+        training.run_recipe(main)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "error: --resume: no checkpoint in runs/x/checkpoints\n"
