@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from muvi.errors import MuviError
+from muvi.errors import MuviError, one_line
 
 #: how this command spells the arguments of muvi.generate in its messages
 CLI_NAMES = {"video": "VIDEO", "cfg_scale": "--cfg-scale", "num_steps": "--steps", "seed": "--seed",
@@ -112,7 +112,7 @@ def generate_command(args: argparse.Namespace) -> Path:
             from muvi.mux import mux_audio
 
             cut = request.duration if request.duration < request.info.duration - 1e-6 else None
-            mux_audio(video, result.numpy(), result.sample_rate, out, duration=cut)
+            mux_audio(video, result.numpy(), result.sample_rate, out, duration=cut, info=request.info)
         else:
             result.save(out, overwrite=True)
     except Exception as err:  # the music is made: never lose it to a failure writing the file
@@ -135,8 +135,7 @@ def _saved_elsewhere(result, out: Path, inputs: list[Path], err: Exception) -> S
 
     from muvi.media import unused_path
 
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    reason = reason.removeprefix(f"{out}: ")
+    reason = one_line(err).removeprefix(f"{out}: ")
     name = f"{out.stem}.wav" if out.suffix.lower() != ".wav" else f"{out.stem}.muvi.wav"
     failures = []
     for folder in (out.parent, Path.cwd(), Path(tempfile.gettempdir())):
@@ -150,6 +149,17 @@ def _saved_elsewhere(result, out: Path, inputs: list[Path], err: Exception) -> S
             continue
         return SavedElsewhere(f"{out}: {reason}; the music is saved in {fallback}", fallback)
     return SavedElsewhere(f"{out}: {reason}; saving the music as WAV failed too ({'; '.join(failures)})", None)
+
+
+def run_script(main) -> None:
+    """Entry point of muvi's other command-line scripts (the training recipes): a
+    :class:`~muvi.errors.MuviError` (a bad config, no checkpoint to resume) is one line on
+    stderr and exit status 2, not a traceback."""
+    try:
+        main()
+    except MuviError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -11,6 +11,12 @@ work that failed), so ``except ValueError`` keeps working.
 from __future__ import annotations
 
 
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class MuviError(Exception):
     """Base class of every error muvi raises on purpose."""
 

@@ -12,6 +12,7 @@ do.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,7 +24,8 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from muvi.errors import InputError, InputTypeError, MissingFileError, OutputError, OutputExistsError
+from muvi.errors import (InputError, InputTypeError, MissingFileError, OutputError, OutputExistsError,
+                         one_line)
 from muvi.media import VideoInfo, probe_video
 
 PathLike = Union[str, Path]
@@ -84,11 +86,6 @@ class Request:
     fps: Optional[float] = None    # frames tensors only
     info: Optional[VideoInfo] = None
     prompt: Any = None             # float32 mono waveform at the model's rate, or None
-
-    @property
-    def inputs(self) -> list[Path]:
-        """The files this request reads."""
-        return [self.video] if isinstance(self.video, Path) else []
 
 
 def check_request(video, *, cfg_scale=None, num_steps=25, seed=None, duration=None,
@@ -151,7 +148,7 @@ def check_real(value, name: str, *, low: Optional[float] = None, high: Optional[
     """A finite real number (not a bool or a string) in ``[low, high]`` (``(low, high]``)."""
     if value is None and missing:
         raise InputError(missing)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or _is_tensor(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InputTypeError(f"{_arg(name, value)}: must be a number, not {type(value).__name__}")
     raw, value = value, float(value)
     if not math.isfinite(value):
@@ -165,7 +162,7 @@ def check_real(value, name: str, *, low: Optional[float] = None, high: Optional[
 
 def check_int(value, name: str, *, low: int, high: int) -> int:
     """An integer (not a bool, float or string) in ``[low, high]``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or _is_tensor(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InputTypeError(f"{_arg(name, value)}: must be an integer, not {type(value).__name__}")
     value = int(value)
     if not low <= value <= high:
@@ -176,7 +173,7 @@ def check_int(value, name: str, *, low: int, high: int) -> int:
 def check_method(method, name: str) -> str:
     from muvi.flow import ADAPTIVE_METHODS, FIXED_STEP_METHODS
 
-    known = ("euler",) + tuple(m for m in FIXED_STEP_METHODS if m != "euler") + ADAPTIVE_METHODS
+    known = FIXED_STEP_METHODS + ADAPTIVE_METHODS
     if not isinstance(method, str) or method not in known:
         raise InputError(f"{_arg(name, method)}: unknown ODE method; choose from {', '.join(known)}")
     return method
@@ -196,10 +193,6 @@ def check_duration(duration: Optional[float], length: float, max_duration: float
     if duration > length + 1e-6:
         raise InputError(f"{_arg(name, duration)}: longer than the video {source} ({length:.2f} s)")
     return duration
-
-
-def _is_tensor(value) -> bool:
-    return type(value).__module__.startswith("torch") or isinstance(value, np.ndarray)
 
 
 # ----------------------------------------------------------------------------- device
@@ -299,31 +292,38 @@ def load_prompt(prompt, sample_rate: Optional[int], target_rate: int, name: str 
 
 
 def _read_prompt_file(path: Path, target_rate: int, name: str):
-    from muvi.data.audio_io import MediaReadError, load_audio
+    from muvi.data.audio_io import load_audio
 
-    if not path.exists():
-        raise MissingFileError(f"{_arg(name, path)}: style prompt not found")
-    if not path.is_file() or not os.access(path, os.R_OK):
-        raise InputError(f"{path}: the style prompt is not a readable file")
-    try:
+    _check_prompt_file(path, name)
+    with _decoding(path):
         return load_audio(path, target_rate)
-    except (MediaReadError, ValueError, RuntimeError) as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a decodable audio file ({text.replace(str(path), '').strip(': ')})") from None
 
 
 def _prompt_file_seconds(path: Path, name: str) -> float:
-    from muvi.data.audio_io import MediaReadError, audio_duration
+    from muvi.data.audio_io import audio_duration
 
+    _check_prompt_file(path, name)
+    with _decoding(path):
+        return audio_duration(path)
+
+
+def _check_prompt_file(path: Path, name: str) -> None:
     if not path.exists():
         raise MissingFileError(f"{_arg(name, path)}: style prompt not found")
     if not path.is_file() or not os.access(path, os.R_OK):
         raise InputError(f"{path}: the style prompt is not a readable file")
+
+
+@contextlib.contextmanager
+def _decoding(path: Path):
+    """Decoder errors as one InputError naming the prompt file."""
+    from muvi.data.audio_io import MediaReadError
+
     try:
-        return audio_duration(path)
+        yield
     except (MediaReadError, ValueError, RuntimeError) as err:
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{path}: not a decodable audio file ({text.replace(str(path), '').strip(': ')})") from None
+        reason = one_line(err).replace(str(path), "").strip(": ")
+        raise InputError(f"{path}: not a decodable audio file ({reason})") from None
 
 
 def _check_prompt_length(seconds: float, duration: float, where: str) -> None:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from muvi.errors import InputError, MissingFileError
+from muvi.errors import InputError, MissingFileError, one_line
 
 #: audio output suffix -> libsndfile format
 AUDIO_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
@@ -108,11 +108,6 @@ def _check_file(path: str | os.PathLike) -> Path:
     if path.stat().st_size == 0:
         raise VideoError(f"{path}: the file is empty")
     return path
-
-
-def one_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 

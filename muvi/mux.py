@@ -21,24 +21,25 @@ from typing import Optional
 
 import numpy as np
 
-from muvi.errors import InputError, MuxError
-from muvi.media import VIDEO_FORMATS, write_atomically
+from muvi.errors import InputError, MuxError, one_line
+from muvi.media import VIDEO_FORMATS, VideoInfo, probe_video, write_atomically
 
 logger = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = frozenset(VIDEO_FORMATS)
 #: what an unsupported picture is transcoded to, and how
 TRANSCODE_CODEC = "libx264"
 TRANSCODE_OPTIONS = {"crf": "18", "preset": "veryfast"}
 
 
 def mux_audio(video_path: str | Path, waveform: np.ndarray, sample_rate: int, out_path: str | Path,
-              *, duration: Optional[float] = None, bitrate: int = 192_000) -> Path:
+              *, duration: Optional[float] = None, info: Optional[VideoInfo] = None,
+              bitrate: int = 192_000) -> Path:
     """Write ``out_path``: the picture of ``video_path`` (copied, or transcoded when the
     container cannot hold its codec) with ``waveform`` (mono float in [-1, 1]) as its audio.
 
     ``duration`` (seconds from the first frame) cuts the picture there; by default it runs to
-    the end. Raises :class:`~muvi.errors.MuxError` naming the file when writing fails.
+    the end. ``info`` is the video's :func:`~muvi.media.probe_video` when the caller has it.
+    Raises :class:`~muvi.errors.MuxError` naming the file when writing fails.
     """
     video_path, out_path = Path(video_path), Path(out_path)
     suffix = out_path.suffix.lower()
@@ -50,51 +51,47 @@ def mux_audio(video_path: str | Path, waveform: np.ndarray, sample_rate: int, ou
     samples = np.asarray(waveform, dtype=np.float32).reshape(-1)
     if not np.isfinite(samples).all():
         raise InputError(f"{out_path}: the audio to write holds NaN or infinite samples")
+    info = info or probe_video(video_path)
     try:
-        write_atomically(out_path, lambda tmp: _mux(video_path, samples, sample_rate, tmp,
-                                                     duration=duration, bitrate=bitrate))
-    except MuxError:
-        raise
+        write_atomically(out_path, lambda tmp: _mux(info, samples, sample_rate, tmp, duration=duration,
+                                                     bitrate=bitrate))
     except Exception as err:  # FFmpeg errors on a file PyAV opened fine while probing
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MuxError(f"{out_path}: could not write the video ({text})") from None
+        raise MuxError(f"{out_path}: could not write the video ({one_line(err)})") from None
     return out_path
 
 
-def _mux(video_path: Path, samples: np.ndarray, sample_rate: int, tmp: Path, *,
+def _mux(info: VideoInfo, samples: np.ndarray, sample_rate: int, tmp: Path, *,
          duration: Optional[float], bitrate: int) -> None:
+    """Copy the picture when the container takes its codec; transcode when it does not, or
+    when it claims to but refuses the packets."""
     import av
 
-    with av.open(str(video_path)) as src:
-        if not src.streams.video:
-            raise InputError(f"{video_path}: no video stream to copy")
-        v_in = src.streams.video[0]
-        codec = v_in.codec_context.name
-        with av.open(str(tmp), "w", format=_format_for(tmp)) as probe:
-            copy = codec in probe.supported_codecs
-    if copy:
-        try:
-            _write(video_path, samples, sample_rate, tmp, duration=duration, bitrate=bitrate, copy=True)
-            return
-        except av.error.FFmpegError as err:  # the container claimed the codec but refused it
-            logger.info("%s: copying the %s picture failed (%s); transcoding", video_path, codec, err)
-    logger.warning("%s: the %s container cannot hold %s video; transcoding it to H.264 (CRF %s)",
-                   video_path, tmp.suffix.replace(".part", "").lstrip("."), codec, TRANSCODE_OPTIONS["crf"])
-    _write(video_path, samples, sample_rate, tmp, duration=duration, bitrate=bitrate, copy=False)
+    try:
+        _write(info, samples, sample_rate, tmp, duration=duration, bitrate=bitrate, copy=None)
+    except av.error.FFmpegError as err:
+        logger.info("%s: copying the %s picture failed (%s); transcoding", info.path, info.codec, err)
+        _write(info, samples, sample_rate, tmp, duration=duration, bitrate=bitrate, copy=False)
 
 
 def _format_for(tmp: Path) -> str:
     return VIDEO_FORMATS[tmp.suffix.lower()][0]
 
 
-def _write(video_path: Path, samples: np.ndarray, sample_rate: int, tmp: Path, *,
-           duration: Optional[float], bitrate: int, copy: bool) -> None:
+def _write(info: VideoInfo, samples: np.ndarray, sample_rate: int, tmp: Path, *,
+           duration: Optional[float], bitrate: int, copy: Optional[bool]) -> None:
+    """One attempt at the file; ``copy=None``: copy if the container lists the codec."""
     import av
 
-    with av.open(str(video_path)) as src, av.open(str(tmp), "w", format=_format_for(tmp)) as dst:
+    with av.open(str(info.path)) as src, av.open(str(tmp), "w", format=_format_for(tmp)) as dst:
         v_in = src.streams.video[0]
         base = v_in.time_base
-        first = _first_pts(video_path)
+        if copy is None:
+            copy = info.codec in dst.supported_codecs
+        if not copy:
+            logger.warning("%s: the %s container cannot hold %s video; transcoding it to H.264 (CRF %s)",
+                           info.path, tmp.suffix.lstrip("."),
+                           info.codec, TRANSCODE_OPTIONS["crf"])
+        first = round(info.start_time / base)
         end = None if duration is None else first + round(duration / base)
         if copy:
             v_out = dst.add_stream_from_template(v_in)
@@ -106,9 +103,8 @@ def _write(video_path: Path, samples: np.ndarray, sample_rate: int, tmp: Path, *
             v_out.pix_fmt = "yuv420p"
             v_out.time_base = base
             v_out.codec_context.time_base = base
-        rotation = _rotation(video_path)
-        if rotation:
-            v_out.set_display_rotation(rotation)
+        if info.rotation:
+            v_out.set_display_rotation(info.rotation)
         a_out = dst.add_stream(VIDEO_FORMATS[tmp.suffix.lower()][1], rate=sample_rate, layout="mono")
         a_out.bit_rate = bitrate
         a_out.time_base = Fraction(1, sample_rate)
@@ -136,29 +132,9 @@ def _write(video_path: Path, samples: np.ndarray, sample_rate: int, tmp: Path, *
         # The music starts with the first frame, in the file's own clock.
         frame = av.AudioFrame.from_ndarray(np.clip(samples, -1, 1)[None], format="fltp", layout="mono")
         frame.sample_rate = sample_rate
-        frame.pts = round(float(first * base) * sample_rate)
+        frame.pts = round(info.start_time * sample_rate)
         frame.time_base = Fraction(1, sample_rate)
         for packet in a_out.encode(frame):
             dst.mux(packet)
         for packet in a_out.encode(None):
             dst.mux(packet)
-
-
-def _first_pts(video_path: Path) -> int:
-    """The smallest presentation timestamp of the video stream (its time base)."""
-    import av
-
-    with av.open(str(video_path)) as src:
-        v_in = src.streams.video[0]
-        stamps = [p.pts for p in src.demux(v_in) if p.size and p.pts is not None]
-    return min(stamps) if stamps else 0
-
-
-def _rotation(video_path: Path) -> int:
-    """The display rotation of the first frame (degrees counter-clockwise; 0 when none)."""
-    import av
-
-    with av.open(str(video_path)) as src:
-        for frame in src.decode(src.streams.video[0]):
-            return int(round(frame.rotation or 0))
-    return 0

@@ -211,10 +211,7 @@ class MuviPipeline(nn.Module):
         size = cfg.image_size
         if frames.shape[-2:] != (size, size):
             frames = video_io.resize_center_crop(frames, size)
-        # Standardised in chunks into one float tensor: one float copy of the clip, not three.
-        x = torch.empty(frames.shape, dtype=torch.float32, device=self.device)
-        for i in range(0, frames.shape[0], 64):
-            x[i:i + 64] = self.video_encoder.normalize(frames[i:i + 64].to(self.device).float() / 255)
+        x = video_io.encoder_input(frames, self.video_encoder.normalize, self.device)
         return self.video_encoder.encode(x[None])
 
     def condition(self, tokens: torch.Tensor, num_frames: int) -> torch.Tensor:

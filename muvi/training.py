@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from muvi.config import Config, ConfigError
-from muvi.errors import MuviError
+from muvi.errors import MuviError, one_line
 
 logger = logging.getLogger(__name__)
 C = TypeVar("C", bound=Config)
@@ -210,7 +210,7 @@ def resume(run_dir: str | Path, *, required: bool = True) -> tuple[Optional[Path
             if not isinstance(state, dict) or "step" not in state:
                 raise ValueError("no training step recorded")
         except Exception as err:  # noqa: BLE001 (torn zip, missing file, unpickling): try the previous one
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            reason = one_line(err)
             failures.append(f"{folder.name} ({reason})")
             logger.warning("--resume: %s does not load (%s); trying the previous checkpoint", folder, reason)
             continue
@@ -223,18 +223,6 @@ def resume(run_dir: str | Path, *, required: bool = True) -> tuple[Optional[Path
     if required:
         raise ResumeError(f"--resume: no checkpoint in {root}; run without --resume to start fresh")
     return None, None
-
-
-def run_recipe(main) -> None:
-    """``main()`` of a recipe script: a :class:`~muvi.errors.MuviError` (bad config, no
-    checkpoint to resume) is one line on stderr and exit status 2, not a traceback."""
-    import sys
-
-    try:
-        main()
-    except MuviError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 def step_generator(seed: int, step: int, rank: int = 0, device: torch.device | str = "cpu") -> torch.Generator:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from muvi.media import VideoError, VideoInfo, one_line, probe_video  # noqa: F401 (re-exported)
+from muvi.errors import one_line
+from muvi.media import VideoError, VideoInfo, probe_video  # noqa: F401 (re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,6 +129,19 @@ def standardize(frames: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> t
     mean = torch.tensor(mean, device=frames.device, dtype=frames.dtype).view(-1, 1, 1)
     std = torch.tensor(std, device=frames.device, dtype=frames.dtype).view(-1, 1, 1)
     return (frames - mean) / std
+
+
+def encoder_input(frames: torch.Tensor, normalize, device=None, chunk: int = 64) -> torch.Tensor:
+    """uint8 frames (…, 3, H, W) → ``normalize(frames / 255)`` in float32 on ``device``.
+
+    Computed ``chunk`` frames at a time into one tensor, so a long clip costs one float copy
+    instead of the three that ``normalize(frames.float() / 255)`` holds at its peak; the values
+    are the same."""
+    out = torch.empty(frames.shape, dtype=torch.float32, device=device or frames.device)
+    flat_in, flat_out = frames.reshape(-1, *frames.shape[-3:]), out.view(-1, *frames.shape[-3:])
+    for i in range(0, flat_in.shape[0], chunk):
+        flat_out[i:i + chunk] = normalize(flat_in[i:i + chunk].to(out.device).float() / 255)
+    return out
 
 
 def resample_frames(frames: torch.Tensor, src_fps: float, fps: float, count: Optional[int] = None) -> torch.Tensor:

@@ -61,6 +61,7 @@ from muvi.models.music_encoder import load_audio_encoder
 from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
 from muvi.pipeline import load_video_encoder
 from muvi import training
+from muvi.cli import run_script
 from muvi.training import (EMA, Throughput, batch_stream, check_finite, checkpoint_state,
                            load_config, lr_factor, make_accelerator, recipe_parser, restore,
                            save_checkpoint, set_lr, setup_logging, step_generator)
@@ -369,4 +370,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    training.run_recipe(main)
+    run_script(main)

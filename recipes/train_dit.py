@@ -38,6 +38,7 @@ from muvi.data.sampler import DurationBalancedBatchSampler
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor, resample_time
 from muvi.models.dit import DiT, DiTConfig
 from muvi import training
+from muvi.cli import run_script
 
 logger = logging.getLogger("train_dit")
 STAGES = ("unconditional", "v2m")
@@ -259,4 +260,4 @@ def save_final(model: FlowModel, folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    training.run_recipe(main)
+    run_script(main)

@@ -59,6 +59,7 @@ from muvi.models.discriminators import (PatchDiscriminator, PatchDiscriminatorCo
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig, estimate_latent_stats
 from muvi import training
+from muvi.cli import run_script
 from muvi.training import (EMA, Throughput, check_finite,
                            load_config, lr_factor, make_accelerator, recipe_parser, save_checkpoint,
                            setup_logging, step_generator)
@@ -292,4 +293,4 @@ def export(model: MelVAE, dataset: MusicDataset, cfg: VAETrainConfig, melspec: M
 
 
 if __name__ == "__main__":
-    training.run_recipe(main)
+    run_script(main)

@@ -54,6 +54,7 @@ from muvi.models.discriminators import (HiFiGANDiscriminatorConfig, MultiPeriodD
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi import training
+from muvi.cli import run_script
 from muvi.training import (EMA, Throughput, check_finite,
                            load_config, lr_factor, make_accelerator, recipe_parser, save_checkpoint,
                            setup_logging, step_generator)
@@ -243,4 +244,4 @@ def export(shadow: HiFiGANGenerator, mel_cfg: MelConfig, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    training.run_recipe(main)
+    run_script(main)

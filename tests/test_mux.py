@@ -152,13 +152,13 @@ def test_failed_mux_leaves_no_temporary_file(clips, tmp_path):
     from muvi.errors import MuxError
     from muvi.mux import mux_audio
 
-    # A waveform that is fine, into a container whose muxer rejects 8 kHz AAC after the header
-    # is open would be contrived; an unreadable source after probing is the realistic failure.
-    src = tmp_path / "gone.mp4"
-    src.write_bytes(clips["h264.mp4"].read_bytes()[:2000])  # truncated: no moov atom
+    # The AAC encoder refuses a 7 Hz stream once the output file exists: the copy attempt and
+    # the transcode retry both fail inside FFmpeg, after the temporary file was made.
+    src = tmp_path / "clip.mp4"
+    src.write_bytes(clips["h264.mp4"].read_bytes())
     with pytest.raises(MuxError, match="out.mp4: could not write the video"):
-        mux_audio(src, np.zeros(24000, np.float32), 24000, tmp_path / "out.mp4")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone.mp4"]
+        mux_audio(src, np.zeros(24000, np.float32), 7, tmp_path / "out.mp4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
 
 
 def test_rotation_is_kept_and_applied_to_the_frames(release, tmp_path):

@@ -129,19 +129,21 @@ def test_resume_errors_in_one_line_when_nothing_loads(tmp_path):
 @pytest.mark.parametrize("name", ["train_vae", "train_vocoder", "train_dit", "train_contrastive"])
 def test_every_recipe_resumes_through_the_same_function(name):
     """Each recipe resumes with training.resume (tested above; end to end in test_recipe_vae) and
-    its script turns a MuviError such as ResumeError into one line (training.run_recipe)."""
+    its script turns a MuviError such as ResumeError into one line (muvi.cli.run_script)."""
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py").read_text()
-    assert "training.resume(run_dir)" in text and "training.run_recipe(main)" in text
+    assert "training.resume(run_dir)" in text and "run_script(main)" in text
     assert "latest_checkpoint(" not in text
 
 
-def test_run_recipe_prints_one_line(capsys):
+def test_run_script_prints_one_line(capsys):
+    from muvi.cli import run_script
+
     def main():
         raise training.ResumeError("--resume: no checkpoint in runs/x/checkpoints")
 
     with pytest.raises(SystemExit) as info:
-        training.run_recipe(main)
+        run_script(main)
     assert info.value.code == 2
     assert capsys.readouterr().err == "error: --resume: no checkpoint in runs/x/checkpoints\n"

@@ -120,7 +120,7 @@ def encode_video_tokens(path: str | os.PathLike, encoder: nn.Module, *, fps: flo
     whole video: clips never straddle a window start, and a final window shorter than one clip
     is read together with the clip before it so that it gets the same last-clip treatment.
     """
-    from muvi.video import probe_video, read_frames
+    from muvi.video import encoder_input, probe_video, read_frames
 
     cfg = encoder.config
     device = next(encoder.parameters()).device
@@ -138,7 +138,7 @@ def encode_video_tokens(path: str | os.PathLike, encoder: nn.Module, *, fps: flo
             drop = 0
         frames = read_frames(path, fps, start=first / fps, duration=(stop - first) / fps, size=cfg.image_size,
                              info=info)
-        x = encoder.normalize(frames.to(device).float() / 255)
+        x = encoder_input(frames, encoder.normalize, device)
         out.append(encoder.encode(x[None], max_batch=max_batch)[0, drop:].float().cpu())
     return torch.cat(out)
 

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from muvi.errors import MuviError
+from muvi.errors import MuviError, one_line
 from muvi.eval.report import PairingError, evaluate, format_table
 
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (MuviError, FileNotFoundError, ValueError) as err:  # bad weight files, unreadable audio, -o
-        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(format_table(report))
     print(f"report written to {args.output}")

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from muvi.errors import InputError
+from muvi.errors import InputError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -120,5 +120,5 @@ def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
 
 
 def _reason(err: Exception, path: str | Path) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text.replace(f"Error opening {str(path)!r}: ", "").replace(str(path), "").strip(" :") or type(err).__name__
+    """libsndfile's message without the path it repeats."""
+    return one_line(err).replace(f"Error opening {str(path)!r}: ", "").replace(str(path), "").strip(" :") or type(err).__name__

@@ -194,14 +194,14 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
 def frozen_video_tokens(encoder: nn.Module, frames: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
     """uint8 frames (B, F, 3, H, W) at the frame rate → video-encoder tokens (B, N', h, w, E'),
     without gradients. Frames not at the encoder's size are resized and centre-cropped."""
-    from muvi.video import resize_center_crop
+    from muvi.video import encoder_input, resize_center_crop
 
     size = encoder.config.image_size
     if frames.shape[-2:] != (size, size):
         b = frames.shape[0]
         frames = resize_center_crop(frames.flatten(0, 1), size).unflatten(0, (b, -1))
     with torch.no_grad():
-        return encoder.encode(encoder.normalize(frames.float() / 255.0), max_batch=max_batch)
+        return encoder.encode(encoder_input(frames, encoder.normalize), max_batch=max_batch)
 
 
 def frozen_music_features(encoder: nn.Module, waveforms: torch.Tensor, sample_rate: int, fps: float,
