@@ -41,13 +41,9 @@ def iter_frames(path: str | os.PathLike, fps: float = 10.0, *, start: float = 0.
     import av
 
     info = info or probe_video(path)
-    if duration is None:
-        duration = info.duration - start
-    count = int(round(duration * fps))
-    if start < 0 or count <= 0 or start >= info.duration:
-        raise VideoError(f"{info.path}: nothing to read from {start:.2f} s for {duration:.2f} s "
-                         f"(the video lasts {info.duration:.2f} s)")
+    count = _frame_count(info, fps, start, duration)
     targets = start + np.arange(count) / fps
+    scratch: dict = {}  # one float frame reused by every resize (no per-frame HD allocations)
     try:
         with av.open(str(info.path)) as container:
             stream = container.streams.video[0]
@@ -59,7 +55,7 @@ def iter_frames(path: str | os.PathLike, fps: float = 10.0, *, start: float = 0.
                     if current is None:  # the first frame is on screen from t = 0
                         current = frame
                     if current_rgb is None:
-                        current_rgb = _to_tensor(current, info, size)
+                        current_rgb = _to_tensor(current, info, size, scratch)
                     yield current_rgb
                     k += 1
                 if k == count:
@@ -71,7 +67,7 @@ def iter_frames(path: str | os.PathLike, fps: float = 10.0, *, start: float = 0.
         raise VideoError(f"{info.path}: failed to decode frames ({one_line(err)})") from None
     if current is None:
         raise VideoError(f"{info.path}: no frame decoded after {start:.2f} s")
-    last = _to_tensor(current, info, size) if current_rgb is None else current_rgb
+    last = _to_tensor(current, info, size, scratch) if current_rgb is None else current_rgb
     for _ in range(k, count):  # the last frame stays on screen to the end
         yield last
 
@@ -79,8 +75,25 @@ def iter_frames(path: str | os.PathLike, fps: float = 10.0, *, start: float = 0.
 def read_frames(path: str | os.PathLike, fps: float = 10.0, *, start: float = 0.0,
                 duration: Optional[float] = None, size: Optional[int] = None,
                 info: Optional[VideoInfo] = None) -> torch.Tensor:
-    """All of :func:`iter_frames` stacked: uint8 (F, 3, H, W)."""
-    return torch.stack(list(iter_frames(path, fps, start=start, duration=duration, size=size, info=info)))
+    """All of :func:`iter_frames` in one tensor: uint8 (F, 3, H, W), filled as they come."""
+    info = info or probe_video(path)
+    out = None
+    for k, frame in enumerate(iter_frames(path, fps, start=start, duration=duration, size=size, info=info)):
+        if out is None:
+            out = torch.empty((_frame_count(info, fps, start, duration), *frame.shape), dtype=frame.dtype)
+        out[k] = frame
+    return out
+
+
+def _frame_count(info: VideoInfo, fps: float, start: float, duration: Optional[float]) -> int:
+    """``round(duration · fps)`` frames from ``start`` (to the end when ``duration`` is None)."""
+    if duration is None:
+        duration = info.duration - start
+    count = int(round(duration * fps))
+    if start < 0 or count <= 0 or start >= info.duration:
+        raise VideoError(f"{info.path}: nothing to read from {start:.2f} s for {duration:.2f} s "
+                         f"(the video lasts {info.duration:.2f} s)")
+    return count
 
 
 def _timed_frames(container, stream, info: VideoInfo, start: float):
@@ -103,12 +116,20 @@ def _timed_frames(container, stream, info: VideoInfo, start: float):
         yield time, frame
 
 
-def _to_tensor(frame, info: VideoInfo, size: Optional[int]) -> torch.Tensor:
+def _to_tensor(frame, info: VideoInfo, size: Optional[int], scratch: dict) -> torch.Tensor:
+    """One decoded frame → uint8 (3, H, W), or (3, size, size) as :func:`resize_center_crop`
+    gives for uint8 input (the float copy goes into ``scratch["float"]``, reused)."""
     image = frame.to_ndarray(format="rgb24")  # (H, W, 3)
     if info.rotation % 360:
         image = np.rot90(image, k=round(info.rotation / 90) % 4)
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    return resize_center_crop(x[None], size)[0] if size else x.contiguous()
+    if not size:
+        return x.contiguous()
+    buf = scratch.get("float")
+    if buf is None or buf.shape != x.shape:
+        buf = scratch["float"] = torch.empty(x.shape, dtype=torch.float32)
+    buf.copy_(x)
+    return resize_center_crop(buf[None], size)[0].round().clamp(0, 255).to(torch.uint8)
 
 
 def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:

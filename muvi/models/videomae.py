@@ -139,7 +139,7 @@ class VideoMAEEncoder(nn.Module):
             x = block(x)
         return rearrange(x, "n (s h w) d -> n s h w d", s=cfg.steps_per_clip, h=cfg.grid_size)
 
-    def encode(self, frames: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
+    def encode(self, frames: torch.Tensor, max_batch: Optional[int] = 4) -> torch.Tensor:
         """Variable-length videos, paper appendix C: (B, F, C, H, W) normalised → (B, ceil(F/t), h, w, D).
 
         t is the tubelet (2): one token grid per pair of frames. F may be any length >= 1:
@@ -153,8 +153,9 @@ class VideoMAEEncoder(nn.Module):
           the tokens of its new frames are kept. Since num_frames and the remainder are
           multiples of t, these tokens cover the same frame pairs as the segmentation would.
 
-        All segments of all videos go through the encoder as one batch, or in chunks of at most
-        ``max_batch`` clips to bound memory. Results do not depend on ``max_batch``.
+        The segments of all videos go through the encoder ``max_batch`` clips at a time (None:
+        all at once), so memory does not grow with the video's length. Results do not depend
+        on ``max_batch``.
         """
         if frames.ndim != 5 or frames.shape[1] < 1:
             raise ValueError(f"encode expects frames (B, F >= 1, C, H, W), got {tuple(frames.shape)}")
