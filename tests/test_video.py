@@ -60,3 +60,19 @@ def test_frames_come_one_at_a_time_at_the_encoder_size(tmp_path):
     first = next(stream)
     assert first.shape == (3, 32, 32) and first.dtype == torch.uint8
     assert len(list(stream)) == 9
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_rotation_matches_ffmpeg_autorotate(tmp_path, rotation):
+    """The ffmpeg command line (an independent reader) turns the picture the same way."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("the ffmpeg command line is not installed (CI installs Debian's ffmpeg)")
+    path = make_clip(tmp_path / "turned.mov", "mjpeg", 12, rotation=rotation, size=(96, 64))
+    ours = read_frames(path, 12)[0].permute(1, 2, 0).numpy()
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo",
+                          "-pix_fmt", "rgb24", "-"], capture_output=True, check=True).stdout
+    assert len(raw) == ours.size
+    assert np.array_equal(np.frombuffer(raw, np.uint8).reshape(ours.shape), ours)
