@@ -145,3 +145,38 @@ def load_weights(module: nn.Module, path: str | Path, *, source: str = "the conf
         check_config(path, module.config.to_dict(), source=source)
     load_strict(module, state, source=str(path))
     return module
+
+
+def state_hash(module_or_state: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over a set of weights (sorted names, shapes, dtypes and bytes): tells two sets
+    apart, e.g. so that a feature cache never mixes two encoders' features, and names the
+    weights an evaluation report was made with."""
+    import hashlib
+
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    digest = hashlib.sha256()
+    for key, value in sorted(state.items()):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{tuple(value.shape)}:{value.dtype};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(path: str | Path, expected: str) -> str:
+    """The file's SHA-256 when it equals ``expected`` (any case); a ValueError naming the file
+    otherwise. Returns the hash."""
+    actual = sha256_file(path)
+    if actual.lower() != expected.strip().lower():
+        raise ValueError(f"{path}: SHA-256 {actual} does not match the expected {expected.strip().lower()}")
+    return actual

@@ -14,6 +14,9 @@ from muvi.errors import MuviError
 
 C = TypeVar("C", bound="Config")
 
+#: the release folder layout muvi reads and writes (2: a folder of muvi.hub components + config.json).
+RELEASE_FORMAT = 2
+
 
 class ConfigError(MuviError, ValueError):
     """A config that cannot be built: unknown fields or values of the wrong kind."""

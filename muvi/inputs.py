@@ -27,6 +27,7 @@ import numpy as np
 from muvi.errors import (InputError, InputTypeError, MissingFileError, OutputError, OutputExistsError,
                          one_line)
 from muvi.media import VideoInfo, probe_video
+from muvi.config import RELEASE_FORMAT
 
 PathLike = Union[str, Path]
 
@@ -60,7 +61,12 @@ class ModelLimits:
             raise MissingFileError(f"{_arg(name, folder)}: not a muvi model folder (no config.json)")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            pipe, mel = raw["pipeline"], raw["mel"]
+            if raw.get("format_version") != RELEASE_FORMAT:
+                raise ValueError(f"release format {raw.get('format_version')!r}, but this muvi reads format "
+                                 f"{RELEASE_FORMAT}; "
+                                 f"export the release again with recipes/export.py")
+            pipe = raw["pipeline"]
+            mel = json.loads((folder / "mel.json").read_text(encoding="utf-8"))["config"]
             return cls(sample_rate=int(mel.get("sample_rate", cls.sample_rate)),
                        max_duration=float(pipe.get("max_duration", cls.max_duration)),
                        video_fps=float(pipe.get("video_fps", cls.video_fps)),

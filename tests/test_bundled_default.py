@@ -44,8 +44,8 @@ def test_command_writes_playable_mp4_with_requested_duration(tmp_path):
 def test_bundled_sim_model_rebuilds_its_encoders_from_packages():
     """checkpoints/muvi-demo/sim: the contrastive model shipped for SIM; its frozen encoders come
     from the package specs it recorded (EfficientNet-Lite0 per frame, musicnn)."""
-    from muvi.models.contrastive import SimilarityScorer
-    from muvi.models.music_encoder import MusicnnFrameEncoder
+    from muvi.eval.sim import SimilarityScorer
+    from muvi.encoders.music_frames import MusicnnFrameEncoder
 
     scorer = SimilarityScorer.from_pretrained(muvi.default_model_dir() / "sim")
     assert isinstance(scorer.audio_encoder, MusicnnFrameEncoder)
@@ -53,3 +53,15 @@ def test_bundled_sim_model_rebuilds_its_encoders_from_packages():
     out = muvi.generate(cli.bundled_sample_video(), duration=3.0, num_steps=2, seed=0, device="cpu", progress=False)
     sim = scorer.similarity(str(cli.bundled_sample_video()), out.waveform.numpy(), out.sample_rate)
     assert -1.0 <= sim <= 1.0
+
+
+def test_bundled_output_is_the_one_recorded_before_the_redesign():
+    """Issue 11 moved every file of the release and SIM model into the muvi.hub component format
+    and rewrote the loaders, the frame pipeline and the flow objective: the bundled model's output
+    is bit-identical to the waveform saved at commit fc8f93c (before any of it)."""
+    from pathlib import Path
+
+    recorded = np.load(Path(__file__).parent / "fixtures" / "bundled_seed0_2s_2steps.npy")
+    out = muvi.generate(cli.bundled_sample_video(), duration=2.0, num_steps=2, seed=0, device="cpu",
+                        progress=False)
+    assert np.array_equal(out.waveform.numpy(), recorded)

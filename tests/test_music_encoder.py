@@ -1,4 +1,4 @@
-"""musicnn as a frame-level music encoder (muvi.models.music_encoder), on real rendered music.
+"""musicnn as a frame-level music encoder (muvi.encoders.music_frames), on real rendered music.
 
 Its per-frame features are tied to the TF-checked port: over one musicnn patch their mean is the
 network's own mean pool. Time alignment: a hop-aligned delay of the audio moves the features by
@@ -8,8 +8,13 @@ import soundfile as sf
 import torch
 from conftest import render_chorales
 
-from muvi.eval.musicnn import MusicnnEmbedder
-from muvi.models.music_encoder import MusicnnFrameEncoder, bucket_means, load_audio_encoder
+from muvi.encoders.musicnn import MusicnnEmbedder
+from muvi.encoders.music_frames import MusicnnFrameEncoder, bucket_means
+from muvi.hub import load_encoder
+
+
+def load_audio_encoder(spec):
+    return load_encoder(spec, "audio")
 
 SR = 16000
 pytestmark = pytest.mark.usefixtures("one_thread")

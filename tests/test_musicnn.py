@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from muvi.eval import _tf_checkpoint as tfc
-from muvi.eval import musicnn as mn
+from muvi.encoders import _tf_checkpoint as tfc
+from muvi.encoders import musicnn as mn
 
 FIXTURE = Path(__file__).parent / "fixtures" / "musicnn_reference.npz"
 

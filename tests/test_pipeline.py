@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import edit_component
 import muvi
 from muvi.checkpoint import CheckpointError
 from muvi.pipeline import MuviPipeline
@@ -78,8 +79,9 @@ def test_tensor_input_matches_file_input(pipe):
 def test_save_load_round_trip_gives_identical_output(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "release")
     files = sorted(p.name for p in (tmp_path / "release").iterdir())
-    assert files == ["adaptor.safetensors", "config.json", "dit.safetensors", "vae.safetensors",
-                     "video_encoder.safetensors", "vocoder.safetensors"]
+    assert files == ["adaptor.json", "adaptor.safetensors", "config.json", "dit.json", "dit.safetensors",
+                     "mel.json", "vae.json", "vae.safetensors", "video_encoder.json",
+                     "video_encoder.safetensors", "vocoder.json", "vocoder.safetensors"]
     loaded = MuviPipeline.from_pretrained(tmp_path / "release")
     a = run(pipe, sample_clip(), duration=1.0, seed=7)
     b = run(loaded, sample_clip(), duration=1.0, seed=7)
@@ -191,9 +193,7 @@ def test_prompt_longer_than_output(pipe, real_music_24k):
 
 def test_checkpoint_that_does_not_match_its_config(pipe, tmp_path):
     folder = pipe.save_pretrained(tmp_path / "release")
-    config = json.loads((folder / "config.json").read_text())
-    config["dit"]["depth"] = 3
-    (folder / "config.json").write_text(json.dumps(config))
+    edit_component(folder, "dit", depth=3)
     with pytest.raises(CheckpointError, match=r"dit.safetensors: .*depth = 3 but the weights were saved with 2"):
         MuviPipeline.from_pretrained(folder)
     # Weights without the stored config (published files, older releases): every mismatch listed.
@@ -203,8 +203,7 @@ def test_checkpoint_that_does_not_match_its_config(pipe, tmp_path):
     with pytest.raises(CheckpointError, match=r"dit.safetensors.*\n.*missing keys.*blocks\.2"):
         MuviPipeline.from_pretrained(folder)
     (folder / "vae.safetensors").unlink()
-    config["dit"]["depth"] = 2
-    (folder / "config.json").write_text(json.dumps(config))
+    edit_component(folder, "dit", depth=2)
     with pytest.raises(FileNotFoundError, match="vae.safetensors"):
         MuviPipeline.from_pretrained(folder)
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -213,9 +212,7 @@ def test_checkpoint_that_does_not_match_its_config(pipe, tmp_path):
 
 def test_unknown_config_field_is_named(pipe, tmp_path):
     folder = pipe.save_pretrained(tmp_path / "release")
-    config = json.loads((folder / "config.json").read_text())
-    config["adaptor"]["widht"] = 5
-    (folder / "config.json").write_text(json.dumps(config))
+    edit_component(folder, "adaptor", widht=5)
     from muvi.config import ConfigError
 
     with pytest.raises(ConfigError, match="widht"):

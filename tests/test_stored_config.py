@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_release
+from conftest import edit_component, tiny_release
 from muvi import cli
 from muvi.checkpoint import CheckpointError, load_weights, save_weights, stored_config
 from muvi.models.dit import DiT, DiTConfig
@@ -17,36 +17,31 @@ from muvi.pipeline import MuviPipeline
 @pytest.mark.parametrize("field,value", [("num_heads", 2), ("rope_base", 500.0), ("norm_eps", 1e-3)])
 def test_edited_release_config_is_refused(tmp_path, field, value):
     folder = tiny_release(tmp_path / "release")
-    config = json.loads((folder / "config.json").read_text())
-    assert stored_config(folder / "dit.safetensors") == config["dit"]
-    assert config["dit"][field] != value
-    config["dit"][field] = value
-    (folder / "config.json").write_text(json.dumps(config))
+    config = json.loads((folder / "dit.json").read_text())["config"]
+    assert stored_config(folder / "dit.safetensors") == config
+    assert config[field] != value
+    edit_component(folder, "dit", **{field: value})
     with pytest.raises(CheckpointError, match=rf"dit.safetensors: .*{field} = {value!r} but the weights were saved with"):
         MuviPipeline.from_pretrained(folder)
 
 
 def test_cli_names_the_edit(tmp_path, capsys):
     folder = tiny_release(tmp_path / "release")
-    config = json.loads((folder / "config.json").read_text())
-    config["dit"]["num_heads"] = 2
-    (folder / "config.json").write_text(json.dumps(config))
+    edit_component(folder, "dit", num_heads=2)
     code = cli.main(["generate", "-o", str(tmp_path / "x.wav"), "--model", str(folder), "--device", "cpu", "-q"])
     err = capsys.readouterr().err
     assert code == 2 and "num_heads = 2 but the weights were saved with 4" in err and "Traceback" not in err
 
 
 def test_recipe_component_json_is_checked_too(tmp_path):
-    from muvi.data.features import load_component
-    from muvi.training import save_component
+    from muvi.hub import load_component, save_component
 
     dit = DiT(DiTConfig.preset("tiny"))
     save_component(dit, tmp_path, "dit")
-    torch.testing.assert_close(load_component(tmp_path, "dit", DiTConfig, DiT).null_cond.data, dit.null_cond.data)
-    edited = {**json.loads((tmp_path / "dit.json").read_text()), "num_heads": 2}
-    (tmp_path / "dit.json").write_text(json.dumps(edited))
+    torch.testing.assert_close(load_component(tmp_path, "dit").null_cond.data, dit.null_cond.data)
+    edit_component(tmp_path, "dit", num_heads=2)
     with pytest.raises(CheckpointError, match="dit.json does not match"):
-        load_component(tmp_path, "dit", DiTConfig, DiT)
+        load_component(tmp_path, "dit")
 
 
 def test_files_without_stored_config_load_as_before(tmp_path):
@@ -65,6 +60,6 @@ def test_bundled_release_carries_its_configs():
     import muvi
 
     folder = muvi.default_model_dir()
-    config = json.loads((folder / "config.json").read_text())
     for name in ("video_encoder", "adaptor", "dit", "vae", "vocoder"):
-        assert stored_config(folder / f"{name}.safetensors") == config[name], name
+        config = json.loads((folder / f"{name}.json").read_text())["config"]
+        assert stored_config(folder / f"{name}.safetensors") == config, name

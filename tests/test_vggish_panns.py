@@ -18,14 +18,15 @@ import pytest
 import torch
 
 from muvi.checkpoint import CheckpointError, read_state_dict
+from muvi.checkpoint import sha256_file
 from muvi.eval import distances as D
-from muvi.eval import panns as P
-from muvi.eval import vggish as V
+from muvi.encoders import panns as P
+from muvi.encoders import vggish as V
 
 
 def _save(state: dict, path) -> str:
     torch.save(state, path)
-    return D.sha256_file(path)
+    return sha256_file(path)
 
 
 def _he_init(model: torch.nn.Module) -> torch.nn.Module:
@@ -48,7 +49,7 @@ def _save_like_panns_release(state: dict, path) -> str:
     data = path.read_bytes()
     assert data.count(b"numpy._core.multiarray") + data.count(b"numpy.core.multiarray") >= 2
     path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
-    return D.sha256_file(path)
+    return sha256_file(path)
 
 
 def _calibrate_batch_norms(model: torch.nn.Module, waveforms: torch.Tensor, seed: int) -> None:

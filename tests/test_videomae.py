@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from muvi.checkpoint import CheckpointError
 from muvi.models.layers import sinusoid_table
-from muvi.models.videomae import (VideoMAEConfig, VideoMAEEncoder, convert_hf_videomae_state_dict,
+from muvi.encoders.videomae import (VideoMAEConfig, VideoMAEEncoder, convert_hf_videomae_state_dict,
                                   load_videomae_encoder)
 
 
@@ -128,7 +128,7 @@ def test_matches_transformers(hf_pair, tmp_path, layout, caplog):
         assert "encoder.layer.0.attention.attention.query.bias" in state
         path = tmp_path / "videomae.pth"
         torch.save(state, path)
-    with caplog.at_level(logging.INFO, logger="muvi.models.videomae"):
+    with caplog.at_level(logging.INFO, logger="muvi.encoders.videomae"):
         ours = load_videomae_encoder(path, cfg)
     if layout == "classifier-safetensors":
         assert "fc_norm.weight" in caplog.text and "classifier.weight" in caplog.text
@@ -158,7 +158,7 @@ def test_release_pth_nested_under_module(hf_pair, tmp_path, caplog):
     path = tmp_path / "vit_b_k710_dl_from_giant.pth"
     torch.save({"module": release}, path)
     torch.load(path, weights_only=True)  # the file is loadable the safe way
-    with caplog.at_level(logging.INFO, logger="muvi.models.videomae"):
+    with caplog.at_level(logging.INFO, logger="muvi.encoders.videomae"):
         from_release = load_videomae_encoder(path, cfg)
     for name in ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"):
         assert name in caplog.text

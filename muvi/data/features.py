@@ -1,4 +1,4 @@
-"""Cached features of the frozen parts: VAE posteriors of music and VideoMAE tokens of videos.
+"""The cache of frozen features: VAE posteriors of music and video-encoder tokens of videos.
 
 The VAE encoder and the video encoder never learn during DiT / video-to-music training, so they
 run once over the data (``recipes/extract_features.py``) and training reads this cache.
@@ -24,7 +24,6 @@ each time (appendix D) and draw the latent from the posterior each step.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,9 +32,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
 
-from muvi.checkpoint import load_weights
 from muvi.data.datasets import KeyedSegmentDataset, draw_aligned_segment
 
 logger = logging.getLogger(__name__)
@@ -43,104 +40,6 @@ logger = logging.getLogger(__name__)
 INDEX, FAILED, INFO = "index.jsonl", "failed.jsonl", "info.json"
 #: Shards a reader keeps open (memory-mapped), so that a shard's header is parsed only once.
 MAX_OPEN_SHARDS = 64
-
-
-# ----------------------------------------------------------------------------- frozen models
-
-def load_component(directory: str | os.PathLike, name: str, config_cls, module_cls) -> nn.Module:
-    """``<dir>/<name>.safetensors`` with its config from ``<dir>/<name>.json`` (a recipe's
-    ``final/`` folder) or from the ``name`` section of ``<dir>/config.json`` (a release folder);
-    loaded strictly, returned frozen (eval mode, no gradients)."""
-    directory = Path(directory)
-    own, release = directory / f"{name}.json", directory / "config.json"
-    if own.is_file():
-        config = config_cls.from_json(own)
-    elif release.is_file() and name in (raw := json.loads(release.read_text(encoding="utf-8"))):
-        config = config_cls.from_dict(raw[name], source=f"{release} [{name}]")
-    else:
-        raise FileNotFoundError(f"{directory}: no {name}.json (nor a config.json with a {name!r} section)")
-    module = module_cls(config)
-    load_weights(module, directory / f"{name}.safetensors", source=f"{own.name if own.is_file() else 'config.json'}")
-    return module.eval().requires_grad_(False)
-
-
-def state_fingerprint(module: nn.Module) -> str:
-    """sha256 over a module's state (names, shapes, bytes): tells two sets of weights apart, so
-    a resumed extraction cannot mix features of two different VAEs or encoders."""
-    digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        value = value.detach().cpu().contiguous()
-        digest.update(f"{key}:{tuple(value.shape)}:{value.dtype};".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-    return digest.hexdigest()
-
-
-@torch.no_grad()
-def encode_music_posterior(wave: torch.Tensor, mel: nn.Module, vae: nn.Module, *,
-                           chunk_seconds: float = 600.0, context_seconds: float = 10.0
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Waveform (S,) at the mel's rate → posterior (mean, logvar), each float32 (T, C) on the CPU.
-
-    Files up to ``chunk_seconds`` are encoded whole, exactly as ``vae.encode`` sees a training
-    segment. Longer ones go in chunks of ``chunk_seconds`` with ``context_seconds`` of extra mel
-    on each side whose latents are dropped: memory stays bounded, the convolutions see their
-    full receptive field, and chunk joins fall on latent-frame boundaries. Only the GroupNorm
-    statistics then differ slightly from a whole-file pass (they span one window, not the file).
-    """
-    device = next(vae.parameters()).device
-    spec = mel(wave.to(device)[None])  # (1, M, frames)
-    step = vae.config.time_compression
-    latents = math.ceil(spec.shape[-1] / step)
-    rate = mel.config.frames_per_second / step  # latent frames per second
-    chunk = max(1, int(chunk_seconds * rate))
-    if latents <= chunk:
-        post = vae.encode(spec)
-        return post.mean[0].T.float().cpu(), post.logvar[0].T.float().cpu()
-    context = int(math.ceil(context_seconds * rate))
-    means, logvars = [], []
-    for a in range(0, latents, chunk):
-        b = min(a + chunk, latents)
-        lo, hi = max(0, a - context), min(latents, b + context)
-        post = vae.encode(spec[..., lo * step: hi * step])
-        keep = slice(a - lo, b - lo)
-        means.append(post.mean[0, :, keep])
-        logvars.append(post.logvar[0, :, keep])
-    return torch.cat(means, 1).T.float().cpu(), torch.cat(logvars, 1).T.float().cpu()
-
-
-@torch.no_grad()
-def encode_video_tokens(path: str | os.PathLike, encoder: nn.Module, *, fps: float = 10.0,
-                        num_frames: Optional[int] = None, window_seconds: float = 64.0,
-                        max_batch: Optional[int] = 32) -> torch.Tensor:
-    """Tokens (N, h, w, E) float32 on the CPU of the first ``num_frames`` frames at ``fps``
-    (default: the whole video), N = ceil(num_frames / tubelet).
-
-    Decoding goes in windows of about ``window_seconds`` (a multiple of the encoder's clip) so
-    long videos never sit in memory whole. The result equals one ``encoder.encode`` over the
-    whole video: clips never straddle a window start, and a final window shorter than one clip
-    is read together with the clip before it so that it gets the same last-clip treatment.
-    """
-    from muvi.video import encoder_input, probe_video, read_frames
-
-    cfg = encoder.config
-    device = next(encoder.parameters()).device
-    info = probe_video(path)
-    if num_frames is None:
-        num_frames = int(round(info.duration * fps))
-    clip = cfg.num_frames
-    window = max(1, int(window_seconds * fps) // clip) * clip
-    out = []
-    for start in range(0, num_frames, window):
-        stop, first = min(start + window, num_frames), start
-        if stop - start < clip and start > 0:
-            first, drop = start - clip, cfg.steps_per_clip
-        else:
-            drop = 0
-        frames = read_frames(path, fps, start=first / fps, duration=(stop - first) / fps, size=cfg.image_size,
-                             info=info)
-        x = encoder_input(frames, encoder.normalize, device)
-        out.append(encoder.encode(x[None], max_batch=max_batch)[0, drop:].float().cpu())
-    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -366,13 +265,6 @@ class FeatureCache:
         """Rows ``[start, stop)`` along the first axis of each named tensor, reading only those."""
         f = self._open(item_id)
         return {n: f.get_slice(f"{item_id}/{n}")[a:b].float() for n, (a, b) in spans.items()}
-
-    def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel mean and std of the posterior means over the whole cache (float32 (C,)),
-        for normalising latents when the VAE carries no statistics of its own."""
-        from muvi.models.vae import estimate_latent_stats
-
-        return estimate_latent_stats(self.load(i, ["mean"])["mean"].T for i in self.ids)
 
 
 # ----------------------------------------------------------------------------- training data

@@ -1,8 +1,7 @@
 """``python -m muvi.eval GEN_DIR REF_DIR [--videos DIR] -o report.json``: evaluate and print a table.
 
-SIM needs a contrastive checkpoint (``--contrastive PATH``), loaded with
-``muvi.models.contrastive.load_similarity_model(path)``, which must return an object with
-``similarity(video_path, waveform, sample_rate) -> float`` (:class:`muvi.eval.report.SimilarityModel`).
+SIM needs a SIM model folder (``--contrastive PATH``: a contrastive run's ``final/``), loaded with
+:meth:`muvi.eval.sim.SimilarityScorer.from_pretrained`.
 """
 from __future__ import annotations
 
@@ -16,11 +15,9 @@ from muvi.eval.report import PairingError, evaluate, format_table
 
 
 def _similarity_model(path: str):
-    try:
-        from muvi.models.contrastive import load_similarity_model
-    except ImportError as err:
-        raise SystemExit(f"error: --contrastive needs muvi.models.contrastive.load_similarity_model ({err})") from None
-    return load_similarity_model(path)
+    from muvi.eval.sim import SimilarityScorer
+
+    return SimilarityScorer.from_pretrained(path)
 
 
 def check_report_path(args: argparse.Namespace) -> Path:

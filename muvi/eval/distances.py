@@ -1,7 +1,7 @@
 """Distribution distances and tag-based scores between generated and reference audio.
 
 Embeddings come from any backbone (muvi's offline one is the musicnn port,
-:mod:`muvi.eval.musicnn`); all maths here is float64 numpy.
+:mod:`muvi.encoders.musicnn`); all maths here is float64 numpy.
 
 - Fréchet distance ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2). The trace of the
   matrix square root is taken from the eigenvalues of the *symmetric* PSD matrix
@@ -27,12 +27,11 @@ Embeddings come from any backbone (muvi's offline one is the musicnn port,
 The paper's own FAD (VGGish) and FD/KL/IS (PANNs Cnn14) need those networks' weights, which cannot
 be downloaded here: :func:`load_user_backbone` accepts a user-supplied weight file only after its
 SHA-256 matches the one the user states, and never downloads anything; :func:`build_user_network`
-loads it into muvi's port (:mod:`muvi.eval.vggish`, :mod:`muvi.eval.panns`).
+loads it into muvi's port (:mod:`muvi.encoders.vggish`, :mod:`muvi.encoders.panns`).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from pathlib import Path
 
@@ -217,15 +216,6 @@ USER_BACKBONES = {
 }
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclasses.dataclass
 class UserBackbone:
     """A verified user-supplied weight file: its kind, path, SHA-256 and state dict."""
@@ -253,9 +243,9 @@ def load_user_backbone(kind: str, path: str | Path | None, sha256: str | None) -
     path = Path(path)
     if not path.is_file():
         raise BackboneUnavailable(f"{kind} weight file not found: {path}")
-    actual = sha256_file(path)
-    if actual.lower() != sha256.strip().lower():
-        raise ValueError(f"{path}: SHA-256 {actual} does not match the expected {sha256.strip().lower()}")
+    from muvi.checkpoint import check_sha256
+
+    actual = check_sha256(path, sha256)
     import importlib
 
     module, function = _USER_WEIGHT_READERS[kind]
@@ -263,22 +253,22 @@ def load_user_backbone(kind: str, path: str | Path | None, sha256: str | None) -
 
 
 #: kind -> (module, function) reading a weight file (weights-only): the PANNs files also hold
-#: numpy arrays (their data sampler's state), which muvi.eval.panns allows.
+#: numpy arrays (their data sampler's state), which muvi.encoders.panns allows.
 _USER_WEIGHT_READERS = {
     "vggish": ("muvi.checkpoint", "read_state_dict"),
-    "panns_cnn14": ("muvi.eval.panns", "read_panns_checkpoint"),
+    "panns_cnn14": ("muvi.encoders.panns", "read_panns_checkpoint"),
 }
 
 #: kind -> (module, function) building the network from a verified state dict; imported on use.
 _USER_NETWORK_BUILDERS = {
-    "vggish": ("muvi.eval.vggish", "vggish_from_state_dict"),
-    "panns_cnn14": ("muvi.eval.panns", "cnn14_from_state_dict"),
+    "vggish": ("muvi.encoders.vggish", "vggish_from_state_dict"),
+    "panns_cnn14": ("muvi.encoders.panns", "cnn14_from_state_dict"),
 }
 
 
 def build_user_network(backbone: UserBackbone):
-    """The network (eval mode) for a verified backbone: :class:`muvi.eval.vggish.VGGish` or
-    :class:`muvi.eval.panns.Cnn14`, its state dict loaded strictly.
+    """The network (eval mode) for a verified backbone: :class:`muvi.encoders.vggish.VGGish` or
+    :class:`muvi.encoders.panns.Cnn14`, its state dict loaded strictly.
 
     Raises:
         muvi.checkpoint.CheckpointError: the file does not fit the network (the message lists

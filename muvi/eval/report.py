@@ -15,14 +15,13 @@ score of the generated tags; with a :class:`SimilarityModel` and videos, SIM for
 music with the real soundtrack's SIM (ceiling) and shuffled video-music pairs (floor).
 With user-supplied VGGish / PANNs Cnn14 weight files (hash-checked, see
 :func:`muvi.eval.distances.load_user_backbone`), the paper's FAD and FD/KL/IS as audioldm_eval
-computes them (:mod:`muvi.eval.vggish`, :mod:`muvi.eval.panns`; each file re-read as audioldm_eval
+computes them (:mod:`muvi.encoders.vggish`, :mod:`muvi.encoders.panns`; each file re-read as audioldm_eval
 reads it for that network).
 For the kernel distances the bootstrap interval is approximate (a resample repeats clips, and
 repeated clips act as near-duplicate pairs in the estimator).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -90,25 +89,15 @@ class SimilarityModel(Protocol):
         ...
 
 
-def state_dict_sha256(module) -> str:
-    """SHA-256 over a torch module's sorted parameter names, dtypes, shapes and bytes."""
-    import torch
-
-    digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _weights_hash(obj) -> str | None:
     if obj is None:
         return None
     if getattr(obj, "weights_sha256", None):
         return str(obj.weights_sha256)
     network = getattr(obj, "network", obj)
-    return state_dict_sha256(network) if hasattr(network, "state_dict") else None
+    from muvi.checkpoint import state_hash
+
+    return state_hash(network) if hasattr(network, "state_dict") else None
 
 
 def _versions() -> dict[str, str | None]:
@@ -176,7 +165,7 @@ def _durations(seconds: Sequence[float]) -> dict:
 
 
 def _default_embedder():
-    from muvi.eval.musicnn import MusicnnEmbedder
+    from muvi.encoders.musicnn import MusicnnEmbedder
 
     return MusicnnEmbedder.from_package()
 
@@ -399,7 +388,7 @@ def _user_features(networks: dict, path: Path) -> dict[str, np.ndarray]:
     if "vggish" in networks:
         out["vggish"] = np.asarray(networks["vggish"].embed_file(path), dtype=np.float64)
     if "panns_cnn14" in networks:
-        from muvi.eval.panns import clip_outputs
+        from muvi.encoders.panns import clip_outputs
 
         outputs = clip_outputs(networks["panns_cnn14"], path)
         out["panns_embedding"] = outputs.embedding[0].double().numpy()

@@ -1,4 +1,4 @@
-"""Contrastive music–visual model (paper section 3.2): the adaptor's pre-training and SIM.
+"""Contrastive music–visual model (paper section 3.2): the adaptor's pre-training.
 
 The visual side is the visual adaptor over frozen video-encoder tokens; the audio side is a
 frozen AudioMAE whose token grid is averaged over frequency, resampled to the video frame rate
@@ -8,8 +8,8 @@ with a learnable temperature (initialised at 0.07), with extra constructed negat
 shifts, random replacements, silence) added to the music candidates of each video.
 
 The frozen encoders are kept out of :class:`ContrastiveModel` (its checkpoint holds only what
-learns); :func:`frozen_video_tokens` and :func:`frozen_music_features` run them without
-gradients, and :class:`SimilarityScorer` bundles all three for the SIM metric.
+learns): :mod:`muvi.encoders.frames` runs them, and :class:`muvi.eval.sim.SimilarityScorer`
+bundles all three for the SIM metric.
 
 Shapes: B batch, T frames at the video rate, D width, E audio-encoder width, K extra negatives,
 F video frames, N samples, (N', h, w, E') video-encoder tokens.
@@ -17,25 +17,18 @@ F video frames, N samples, (N', h, w, E') video-encoder tokens.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muvi.checkpoint import load_strict, load_weights, read_state_dict, save_weights
 from muvi.config import Config
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor, resample_time
 
 logger = logging.getLogger(__name__)
-
-#: File names inside a trained contrastive folder (the recipe's ``final/``).
-WEIGHTS_NAME, CONFIG_NAME, ENCODERS_NAME = "contrastive.safetensors", "contrastive.json", "contrastive_encoders.json"
 
 
 @dataclasses.dataclass
@@ -187,190 +180,3 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Every process's ``x`` concatenated along dim 0 in rank order (same shape on every process),
     differentiable: see :class:`_GatherWithGrad`."""
     return _GatherWithGrad.apply(x)
-
-
-# ----------------------------------------------------------------------------- frozen encoders
-
-def frozen_video_tokens(encoder: nn.Module, frames: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
-    """uint8 frames (B, F, 3, H, W) at the frame rate → video-encoder tokens (B, N', h, w, E'),
-    without gradients. Frames not at the encoder's size are resized and centre-cropped."""
-    from muvi.video import encoder_input, resize_center_crop
-
-    size = encoder.config.image_size
-    if frames.shape[-2:] != (size, size):
-        b = frames.shape[0]
-        frames = resize_center_crop(frames.flatten(0, 1), size).unflatten(0, (b, -1))
-    with torch.no_grad():
-        return encoder.encode(encoder_input(frames, encoder.normalize), max_batch=max_batch)
-
-
-def frozen_music_features(encoder: nn.Module, waveforms: torch.Tensor, sample_rate: int, fps: float,
-                          num_frames: int) -> torch.Tensor:
-    """Waveforms (B, N) → AudioMAE features at the frame rate (B, T, E), without gradients.
-
-    Always fp32 (autocast off): the log-mel front end loses too much in bf16, and AudioMAE costs
-    little next to the video encoder.
-    """
-    with torch.no_grad(), torch.autocast(device_type=waveforms.device.type, enabled=False):
-        return encoder.frame_features(waveforms.float(), sample_rate, fps, num_frames)
-
-
-# ----------------------------------------------------------------------------- SIM
-
-EncoderArg = Union[None, str, Path, nn.Module]
-
-
-class SimilarityScorer(nn.Module):
-    """A trained :class:`ContrastiveModel` with its two frozen encoders: the SIM metric.
-
-    ``similarity(video_path, waveform, sample_rate)`` is the position-aware similarity in
-    [-1, 1] of the video (read at the model's frame rate) and the music, over the frames both
-    cover (the longer one is cut). Everything is frozen and in eval mode. ``max_batch`` bounds
-    the video clips encoded at once, so long videos fit in memory.
-    """
-
-    def __init__(self, model: ContrastiveModel, video_encoder: nn.Module, audio_encoder: nn.Module,
-                 max_batch: int = 16):
-        super().__init__()
-        self.model, self.video_encoder, self.audio_encoder = model, video_encoder, audio_encoder
-        self.max_batch = max_batch
-        self.eval().requires_grad_(False)
-        cfg = model.config
-        if video_encoder.config.hidden_size != cfg.adaptor_config().encoder_dim:
-            raise ValueError(f"video encoder width {video_encoder.config.hidden_size} != the adaptor's "
-                             f"encoder_dim {cfg.adaptor_config().encoder_dim}")
-        if audio_encoder.config.hidden_size != cfg.audio_dim:
-            raise ValueError(f"audio encoder width {audio_encoder.config.hidden_size} != audio_dim {cfg.audio_dim}")
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.logit_scale.device
-
-    @torch.no_grad()
-    def score(self, frames: torch.Tensor, waveform, sample_rate: int) -> float:
-        """uint8 frames (F, 3, H, W) at ``config.frame_rate`` and mono music (N,) → SIM."""
-        fps = self.model.config.frame_rate
-        wave = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
-        if wave.dim() == 2:  # (channels, N)
-            wave = wave.mean(0)
-        if wave.dim() != 1:
-            raise ValueError(f"expected mono (N,) or (channels, N) music, got shape {tuple(wave.shape)}")
-        t = min(frames.shape[0], int(math.floor(wave.shape[0] * fps / sample_rate + 1e-6)))
-        if t < 1:
-            raise ValueError(f"video ({frames.shape[0]} frames) and music ({wave.shape[0]} samples at "
-                             f"{sample_rate} Hz) share no whole frame at {fps} fps")
-        wave = wave[: int(round(t * sample_rate / fps))]
-        tokens = frozen_video_tokens(self.video_encoder, frames[None, :t].to(self.device), self.max_batch)
-        feats = frozen_music_features(self.audio_encoder, wave[None].to(self.device), sample_rate, fps, t)
-        video = self.model.video_embedding(tokens, t)
-        audio = self.model.audio_embedding(feats, t)
-        return float(self.model.similarity(video, audio)[0])
-
-    def similarity(self, video_path: str, waveform, sample_rate: int) -> float:
-        from muvi.video import read_frames
-
-        frames = read_frames(video_path, self.model.config.frame_rate, size=self.video_encoder.config.image_size)
-        return self.score(frames, waveform, sample_rate)
-
-    def save_pretrained(self, directory: Union[str, Path], *, video_source: Optional[str] = None,
-                        audio_source: Optional[str] = None) -> None:
-        """Write ``contrastive.safetensors`` + ``contrastive.json`` (the learnt model) and
-        ``contrastive_encoders.json`` (where the frozen encoders come from).
-
-        A source is a spec the encoder loaders accept (``muvi.pipeline.load_video_encoder``,
-        ``muvi.models.music_encoder.load_audio_encoder``): a checkpoint path or a packaged name
-        such as ``efficientnet-lite0`` or ``musicnn``. An encoder without one (random weights) is
-        saved beside as ``contrastive_{video,audio}_encoder.{safetensors,json}``, so SIM stays
-        reproducible.
-        """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_weights(self.model, directory / WEIGHTS_NAME)
-        self.model.config.to_json(directory / CONFIG_NAME)
-        record = {}
-        for side, encoder, source in (("video", self.video_encoder, video_source),
-                                      ("audio", self.audio_encoder, audio_source)):
-            kind = _encoder_kind(encoder)
-            if source is None:
-                save_weights(encoder, directory / f"contrastive_{side}_encoder.safetensors")
-                encoder.config.to_json(directory / f"contrastive_{side}_encoder.json")
-            elif Path(source).is_file():
-                source = str(Path(source).resolve())
-            record[f"{side}_encoder"] = {"kind": kind, "source": source, "config": encoder.config.to_dict()}
-        (directory / ENCODERS_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
-    @classmethod
-    def from_pretrained(cls, directory: Union[str, Path], *, video_encoder: EncoderArg = None,
-                        audio_encoder: EncoderArg = None, device: Union[str, torch.device] = "cpu"
-                        ) -> "SimilarityScorer":
-        """Load a folder written by :meth:`save_pretrained` (a run's ``final/``; a run folder works too).
-
-        Each encoder: a module, a spec (path or packaged name), or None for the file saved in
-        the folder or, failing that, the source recorded at training time.
-        """
-        directory = Path(directory)
-        if not (directory / WEIGHTS_NAME).is_file() and (directory / "final" / WEIGHTS_NAME).is_file():
-            directory = directory / "final"
-        if not (directory / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        model = ContrastiveModel(ContrastiveConfig.from_json(directory / CONFIG_NAME))
-        load_weights(model, directory / WEIGHTS_NAME, source=CONFIG_NAME)
-        record_path = directory / ENCODERS_NAME
-        record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
-        encoders = [_resolve_encoder(side, arg, directory, record.get(f"{side}_encoder", {}))
-                    for side, arg in (("video", video_encoder), ("audio", audio_encoder))]
-        return cls(model, *encoders).to(device)
-
-
-def _encoder_kinds() -> dict:
-    """kind → (module class, config class, load(path, config) for a file saved beside)."""
-    from muvi.eval.musicnn import Musicnn, MusicnnConfig
-    from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder, load_audiomae_encoder
-    from muvi.models.frame_encoder import FrameEncoder, FrameEncoderConfig, load_frame_encoder
-    from muvi.models.music_encoder import MusicnnFrameEncoder
-    from muvi.models.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
-
-    def load_musicnn(path, config):
-        encoder = MusicnnFrameEncoder(Musicnn(config))
-        load_strict(encoder, read_state_dict(path), source=str(path))
-        return encoder
-
-    return {"videomae": (VideoMAEEncoder, VideoMAEConfig, load_videomae_encoder),
-            "efficientnet-lite": (FrameEncoder, FrameEncoderConfig, load_frame_encoder),
-            "audiomae": (AudioMAEEncoder, AudioMAEConfig, load_audiomae_encoder),
-            "musicnn": (MusicnnFrameEncoder, MusicnnConfig, load_musicnn)}
-
-
-def _encoder_kind(encoder: nn.Module) -> str:
-    for kind, (module_cls, _, _) in _encoder_kinds().items():
-        if isinstance(encoder, module_cls):
-            return kind
-    raise TypeError(f"no saving rule for a {type(encoder).__name__} encoder")
-
-
-def _resolve_encoder(side: str, arg: EncoderArg, directory: Path, record: dict) -> nn.Module:
-    from muvi.models.music_encoder import load_audio_encoder
-    from muvi.pipeline import load_video_encoder
-
-    def from_spec(spec: str) -> nn.Module:
-        return load_video_encoder(spec)[0] if side == "video" else load_audio_encoder(spec)[0]
-
-    if isinstance(arg, nn.Module):
-        return arg
-    if arg is not None:
-        return from_spec(str(arg))
-    saved = directory / f"contrastive_{side}_encoder.safetensors"
-    kind = record.get("kind", "videomae" if side == "video" else "audiomae")  # older folders: the paper's
-    if saved.is_file():
-        _, config_cls, load = _encoder_kinds()[kind]
-        return load(saved, config_cls.from_json(saved.with_suffix(".json")))
-    source = record.get("source", record.get("path"))
-    if source and (Path(source).is_file() or not any(c in source for c in "/\\")):
-        return from_spec(source)
-    raise FileNotFoundError(f"{directory}: no {side} encoder saved and the one recorded at training time "
-                            f"({source}) is not there; pass {side}_encoder=PATH")
-
-
-def load_similarity_model(path: Union[str, Path], **kwargs) -> SimilarityScorer:
-    """What ``python -m muvi.eval --contrastive PATH`` loads: :meth:`SimilarityScorer.from_pretrained`."""
-    return SimilarityScorer.from_pretrained(path, **kwargs)

@@ -301,3 +301,36 @@ def estimate_latent_stats(latents: torch.Tensor | Iterable[torch.Tensor]
     mean = total / count
     var = (total_sq / count - mean.square()).clamp_min(0.0)
     return mean.float(), var.sqrt().float()
+
+
+@torch.no_grad()
+def encode_music_posterior(wave: torch.Tensor, mel: nn.Module, vae: nn.Module, *,
+                           chunk_seconds: float = 600.0, context_seconds: float = 10.0
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Waveform (S,) at the mel's rate → posterior (mean, logvar), each float32 (T, C) on the CPU.
+
+    Files up to ``chunk_seconds`` are encoded whole, exactly as ``vae.encode`` sees a training
+    segment. Longer ones go in chunks of ``chunk_seconds`` with ``context_seconds`` of extra mel
+    on each side whose latents are dropped: memory stays bounded, the convolutions see their
+    full receptive field, and chunk joins fall on latent-frame boundaries. Only the GroupNorm
+    statistics then differ slightly from a whole-file pass (they span one window, not the file).
+    """
+    device = next(vae.parameters()).device
+    spec = mel(wave.to(device)[None])  # (1, M, frames)
+    step = vae.config.time_compression
+    latents = math.ceil(spec.shape[-1] / step)
+    rate = mel.config.frames_per_second / step  # latent frames per second
+    chunk = max(1, int(chunk_seconds * rate))
+    if latents <= chunk:
+        post = vae.encode(spec)
+        return post.mean[0].T.float().cpu(), post.logvar[0].T.float().cpu()
+    context = int(math.ceil(context_seconds * rate))
+    means, logvars = [], []
+    for a in range(0, latents, chunk):
+        b = min(a + chunk, latents)
+        lo, hi = max(0, a - context), min(latents, b + context)
+        post = vae.encode(spec[..., lo * step: hi * step])
+        keep = slice(a - lo, b - lo)
+        means.append(post.mean[0, :, keep])
+        logvars.append(post.logvar[0, :, keep])
+    return torch.cat(means, 1).T.float().cpu(), torch.cat(logvars, 1).T.float().cpu()

@@ -3,7 +3,7 @@
 The contrastive pre-training (paper section 3.2) compares the visual adaptor's output with a
 frozen audio encoder's features, frame by frame. The paper's encoder is AudioMAE, whose weights
 cannot be installed from a package index. The ``musicnn`` wheel (ISC licence) ships trained
-music-tagging networks, ported in :mod:`muvi.eval.musicnn`; :class:`MusicnnFrameEncoder` turns
+music-tagging networks, ported in :mod:`muvi.encoders.musicnn`; :class:`MusicnnFrameEncoder` turns
 one into a frame-level music encoder: the 753 per-frame channels the network's back end pools
 (its "dense" front-end + mid-end features, 62.5 frames/s at 16 kHz: two timbral convolutions and
 three temporal ones of 0.5–2 s, then three 7-frame convolutions), averaged over each output frame.
@@ -14,23 +14,16 @@ Output frame ``j`` at ``fps`` averages the musicnn frames whose centres fall in
 musicnn's 3 s patches: the network is convolutional with frozen batch norms, so only the
 clip's edges see padding.
 
-``load_audio_encoder(spec)`` reads a command-line spec: ``musicnn`` / ``musicnn:MTT_musicnn``
-(package weights), an AudioMAE checkpoint path, or an AudioMAE preset name (RANDOM weights;
-tests only). Shapes: B clips, N samples, T' musicnn frames, T output frames, C channels.
+:func:`muvi.hub.load_encoder` reads the command-line specs (``musicnn`` / ``musicnn:MTT_musicnn``,
+an AudioMAE checkpoint path, ...). Shapes: B clips, N samples, T' musicnn frames, T output frames, C channels.
 """
 from __future__ import annotations
-
-import logging
-from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from muvi.eval.musicnn import Musicnn, MusicnnConfig, load_musicnn_network, musicnn_log_mel
-
-logger = logging.getLogger(__name__)
+from muvi.encoders.musicnn import Musicnn, MusicnnConfig, musicnn_log_mel
 
 #: the package checkpoint ``musicnn`` alone stands for.
 DEFAULT_MUSICNN = "MSD_musicnn"
@@ -79,26 +72,3 @@ class MusicnnFrameEncoder(nn.Module):
             feats = self.network.frame_features(torch.from_numpy(mel).to(device))  # (B, C, T')
         weights = bucket_means(feats.shape[-1], c.sample_rate / c.hop_length, fps, num_frames).to(device)
         return torch.einsum("jk,bck->bjc", weights, feats.float())
-
-
-def load_audio_encoder(spec: Union[str, Path]) -> tuple[nn.Module, Optional[str]]:
-    """A frozen music encoder from a spec (see the module docstring).
-
-    Returns ``(encoder, source)``: the spec to record so the same encoder can be rebuilt
-    (``musicnn:NAME`` or the resolved checkpoint path), or None for random weights.
-    """
-    from muvi.models.audiomae import AudioMAEConfig, AudioMAEEncoder, load_audiomae_encoder
-
-    text = str(spec)
-    name, _, model = text.partition(":")
-    if name == "musicnn":
-        model = model or DEFAULT_MUSICNN
-        return MusicnnFrameEncoder(load_musicnn_network(model)), f"musicnn:{model}"
-    if text in AudioMAEConfig.PRESETS:
-        logger.warning("AUDIO ENCODER %r HAS RANDOM WEIGHTS: its features mean nothing; pass an AudioMAE "
-                       "checkpoint (or musicnn) for real use", text)
-        return AudioMAEEncoder(AudioMAEConfig.preset(text)).eval().requires_grad_(False), None
-    if not Path(text).is_file():
-        raise FileNotFoundError(f"audio encoder {text!r} is neither a file, 'musicnn[:MSD_musicnn|:MTT_musicnn]', "
-                                f"nor an AudioMAE preset ({sorted(AudioMAEConfig.PRESETS)})")
-    return load_audiomae_encoder(text), str(Path(text).resolve())

@@ -126,7 +126,7 @@ class FrameEncoderConfig(Config):
         return size
 
     # VideoMAE-compatible view for code that windows videos clip by clip
-    # (muvi.data.features.encode_video_tokens): a "clip" is one frame pair, one token step.
+    # (muvi.encoders.frames.encode_video_file): a "clip" is one frame pair, one token step.
     @property
     def num_frames(self) -> int:
         return self.tubelet_size

@@ -276,7 +276,7 @@ def musicnn_log_mel(waveform: np.ndarray | torch.Tensor, sample_rate: int, confi
 
 def load_musicnn_network(model: str = "MSD_musicnn") -> Musicnn:
     """A checkpoint shipped inside the installed ``musicnn`` package (no TensorFlow), frozen."""
-    from muvi.eval._tf_checkpoint import read_tf_checkpoint
+    from muvi.encoders._tf_checkpoint import read_tf_checkpoint
 
     package = musicnn_package_dir()
     folder = package / model

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
+from muvi.checkpoint import CheckpointError, check_sha256, load_strict, read_state_dict
 from muvi.config import Config
 
 logger = logging.getLogger(__name__)
@@ -319,8 +319,5 @@ def load_panns(path: str | Path, sha256: str | None = None) -> Cnn14:
         CheckpointError: the file is unreadable or does not fit Cnn14 (missing/unexpected keys).
     """
     if sha256 is not None:
-        from muvi.eval.distances import load_user_backbone
-
-        backbone = load_user_backbone("panns_cnn14", path, sha256)
-        return cnn14_from_state_dict(backbone.state_dict, source=backbone.path)
+        check_sha256(path, sha256)
     return cnn14_from_state_dict(read_panns_checkpoint(path), source=str(path))

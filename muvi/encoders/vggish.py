@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
+from muvi.checkpoint import CheckpointError, check_sha256, load_strict, read_state_dict
 from muvi.config import Config
 
 logger = logging.getLogger(__name__)
@@ -300,10 +300,7 @@ def load_vggish(path: str | Path, sha256: str | None = None) -> VGGish:
         CheckpointError: the file is unreadable or does not fit VGGish (missing/unexpected keys).
     """
     if sha256 is not None:
-        from muvi.eval.distances import load_user_backbone
-
-        backbone = load_user_backbone("vggish", path, sha256)
-        return vggish_from_state_dict(backbone.state_dict, source=backbone.path)
+        check_sha256(path, sha256)
     state = read_state_dict(path)
     if not state:
         raise CheckpointError(f"{path}: empty state dict")
