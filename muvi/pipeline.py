@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch import nn
 
-from muvi import flow, hub
+from muvi import hub
 from muvi.config import RELEASE_FORMAT, Config, ConfigError
 from muvi.encoders.frames import encode_frames
 from muvi.errors import GenerationError, InputError, MissingFileError
@@ -29,6 +29,7 @@ from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
+from muvi.models.v2m import VideoToMusicFlow
 from muvi.models.vae import MelVAE, VAEConfig
 from muvi.output import GenerationOutput
 from muvi import video as video_io
@@ -68,7 +69,8 @@ class MuviPipeline(nn.Module):
                  dit: DiT, vae: MelVAE, vocoder: HiFiGANGenerator, mel: MelSpectrogram):
         super().__init__()
         self.config = config
-        self.video_encoder, self.adaptor, self.dit = video_encoder, adaptor, dit
+        self.video_encoder = video_encoder
+        self.flow = VideoToMusicFlow(dit, adaptor)  # the objective the DiT was trained with
         self.vae, self.vocoder, self.mel = vae, vocoder, mel
         hop = mel.config.hop_length * 2 ** (len(vae.config.channel_mult) - 1)
         if abs(mel.config.sample_rate / hop - config.latent_rate) > 1e-6:
@@ -136,6 +138,14 @@ class MuviPipeline(nn.Module):
         modules = {name: hub.load_component(directory, name, types=types) for name, types in COMPONENTS.items()}
         return cls(config, **modules).to(device)
 
+    @property
+    def dit(self) -> DiT:
+        return self.flow.dit
+
+    @property
+    def adaptor(self) -> VisualAdaptor:
+        return self.flow.adaptor
+
     # ------------------------------------------------------------------ stages
     @property
     def device(self) -> torch.device:
@@ -146,8 +156,9 @@ class MuviPipeline(nn.Module):
         return encode_frames(self.video_encoder, frames[None])
 
     def condition(self, tokens: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """Encoder tokens → visual condition at the latent rate (1, T, D)."""
-        return self.adaptor(tokens, num_frames)
+        """Encoder tokens (B, N, h, w, E) → visual condition at the latent rate (B, T, D)."""
+        lengths = torch.full((tokens.shape[0],), num_frames, device=tokens.device)
+        return self.flow.condition(tokens, lengths)
 
     def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:
         """24 kHz waveform (N,) → normalised latent (1, T, C) (posterior mean)."""
@@ -221,24 +232,6 @@ class MuviPipeline(nn.Module):
     def sample_latent(self, cond: torch.Tensor, *, num_steps: int = 25, cfg_scale: float = 4.0,
                       seed: Optional[int] = None, prefix: Optional[torch.Tensor] = None,
                       method: str = "euler", progress: bool = False) -> torch.Tensor:
-        """Solve the flow ODE for a condition (B, T, D); with ``prefix`` (B, P, C) the prompt
-        is prepended as clean context (null condition there) and cut off the result."""
-        b, t, _ = cond.shape
-        p = 0 if prefix is None else prefix.shape[1]
-        null = self.dit.null_condition(b, p + t)
-        if p:
-            cond = torch.cat([null[:, :p], cond], dim=1)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        x0 = torch.randn(b, p + t, self.dit.config.latent_channels, generator=generator).to(self.device)
-        context = context_latent = None
-        if p:
-            context = flow.context_mask(torch.full((b,), p, device=self.device), p + t)
-            context_latent = torch.cat([prefix, torch.zeros_like(x0[:, p:])], dim=1)
-        velocity = flow.guided_velocity(self._velocity_net, cond, null, cfg_scale)
-        latent = flow.sample(velocity, x0, num_steps=num_steps, method=method, context=context,
-                             context_latent=context_latent, progress=progress)
-        return latent[:, p:]
-
-    def _velocity_net(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            return self.dit(x, t, cond)
+        """Solve the flow ODE for a condition (B, T, D): :meth:`VideoToMusicFlow.sample`."""
+        return self.flow.sample(cond, num_steps=num_steps, cfg_scale=cfg_scale, seed=seed, prefix=prefix,
+                                method=method, progress=progress)

@@ -27,15 +27,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
-from muvi import flow, hub
+from muvi import hub
 from muvi.config import Config
 from muvi.data.features import CachedLatentDataset, collate_latents
 from muvi.data.sampler import DurationBalancedBatchSampler
-from muvi.models.adaptor import AdaptorConfig, VisualAdaptor, resample_time
+from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
+from muvi.models.v2m import FlowObjective, VideoToMusicFlow
 from muvi import training
 from muvi.cli import run_script
 
@@ -87,36 +87,6 @@ def build_config(cls, spec: dict):
     return cls.preset(preset, **spec) if preset else cls.from_dict(spec)
 
 
-class FlowModel(nn.Module):
-    """The trainable network of a stage: the DiT, plus the adaptor for video-to-music.
-
-    ``forward`` returns the predicted velocity; wrapping both in one module lets DDP see them.
-    """
-
-    def __init__(self, dit: DiT, adaptor: Optional[VisualAdaptor]):
-        super().__init__()
-        self.dit, self.adaptor = dit, adaptor
-
-    def condition(self, tokens: torch.Tensor, token_lengths: torch.Tensor, lengths: torch.Tensor,
-                  frames: int) -> torch.Tensor:
-        """Per-item adaptor output resampled to its own latent length, zero-padded to ``frames``."""
-        pooled = self.adaptor.aggregate(tokens)  # (B, N, D)
-        out = pooled.new_zeros(pooled.shape[0], frames, pooled.shape[-1])
-        for b in range(pooled.shape[0]):
-            n, t = int(token_lengths[b]), int(lengths[b])
-            out[b, :t] = resample_time(pooled[b:b + 1, :n], t)[0]
-        return out
-
-    def forward(self, x_t, t_frames, valid, use_null, tokens=None, token_lengths=None, lengths=None):
-        b, n, _ = x_t.shape
-        null = self.dit.null_condition(b, n)
-        if self.adaptor is None:
-            cond = null
-        else:
-            cond = torch.where(use_null[..., None], null, self.condition(tokens, token_lengths, lengths, n))
-        return self.dit(x_t, t_frames, cond, valid)
-
-
 def latent_stats(data: CachedLatentDataset) -> tuple[torch.Tensor, torch.Tensor]:
     """The normalisation of the VAE that made the cache: the pipeline applies the same one."""
     info = data.cache.info
@@ -125,28 +95,18 @@ def latent_stats(data: CachedLatentDataset) -> tuple[torch.Tensor, torch.Tensor]
     return torch.tensor(info["latent_mean"]), torch.tensor(info["latent_std"])
 
 
-def make_batch(batch: dict, cfg: DiTTrainConfig, stats, gen: torch.Generator, device) -> dict:
-    """Draw latents, context prefixes, times, noise and condition drops for one micro-batch."""
+def draw_latents(batch: dict, stats: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator) -> torch.Tensor:
+    """A latent drawn from each cached posterior, normalised as the release normalises, zero on
+    padding: (B, T, C)."""
     mean, logvar, valid = batch["mean"], batch["logvar"], batch["valid"]
-    lengths = batch["lengths"]
-    b, n, _ = mean.shape
     x1 = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
-    x1 = (x1 - stats[0]) / stats[1]
-    x1 = x1 * valid[..., None]
-    use_icl = torch.rand(b, generator=gen) < cfg.icl_prob
-    prefix = torch.tensor([flow.prefix_frames(int(length), cfg.latent_rate, max_seconds=cfg.icl_max_seconds,
-                                              max_fraction=cfg.icl_max_fraction) if icl else 0
-                           for length, icl in zip(lengths, use_icl)])
-    context = flow.context_mask(prefix, n)
-    t = flow.sample_time(b, generator=gen, distribution=cfg.time_distribution)
-    x_t, t_frames, v_target = flow.training_pair(x1, t, context=context, generator=gen)
-    drop = torch.rand(b, generator=gen) < (cfg.cond_drop_prob if cfg.stage == "v2m" else 1.0)
-    use_null = drop[:, None] | context  # the context needs no condition (section 4.3)
-    out = {"x_t": x_t, "t_frames": t_frames, "v_target": v_target, "valid": valid, "context": context,
-           "use_null": use_null, "lengths": lengths}
-    if cfg.stage == "v2m":
-        out.update(tokens=batch["tokens"], token_lengths=batch["token_lengths"])
-    return {k: v.to(device) for k, v in out.items()}
+    return (x1 - stats[0]) / stats[1] * valid[..., None]
+
+
+def objective(cfg: DiTTrainConfig) -> FlowObjective:
+    return FlowObjective(latent_rate=cfg.latent_rate, cond_drop_prob=cfg.cond_drop_prob, icl_prob=cfg.icl_prob,
+                         icl_max_seconds=cfg.icl_max_seconds, icl_max_fraction=cfg.icl_max_fraction,
+                         time_distribution=cfg.time_distribution)
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
@@ -177,7 +137,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
             hub.load_init(adaptor, cfg.init_adaptor, ("adaptor", "contrastive"), prefix="adaptor.")
     if cfg.init_dit:
         hub.load_init(dit, cfg.init_dit, ("dit",))
-    model = FlowModel(dit, adaptor)
+    model = VideoToMusicFlow(dit, adaptor, objective(cfg))
     optimizer = training.adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: training.lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.schedule))
@@ -203,11 +163,11 @@ def main(argv: Optional[list[str]] = None) -> Path:
         consumed, batch = next(stream)
         gen = training.step_generator(cfg.seed, micro, rank)
         micro += 1
-        inputs = make_batch(batch, cfg, stats, gen, acc.device)
+        x1 = draw_latents(batch, stats, gen).to(acc.device)
+        valid = batch["valid"].to(acc.device)
+        tokens = {k: batch[k].to(acc.device) for k in ("tokens", "token_lengths")} if v2m else {}
         with acc.accumulate(model), acc.autocast():
-            v_pred = model(inputs["x_t"], inputs["t_frames"], inputs["valid"], inputs["use_null"],
-                           inputs.get("tokens"), inputs.get("token_lengths"), inputs["lengths"])
-            loss = flow.flow_loss(v_pred, inputs["v_target"], inputs["context"], inputs["valid"])
+            loss = model(x1, valid, gen, **tokens)
             training.check_finite(loss, step, ", ".join(batch["ids"]))
             acc.backward(loss)
             if acc.sync_gradients and cfg.grad_clip:
@@ -216,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
             if acc.sync_gradients:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        meter.add(len(batch["ids"]), int(inputs["valid"].sum()))
+        meter.add(len(batch["ids"]), int(valid.sum()))
         if not acc.sync_gradients:
             continue
         ema.update(acc.unwrap_model(model))
@@ -236,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     return final
 
 
-def save_final(model: FlowModel, folder: Path) -> None:
+def save_final(model: VideoToMusicFlow, folder: Path) -> None:
     """EMA weights of each trained component: ``<name>.safetensors`` + ``<name>.json``."""
     for name, module in (("dit", model.dit), ("adaptor", model.adaptor)):
         if module is not None:
