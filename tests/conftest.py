@@ -1,4 +1,5 @@
-"""Shared pytest fixtures (``real_music_24k``, ``one_thread``) and helpers that test modules
+"""Shared pytest fixtures (``real_music_24k``, ``one_thread``, the tiny model: ``tiny_pipe`` and
+``tiny_release_dir``) and helpers that test modules
 import with ``from conftest import ...`` (recipes, real media, nested-state comparison).
 
 ``real_music_24k``: about 5 s of real music, rendered offline, with nothing downloaded.
@@ -209,15 +210,33 @@ def video_packets(path: Path) -> list[bytes]:
         return [bytes(p) for p in container.demux(container.streams.video[0]) if p.size]
 
 
-def tiny_release(folder: Path) -> Path:
-    """A tiny random release (output layer not zero, so sampling does work), saved to ``folder``."""
+def tiny_pipeline():
+    """THE tiny random model of the test suite: the "tiny" presets seeded with 0, the DiT's
+    zero-initialised output layer drawn at random (std 0.5) so that sampling does work."""
     import torch
 
     from muvi.pipeline import MuviPipeline
 
     pipe = MuviPipeline.from_presets("tiny", seed=0)
     torch.nn.init.normal_(pipe.dit.out.weight, std=0.5)
-    return pipe.save_pretrained(folder)
+    return pipe
+
+
+def tiny_release(folder: Path) -> Path:
+    """:func:`tiny_pipeline` saved as a release folder (a fresh copy the caller may edit)."""
+    return tiny_pipeline().save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """One :func:`tiny_pipeline` shared by the whole session (do not change its weights)."""
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="session")
+def tiny_release_dir(tmp_path_factory) -> Path:
+    """One :func:`tiny_release` folder shared by the whole session (read it, do not edit it)."""
+    return tiny_release(tmp_path_factory.mktemp("release") / "tiny")
 
 
 def edit_component(folder: Path, name: str, **changes) -> dict:

@@ -4,17 +4,13 @@ import sys
 
 import av
 import pytest
-import torch
 
 from muvi import cli
-from muvi.pipeline import MuviPipeline
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    pipe = MuviPipeline.from_presets("tiny", seed=0)
-    torch.nn.init.normal_(pipe.dit.out.weight, std=0.5)
-    return pipe.save_pretrained(tmp_path_factory.mktemp("release") / "tiny")
+def release(tiny_release_dir):
+    return tiny_release_dir
 
 
 def packets(path):

@@ -11,9 +11,10 @@ import av
 import numpy as np
 import pytest
 
-from conftest import make_clip, tiny_release, video_packets
 from muvi import cli
 from muvi.media import probe_video
+
+from conftest import make_clip, tiny_release, video_packets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,8 +42,8 @@ CLIPS = [
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    return tiny_release(tmp_path_factory.mktemp("release") / "tiny")
+def release(tiny_release_dir):
+    return tiny_release_dir
 
 
 @pytest.fixture(scope="module")
