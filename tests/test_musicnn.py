@@ -129,10 +129,13 @@ def test_resampled_and_stereo_input(embedders, reference):
     np.testing.assert_array_equal(embedder.embed(stereo, 16000), embedder.embed(audio, 16000))
 
 
-def test_save_and_load_safetensors(embedders, reference, tmp_path):
+def test_save_and_load_as_a_hub_component(embedders, reference, tmp_path):
+    from muvi.encoders.music_frames import MusicnnFrameEncoder
+    from muvi.hub import load_component, save_component
+
     embedder = embedders["MSD_musicnn"]
-    embedder.save_pretrained(tmp_path)
-    loaded = mn.MusicnnEmbedder.from_pretrained(tmp_path)
+    save_component(MusicnnFrameEncoder(embedder.network), tmp_path, "musicnn")
+    loaded = mn.MusicnnEmbedder(load_component(tmp_path, "musicnn").network)
     assert loaded.tag_names == embedder.tag_names
     audio = reference["audio"][:16000 * 4]
     np.testing.assert_array_equal(loaded.embed(audio, 16000), embedder.embed(audio, 16000))

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from muvi.checkpoint import load_strict, read_state_dict
+from muvi.checkpoint import load_strict
 from muvi.config import Config
 
 logger = logging.getLogger(__name__)
@@ -319,23 +319,6 @@ class MusicnnEmbedder:
     def from_package(cls, model: str = "MSD_musicnn", **kwargs) -> "MusicnnEmbedder":
         """Load a checkpoint shipped inside the installed ``musicnn`` package (no TensorFlow)."""
         return cls(load_musicnn_network(model), **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, **kwargs) -> "MusicnnEmbedder":
-        """Load ``config.json`` + ``model.safetensors`` written by :meth:`save_pretrained`."""
-        directory = Path(directory)
-        network = Musicnn(MusicnnConfig.from_json(directory / "config.json"))
-        load_strict(network, read_state_dict(directory / "model.safetensors"), source=str(directory))
-        return cls(network, **kwargs)
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.network.config.to_json(directory / "config.json")
-        save_file({k: v.contiguous() for k, v in self.network.state_dict().items()},
-                  str(directory / "model.safetensors"))
 
     @property
     def tag_names(self) -> tuple[str, ...]:
