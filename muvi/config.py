@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
-from typing import Any, ClassVar, Type, TypeVar
+from typing import Any, ClassVar, Optional, Type, TypeVar
 
 from muvi.errors import MuviError
 
@@ -33,20 +34,30 @@ class Config:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, Config):
+                value = value.to_dict()
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
     def from_dict(cls: Type[C], data: dict, *, source: str = "config") -> C:
+        """Strict: an unknown field is an error. A nested config field (see :func:`nested_configs`)
+        takes a dict of its own fields; the ones it leaves out keep the field's default, so a
+        recipe's ``{"optim": {"lr": 1e-3}}`` changes the rate and keeps the recipe's betas."""
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(names))
         if unknown:
             raise ConfigError(f"{source}: unknown {cls.__name__} field(s) {unknown}; "
                               f"known fields are {sorted(names)}")
+        nested = nested_configs(cls)
         kwargs = {}
         for key, value in data.items():
+            if key in nested and isinstance(value, dict):
+                default = _default(names[key])
+                base = default.to_dict() if isinstance(default, Config) else {}
+                value = nested[key].from_dict({**base, **value}, source=f"{source}, field {key!r}")
             # JSON has no tuples: restore them (one level of nesting) where the default is one.
-            if isinstance(names[key].default, tuple) and isinstance(value, list):
+            elif isinstance(names[key].default, tuple) and isinstance(value, list):
                 value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
             kwargs[key] = value
         try:
@@ -74,3 +85,29 @@ class Config:
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(data, source=str(path))
+
+
+def nested_configs(cls: type) -> dict[str, Type[Config]]:
+    """The fields of dataclass ``cls`` that hold a :class:`Config` of their own: ``{name: class}``.
+
+    Read from the annotation, or, where it cannot be resolved (a class defined inside a
+    function), from the type of the field's default.
+    """
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 (an annotation naming something out of scope)
+        hints = {}
+    out = {}
+    for f in dataclasses.fields(cls):
+        kind = hints.get(f.name, f.type)
+        if not (isinstance(kind, type) and issubclass(kind, Config)):
+            kind = type(_default(f))
+        if issubclass(kind, Config):
+            out[f.name] = kind
+    return out
+
+
+def _default(f: dataclasses.Field) -> Optional[Any]:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default

@@ -1,9 +1,14 @@
 """Pieces every training recipe shares: config overrides, EMA, the optimiser and learning-rate
-schedule, atomic checkpoints with exact resume, a NaN guard, throughput logging, the music data
-pipeline and random crops of the mel recipes (trained components are saved with :mod:`muvi.hub`).
+schedule, atomic checkpoints with exact resume, a NaN guard, window-mean and held-out losses,
+throughput logging, the music data pipeline and random crops of the mel recipes (trained
+components are saved with :mod:`muvi.hub`).
 
 They are plain functions and small classes, not a framework: each recipe under ``recipes/``
-is an explicit loop that calls them.
+is an explicit loop that calls them, of one shape: one micro-batch per iteration, each under
+``accelerator.accumulate(*models)`` (gradients all-reduced on a step's last micro-batch only),
+``backward``, clipping when ``accelerator.sync_gradients``, ``optimizer.step()`` / ``zero_grad``
+(no-ops until then) and ``scheduler.step()`` at that sync point; then, once per step, the EMA,
+a :class:`LossWindow` mean in the log, the :func:`heldout_loss` and the checkpoint.
 """
 from __future__ import annotations
 
@@ -17,12 +22,12 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Type, TypeVar
 
 import torch
 from torch import nn
 
-from muvi.config import Config, ConfigError
+from muvi.config import Config, ConfigError, nested_configs
 from muvi.errors import MuviError, one_line
 
 logger = logging.getLogger(__name__)
@@ -34,22 +39,33 @@ C = TypeVar("C", bound=Config)
 def load_config(cls: Type[C], path: Optional[str | Path], overrides: Sequence[str] = ()) -> C:
     """A recipe config from a JSON file, then ``field=value`` overrides from the command line.
 
-    Values are parsed as JSON when they can be (``lr=1e-4``, ``sizes=[1,2]``, ``flag=true``)
-    and taken as strings otherwise (``data=music/``).
+    Values are parsed as JSON when they can be (``steps=10``, ``sizes=[1,2]``, ``flag=true``)
+    and taken as strings otherwise (``data=music/``). A dotted field sets one field of a nested
+    config (``optim.lr=1e-4``), keeping the others.
     """
     data = json.loads(Path(path).read_text(encoding="utf-8")) if path else {}
-    names = {f.name for f in dataclasses.fields(cls)}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form field=value")
-        if key not in names:
-            raise ConfigError(f"override {item!r}: {cls.__name__} has no field {key!r}; "
+        *parents, name = key.split(".")
+        target, kind = data, cls
+        for parent in parents:
+            nested = nested_configs(kind)
+            if parent not in nested:
+                raise ConfigError(f"override {item!r}: {kind.__name__} has no nested config {parent!r}; "
+                                  f"nested configs are {sorted(nested)}")
+            target, kind = target.setdefault(parent, {}), nested[parent]
+            if not isinstance(target, dict):
+                raise ConfigError(f"override {item!r}: {parent!r} is {target!r} in the config, not an object")
+        names = {f.name for f in dataclasses.fields(kind)}
+        if name not in names:
+            raise ConfigError(f"override {item!r}: {kind.__name__} has no field {name!r}; "
                               f"fields are {sorted(names)}")
         try:
-            data[key] = json.loads(value)
+            target[name] = json.loads(value)
         except json.JSONDecodeError:
-            data[key] = value
+            target[name] = value
     return cls.from_dict(data, source=str(path) if path else "command line")
 
 
@@ -77,32 +93,96 @@ class EMA:
         self.shadow.load_state_dict(state["shadow"])
 
 
-# ----------------------------------------------------------------------------- schedule
+# ----------------------------------------------------------------------------- optimiser
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int = 0, schedule: str = "constant") -> float:
-    """Linear warm-up to 1, then constant (the paper's AdamW at a fixed rate) or cosine to 0."""
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass
+class OptimizerConfig(Config):
+    """One AdamW and its learning-rate schedule; a recipe config holds one per optimiser."""
+
+    lr: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0      # on parameters of ndim >= 2 only (param_groups)
+    warmup_steps: int = 0          # linear warm-up over the first steps
+    schedule: str = "constant"     # then "constant" or "cosine" (to 0 at the run's last step)
+    lr_decay: float = 1.0          # times lr_decay every lr_decay_every steps (HiFi-GAN's decay)
+    lr_decay_every: int = 1
+    grad_clip: float = 0.0         # largest gradient norm; 0 disables
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
+        if self.lr_decay_every < 1:
+            raise ConfigError(f"lr_decay_every must be at least 1, got {self.lr_decay_every}")
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int = 0, schedule: str = "constant",
+              lr_decay: float = 1.0, lr_decay_every: int = 1) -> float:
+    """Linear warm-up to 1, then constant (the paper's AdamW at a fixed rate) or cosine to 0;
+    times ``lr_decay ** (step // lr_decay_every)`` (1 by default) throughout."""
+    decay = lr_decay ** (step // lr_decay_every)
     if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return (step + 1) / warmup_steps * decay
     if schedule == "constant":
-        return 1.0
+        return decay
     if schedule == "cosine":
         span = max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
-    raise ValueError(f"unknown schedule {schedule!r}; use 'constant' or 'cosine'")
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span))) * decay
+    raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
+
+
+def param_groups(*modules: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """nanoGPT's two AdamW groups: ``weight_decay`` on matrices and kernels (ndim >= 2), none on
+    1-D parameters (norm gains, biases, scalars such as a logit scale) or on embeddings
+    (``nn.Embedding`` weights and what a module lists in a timm-style ``no_weight_decay()``).
+    Decay pulls a parameter toward 0, which regularises a projection but only distorts a gain or
+    a learned vector. Frozen parameters are left out; the order is the modules' own, so
+    optimizer states line up across runs. Both groups are returned, even when one is empty."""
+    decay, other, seen = [], [], set()
+    for module in modules:
+        exempt = _embedding_names(module)
+        for name, p in module.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                (decay if p.ndim >= 2 and name not in exempt else other).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def _embedding_names(module: nn.Module) -> set[str]:
+    names = set()
+    for prefix, sub in module.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if isinstance(sub, nn.Embedding):
+            names.update(dot + n for n, _ in sub.named_parameters())
+        if callable(getattr(sub, "no_weight_decay", None)):
+            names.update(dot + n for n in sub.no_weight_decay())
+    return names
+
+
+def make_optimizer(cfg: OptimizerConfig, *modules: nn.Module) -> torch.optim.AdamW:
+    """AdamW over the parameters of ``modules`` in the two groups of :func:`param_groups`."""
+    return torch.optim.AdamW(param_groups(*modules, weight_decay=cfg.weight_decay), lr=cfg.lr,
+                             betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """:func:`lr_factor` of ``cfg`` per update: step it once per optimizer update (at a sync
+    point of gradient accumulation) and checkpoint it; ``get_last_lr()`` is the coming update's."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, cfg.warmup_steps, total_steps, cfg.schedule, cfg.lr_decay, cfg.lr_decay_every))
 
 
 def adamw(*modules: nn.Module, lr: float, weight_decay: float,
           betas: tuple[float, ...] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """One AdamW over the parameters of ``modules`` (one parameter group, in module order)."""
+    """One AdamW group over everything (norms and biases decayed too). Kept only until
+    recipes/train_dit.py moves to :func:`make_optimizer`; new code should not use it."""
     return torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=lr, betas=tuple(betas),
                              weight_decay=weight_decay)
-
-
-def set_lr(lr: float, *optimizers: Optional[torch.optim.Optimizer]) -> None:
-    """Every parameter group of every optimizer (None: skipped) to ``lr``."""
-    for optimizer in (o for o in optimizers if o is not None):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
 
 
 # ----------------------------------------------------------------------------- guards
@@ -225,6 +305,15 @@ def resume(run_dir: str | Path, *, required: bool = True) -> tuple[Optional[Path
     return None, None
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Random draws inside (a model's initial weights) depend on ``seed`` only, not on what was
+    drawn before; the global CPU generator is put back afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def step_generator(seed: int, step: int, rank: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
     """The random stream of one training step on one process.
 
@@ -236,25 +325,73 @@ def step_generator(seed: int, step: int, rank: int = 0, device: torch.device | s
     return torch.Generator(device=device).manual_seed(mixed % (2**63 - 1))
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------- logging
+
+class LossWindow:
+    """DiT's logged loss: each value's mean over every micro-batch since the last log line and
+    over every process, rather than rank 0's last micro-batch (noise at small batches).
+
+    ``add(values, weight)`` once per micro-batch (tensors stay on their device: no sync per
+    step); ``mean(accelerator)`` all-reduces once, returns floats and starts a new window. Every
+    process must add the same names; a name added with weight 0 only (nothing to average this
+    window) is left out of the result.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, values: Mapping[str, Any], weight: float = 1.0) -> None:
+        for key, value in values.items():
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value * weight
+            self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def mean(self, accelerator=None) -> dict[str, float]:
+        keys = sorted(self.sums)  # the same order on every process, whatever order they added in
+        if not keys:
+            return {}
+        device = accelerator.device if accelerator is not None else "cpu"
+        totals = torch.stack([torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64, device=device),
+                                           torch.tensor(self.weights[k], dtype=torch.float64, device=device)])
+                              for k in keys])  # (keys, 2): sum, weight
+        if accelerator is not None:
+            totals = accelerator.reduce(totals, "sum")
+        means = {k: s / w for k, (s, w) in zip(keys, totals.tolist()) if w > 0}
+        order = list(self.sums)
+        self.sums, self.weights = {}, {}
+        return {k: means[k] for k in order if k in means}
+
+
+@torch.no_grad()
+def heldout_loss(loss_fn: Callable[[Any, torch.Generator], torch.Tensor], loader: Iterable,
+                 models: Sequence[nn.Module], accelerator, seed: int) -> float:
+    """nanoGPT's ``estimate_loss``: the mean of ``loss_fn(batch, generator)`` over one pass of a
+    held-out loader, in eval mode (each model then back in the mode it was in).
+
+    Comparable from one evaluation to the next: the loader must yield the same batches each
+    pass (a sampler at a fixed epoch does) and batch i always draws from
+    ``step_generator(seed, i, rank)``. Each process evaluates its own shard, the same number of
+    batches; the result is the mean over all of them.
+    """
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    window = LossWindow()
+    try:
+        for i, batch in enumerate(loader):
+            gen = step_generator(seed, i, accelerator.process_index, accelerator.device)
+            window.add({"heldout_loss": loss_fn(batch, gen)})
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return window.mean(accelerator)["heldout_loss"]
+
 
 class Throughput:
     """Samples/s and tokens/s between two log lines, and a JSON-lines metrics file."""
@@ -279,6 +416,15 @@ class Throughput:
             logger.info("step %d  %s", step, "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
         self.start, self.samples, self.tokens = time.perf_counter(), 0, 0
         return row
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (a held-out evaluation) does not count against the training rate."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
 
 
 def unwrap_state(model: nn.Module) -> dict[str, torch.Tensor]:

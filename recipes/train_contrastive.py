@@ -24,17 +24,18 @@ Decisions:
   processes each one gathers the others' video and music embeddings
   (``ContrastiveModel.loss(gather=True)``), so 8 processes × 20 clips train like the paper's
   batch of 160; the sampler keeps the global batch distinct. Every process then crops its batch
-  to the shortest clip of the global batch (one all-reduce of the frame count per step).
+  to the shortest clip of the global batch (one all-gather of the frame count per batch).
 - Beat tracking (deterministic) runs in the data-loader workers; every random choice of the
   negatives comes from a numpy RNG seeded by ``step_generator``, so a resume is exact.
 - The video encoder runs under autocast (bf16 on GPU); the music encoder always in fp32.
+- ``heldout`` (pairs kept out of training, like ``data`` or ``token_cache``), ``eval_every``: the CLIP
+  loss of its fixed segments and negatives, each process's batch against itself only (no all-gather).
 Outputs: ``final/`` holds the components ``contrastive`` (EMA weights; keys ``adaptor.*``,
 ``audio_head.*``, ``logit_scale``), ``video_encoder`` and ``audio_encoder`` (recorded by spec, or
 saved when random), read by ``muvi.eval.sim.SimilarityScorer.from_pretrained`` for SIM.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -61,11 +62,11 @@ from muvi.hub import load_encoder
 from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel
 from muvi import training
 from muvi.cli import run_script
-from muvi.training import (EMA, Throughput, batch_stream, check_finite, checkpoint_state,
-                           load_config, lr_factor, make_accelerator, recipe_parser, restore,
-                           save_checkpoint, set_lr, setup_logging, step_generator)
+from muvi.training import (EMA, OptimizerConfig, Throughput, check_finite, load_config, make_accelerator,
+                           recipe_parser, save_checkpoint, setup_logging, step_generator)
 
 logger = logging.getLogger("train_contrastive")
+KINDS = ("shift", "replace", "silence")  # negatives as built (silence: where none could be)
 
 
 @dataclasses.dataclass
@@ -101,13 +102,12 @@ class ContrastiveTrainConfig(Config):
     # optimisation
     steps: int = 2_000_000
     batch_size: int = 160
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 1000
-    schedule: str = "constant"
     grad_accum: int = 1
-    grad_clip: float = 1.0
+    optim: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
+        lr=5e-5, weight_decay=0.01, warmup_steps=1000, grad_clip=1.0))
     ema_decay: float = 0.999
+    heldout: str = ""                 # held-out pairs (see the module docstring), every eval_every steps
+    eval_every: int = 0
     log_every: int = 100
     ckpt_every: int = 5000
     seed: int = 0
@@ -120,23 +120,15 @@ class ContrastiveTrainConfig(Config):
             raise ConfigError(f"negatives: unknown kinds {bad}; use 'shift' and/or 'replace'")
 
 
-def _seeded(seed: int):
-    """Random initialisation that depends on ``seed`` only, not on what was built before."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.random.fork_rng(devices=[]))
-    torch.manual_seed(seed)
-    return stack
-
-
-def build_encoders(cfg: ContrastiveTrainConfig) -> tuple[nn.Module, nn.Module, Optional[str], Optional[str]]:
-    """The two frozen encoders and the specs that rebuild them (None: random preset weights)."""
+def build_encoders(cfg: ContrastiveTrainConfig, device) -> tuple[nn.Module, nn.Module, Optional[str], Optional[str]]:
+    """The two frozen encoders on ``device`` and the specs that rebuild them (None: random preset weights)."""
     if cfg.video_encoder:
         video, video_source = load_encoder(cfg.video_encoder, "video")
     else:
         logger.warning("!!! video encoder: VideoMAE preset %r with RANDOM frozen weights; the adaptor "
                        "learns nothing useful. Pass --set video_encoder=PATH for real training. !!!",
                        cfg.video_encoder_preset)
-        with _seeded(cfg.seed + 1):
+        with training.seeded(cfg.seed + 1):
             video, video_source = VideoMAEEncoder(VideoMAEConfig.preset(cfg.video_encoder_preset)), None
     if cfg.audio_encoder:
         audio, audio_source = load_encoder(cfg.audio_encoder, "audio")
@@ -144,9 +136,9 @@ def build_encoders(cfg: ContrastiveTrainConfig) -> tuple[nn.Module, nn.Module, O
         logger.warning("!!! audio encoder: AudioMAE preset %r with RANDOM frozen weights; SIM from this "
                        "run is meaningless. Pass --set audio_encoder=PATH for real training. !!!",
                        cfg.audio_encoder_preset)
-        with _seeded(cfg.seed + 2):
+        with training.seeded(cfg.seed + 2):
             audio, audio_source = AudioMAEEncoder(AudioMAEConfig.preset(cfg.audio_encoder_preset)), None
-    return video.eval().requires_grad_(False), audio.eval().requires_grad_(False), video_source, audio_source
+    return (*(m.to(device).eval().requires_grad_(False) for m in (video, audio)), video_source, audio_source)
 
 
 def model_config(cfg: ContrastiveTrainConfig, video: nn.Module, audio: nn.Module) -> ContrastiveConfig:
@@ -206,13 +198,6 @@ def crop_batch(batch: dict, frames: int, sample_rate: int, fps: float, frames_pe
     return out
 
 
-def global_min(value: int, device: torch.device) -> int:
-    """The smallest ``value`` over all processes."""
-    t = torch.tensor([value], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return int(t.item())
-
-
 def build_negatives(music: torch.Tensor, cycles: Sequence[float], rng: np.random.Generator,
                     cfg: ContrastiveTrainConfig) -> tuple[torch.Tensor, list[str]]:
     """(B, N) music → (B, K, N) negatives, K = len(cfg.negatives), and the kind actually built."""
@@ -231,6 +216,54 @@ def build_negatives(music: torch.Tensor, cycles: Sequence[float], rng: np.random
             out[i, k] = neg.waveform
             kinds.append(neg.kind)
     return out, kinds
+
+
+def clip_loss(model: nn.Module, video_enc: nn.Module, audio_enc: nn.Module, batch: dict, gen: torch.Generator,
+              cfg: ContrastiveTrainConfig, autocast, gather: bool) -> tuple[torch.Tensor, dict, list[str]]:
+    """(loss, the model's stats, the kind of every negative built) of one batch: negatives from
+    ``gen``, frozen features, then the CLIP loss (training and the held-out loss alike)."""
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device)))
+    music, t, b = batch["music"], batch["num_frames"], len(batch["music"])
+    negatives, kinds = build_negatives(music, batch["beat_cycle"], rng, cfg)
+    feats = encode_music(audio_enc, torch.cat([music, negatives.flatten(0, 1)]).to(device), cfg.sample_rate,
+                         cfg.fps, t)
+    if "tokens" in batch:
+        tokens = batch["tokens"].to(device)
+    else:
+        with autocast():
+            # Tokens are computed once per batch: every negative shares its pair's video.
+            tokens = encode_frames(video_enc, batch["frames"], cfg.encoder_batch)
+    with autocast():
+        loss, stats = model(tokens, feats[:b], feats[b:].unflatten(0, (b, len(cfg.negatives))), gather=gather)
+    return loss, stats, kinds
+
+
+def pair_data(cfg: ContrastiveTrainConfig, source: str, video_enc: nn.Module,
+              acc) -> tuple[DurationBalancedBatchSampler, DataLoader, int]:
+    """The sampler (this process's shard), loader and video frames per token step of a pair
+    source: a pair feature cache (with ``token_cache``) or a folder / CSV of videos with music."""
+    frames_per_token = 1
+    if cfg.token_cache:
+        dataset = CachedPairDataset(source, cfg.sample_rate, min_seconds=cfg.min_seconds,
+                                    max_seconds=cfg.max_seconds, latent_rate=cfg.fps, seed=cfg.seed)
+        check_cache_encoder(dataset.cache.info, video_enc, source)
+        frames_per_token = dataset.frames_per_token
+    else:
+        dataset = VideoMusicDataset(source, cfg.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.seed, fps=cfg.fps,
+                                    size=video_enc.config.image_size, skip_unreadable=cfg.skip_unreadable)
+    if getattr(dataset, "skipped", None):
+        logger.warning("left out %d unreadable pair(s) of %s: %s", len(dataset.skipped), source,
+                       "; ".join(f"{path} ({why})" for path, why in dataset.skipped))
+    sampler = DurationBalancedBatchSampler(
+        dataset.durations, cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
+        segment_seconds=(cfg.min_seconds, cfg.max_seconds) if cfg.same_length else None, frame_rate=cfg.fps)
+    collate = functools.partial(collate_cropped, sample_rate=cfg.sample_rate, fps=cfg.fps,
+                                track_beats="shift" in cfg.negatives, frames_per_token=frames_per_token)
+    # Persistent workers: epochs can be short, and each new worker pays librosa's JIT start-up.
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                        persistent_workers=cfg.num_workers > 0)
+    return sampler, loader, frames_per_token
 
 
 def check_cache_encoder(info: dict, encoder: nn.Module, cache: str) -> None:
@@ -254,108 +287,75 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     setup_logging(acc.is_main_process)
     run_dir, device, rank = Path(args.run_dir), acc.device, acc.process_index
 
-    video_enc, audio_enc, video_source, audio_source = build_encoders(cfg)
-    video_enc, audio_enc = video_enc.to(device), audio_enc.to(device)
-    with _seeded(cfg.seed):
+    video_enc, audio_enc, video_source, audio_source = build_encoders(cfg, device)
+    with training.seeded(cfg.seed):
         model = ContrastiveModel(model_config(cfg, video_enc, audio_enc)).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]  # biases, temperature
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    opt = training.make_optimizer(cfg.optim, model)
+    scheduler = training.make_scheduler(opt, cfg.optim, cfg.steps)
     ema = EMA(model, cfg.ema_decay)
-
-    frames_per_token = 1
-    if cfg.token_cache:
-        dataset = CachedPairDataset(cfg.token_cache, cfg.sample_rate, min_seconds=cfg.min_seconds,
-                                    max_seconds=cfg.max_seconds, latent_rate=cfg.fps, seed=cfg.seed)
-        check_cache_encoder(dataset.cache.info, video_enc, cfg.token_cache)
-        frames_per_token = dataset.frames_per_token
-    else:
-        dataset = VideoMusicDataset(cfg.data, cfg.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.seed, fps=cfg.fps,
-                                    size=video_enc.config.image_size, skip_unreadable=cfg.skip_unreadable)
-    if getattr(dataset, "skipped", None):
-        logger.warning("left out %d unreadable pair(s): %s", len(dataset.skipped),
-                       "; ".join(f"{path} ({why})" for path, why in dataset.skipped))
-    sampler = DurationBalancedBatchSampler(
-        dataset.durations, cfg.batch_size, seed=cfg.seed, rank=rank, world_size=acc.num_processes,
-        segment_seconds=(cfg.min_seconds, cfg.max_seconds) if cfg.same_length else None, frame_rate=cfg.fps)
+    sampler, loader, frames_per_token = pair_data(cfg, cfg.token_cache or cfg.data, video_enc, acc)
+    heldout = pair_data(cfg, cfg.heldout, video_enc, acc)[1] if cfg.heldout and cfg.eval_every else None
 
     step = 0
-    ckpt, state = training.resume(run_dir) if args.resume else (None, None)
+    ckpt, state = training.resume(run_dir, required=True) if args.resume else (None, None)
     if ckpt is not None:
-        restore(state, model=model, ema=ema, optimizer=opt, sampler=sampler)
+        training.restore(state, model=model, ema=ema, optimizer=opt, scheduler=scheduler, sampler=sampler)
         step = int(state["step"])
         logger.info("resumed from %s at step %d", ckpt, step)
     model, opt = acc.prepare(model, opt)
 
-    collate = functools.partial(collate_cropped, sample_rate=cfg.sample_rate, fps=cfg.fps,
-                                track_beats="shift" in cfg.negatives, frames_per_token=frames_per_token)
-    # Persistent workers: epochs can be short, and each new worker pays librosa's JIT start-up.
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                        persistent_workers=cfg.num_workers > 0)
+    heldout_loss = lambda batch, gen: clip_loss(acc.unwrap_model(model), video_enc, audio_enc, batch, gen, cfg,
+                                                acc.autocast, False)[0]
+
     consumed = sampler.state_dict()["batch"]  # batches of the current epoch already trained on
-    stream = batch_stream(loader, sampler)
-    meter = Throughput(run_dir, enabled=acc.is_main_process)
-    counts = {"shift": 0, "replace": 0, "silence": 0}
+    stream = training.batch_stream(loader, sampler)
+    meter, window = Throughput(run_dir, enabled=acc.is_main_process), training.LossWindow()
     gather = cfg.global_negatives and acc.num_processes > 1
     logger.info("training %d trainable parameters from step %d to %d, batch %d x %d process(es) x %d accum, "
                 "in-batch negatives from %s", sum(p.numel() for p in model.parameters()), step, cfg.steps,
                 cfg.batch_size, acc.num_processes, cfg.grad_accum, "every process" if gather else "each process alone")
+    micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
     while step < cfg.steps:
-        set_lr(cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.schedule), opt)
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            consumed, batch = next(stream)
-            if gather:  # the loss compares clips across processes: one length for all of them
-                frames = global_min(batch["num_frames"], device)
-                if frames < batch["num_frames"]:
-                    batch = crop_batch(batch, frames, cfg.sample_rate, cfg.fps, frames_per_token)
-            names = ", ".join(f"{Path(p).name}@{s:.1f}s" for p, s in zip(batch["video_path"], batch["start"]))
-            gen = step_generator(cfg.seed, step * cfg.grad_accum + micro, rank)
-            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            music, t = batch["music"], batch["num_frames"]
-            b = music.shape[0]
-            negatives, kinds = build_negatives(music, batch["beat_cycle"], rng, cfg)
-            for kind in kinds:
-                counts[kind] += 1
-            waves = torch.cat([music, negatives.flatten(0, 1)]).to(device)
-            feats = encode_music(audio_enc, waves, cfg.sample_rate, cfg.fps, t)
-            if "tokens" in batch:
-                tokens = batch["tokens"].to(device)
-            else:
-                with acc.autocast():
-                    # Tokens are computed once per batch: every negative shares its pair's video.
-                    tokens = encode_frames(video_enc, batch["frames"], cfg.encoder_batch)
-            sync = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(model), acc.autocast():
-                loss, stats = model(tokens, feats[:b], feats[b:].unflatten(0, (b, len(cfg.negatives))),
-                                    gather=gather)
-                check_finite(loss, step, names)
-                acc.backward(loss)  # divided by grad_accum inside
-            loss_sum += loss.item()
-            meter.add(b, b * t)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else torch.zeros(())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        consumed, batch = next(stream)
+        if gather:  # the loss compares clips across processes: one length for all of them
+            frames = int(acc.gather(torch.tensor([batch["num_frames"]], device=device)).min())
+            batch = crop_batch(batch, frames, cfg.sample_rate, cfg.fps, frames_per_token)  # views: cheap
+        gen = step_generator(cfg.seed, micro, rank)
+        lr = scheduler.get_last_lr()[0]  # this step's rate, for the log
+        micro += 1
+        with acc.accumulate(model):  # gradient all-reduce on the last micro-batch of a step only
+            loss, stats, kinds = clip_loss(model, video_enc, audio_enc, batch, gen, cfg, acc.autocast, gather)
+            check_finite(loss, step, ", ".join(f"{Path(p).name}@{s:.1f}s"
+                                               for p, s in zip(batch["video_path"], batch["start"])))
+            acc.backward(loss)  # divided by grad_accum inside
+            if acc.sync_gradients and cfg.optim.grad_clip:
+                window.add({"grad_norm": acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)})
+            opt.step()  # a no-op until the last micro-batch (Accelerate)
+            opt.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                scheduler.step()
+        window.add({"loss": loss, "frames": batch["num_frames"], **{k: v for k, v in stats.items() if k != "neg_sims"},
+                    **{f"neg_{kind}": kinds.count(kind) for kind in KINDS}})  # negatives per batch
+        sims = stats["neg_sims"].flatten() if "neg_sims" in stats else torch.zeros(0, device=device)
+        for kind in KINDS:  # each kind's mean similarity, weighted by how many were built
+            mask = torch.tensor([k == kind for k in kinds], dtype=sims.dtype, device=sims.device)
+            window.add({f"{kind}_sim": (sims * mask).sum() / max(1, kinds.count(kind))}, weight=kinds.count(kind))
+        meter.add(len(batch["music"]), len(batch["music"]) * batch["num_frames"])
+        if not acc.sync_gradients:
+            continue
         ema.update(acc.unwrap_model(model))
         step += 1
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            extra = {}
-            if "neg_sims" in stats:
-                sims = stats["neg_sims"].flatten().cpu()
-                for kind in ("shift", "replace", "silence"):
-                    picked = [float(s) for s, k in zip(sims, kinds) if k == kind]
-                    if picked:
-                        extra[f"{kind}_sim"] = sum(picked) / len(picked)
-            scalars = {k: float(v) for k, v in stats.items() if k != "neg_sims"}
-            meter.log(step, loss=loss_sum / cfg.grad_accum, lr=opt.param_groups[0]["lr"],
-                      grad_norm=float(grad_norm), frames=t, **scalars, **extra, **{f"neg_{k}": v for k, v in counts.items()})
-            counts = dict.fromkeys(counts, 0)
+        extra = {}
+        if heldout is not None and step % cfg.eval_every == 0:
+            with meter.paused():
+                extra["heldout_loss"] = training.heldout_loss(heldout_loss, heldout, [model], acc, cfg.seed)
+        if step % cfg.log_every == 0 or step == cfg.steps or extra:
+            meter.log(step, **window.mean(acc), **extra, lr=lr)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             if acc.is_main_process:
-                save_checkpoint(run_dir, step, checkpoint_state(step, cfg, sampler, consumed, model=model, ema=ema,
-                                                                optimizer=opt))
+                save_checkpoint(run_dir, step, training.checkpoint_state(
+                    step, cfg, sampler, consumed, model=model, ema=ema, optimizer=opt, scheduler=scheduler))
             acc.wait_for_everyone()
 
     final = run_dir / "final"

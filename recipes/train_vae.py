@@ -34,6 +34,10 @@ destabilise early training, and the adaptive weight keeps it from dominating the
 ``adv_weight 0`` trains a plain KL-VAE (no discriminator is built). This choice follows
 LDM; it has not been ablated on music here.
 
+With ``heldout`` (music files kept out of training) and ``eval_every``, the held-out loss
+``rec + kl_weight · kl`` of the model being trained (no adversarial term: it needs gradients)
+is logged every ``eval_every`` steps, over one pass of that folder's fixed segments and windows.
+
 At the end the EMA model's per-channel latent statistics (means of the posterior over
 ``stats_batches`` batches of whole segments, valid frames only) are stored into its
 ``latent_mean``/``latent_std`` buffers, and the components ``vae`` and ``mel`` (the front
@@ -41,7 +45,6 @@ end) in ``RUN/final/`` (:mod:`muvi.hub`) are written.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -60,9 +63,8 @@ from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig, estimate_latent_stats
 from muvi import hub, training
 from muvi.cli import run_script
-from muvi.training import (EMA, Throughput, check_finite,
-                           load_config, lr_factor, make_accelerator, recipe_parser, save_checkpoint,
-                           setup_logging, step_generator)
+from muvi.training import (EMA, OptimizerConfig, Throughput, check_finite, load_config, make_accelerator,
+                           recipe_parser, save_checkpoint, setup_logging, step_generator)
 
 logger = logging.getLogger("train_vae")
 
@@ -90,14 +92,15 @@ class VAETrainConfig(Config):
     steps: int = 350_000
     batch_size: int = 64           # clips per process and micro-batch; the paper's "640K" per batch
                                    # read as mel frames: 8 GPUs x 5 accum x 64 x 256 = 655K
-    lr: float = 1e-4
-    betas: tuple[float, ...] = (0.5, 0.9)
-    weight_decay: float = 0.0
-    warmup_steps: int = 1000
-    schedule: str = "constant"
     grad_accum: int = 1
-    grad_clip: float = 1.0         # 0 disables
+    optim: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
+        lr=1e-4, betas=(0.5, 0.9), warmup_steps=1000, grad_clip=1.0))
+    disc_optim: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
+        lr=1e-4, betas=(0.5, 0.9), warmup_steps=1000, grad_clip=1.0))
     ema_decay: float = 0.999
+    # held-out loss: a folder or .txt list of music kept out of training, every eval_every steps
+    heldout: str = ""
+    eval_every: int = 0
     # bookkeeping
     stats_batches: int = 64
     log_every: int = 100
@@ -106,7 +109,6 @@ class VAETrainConfig(Config):
     mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
         if self.recon_loss not in ("l1", "l1+l2"):
             raise ConfigError(f"recon_loss must be 'l1' or 'l1+l2', got {self.recon_loss!r}")
 
@@ -117,6 +119,20 @@ def crop_windows(mel: torch.Tensor, valid: torch.Tensor, frames: int, gen: torch
     valid frame count (B,). Short clips start at 0 and keep their padding (masked later)."""
     window, start = training.random_crop(mel, valid, frames, gen, pad_value)
     return window, (valid - start).clamp(0, frames)
+
+
+def reconstruct(vae: MelVAE, melspec: MelSpectrogram, batch: dict, crop: int, gen: torch.Generator,
+                autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+    """(mel window (B, M, crop), its valid frames (B,), reconstruction, posterior) of a batch:
+    the one forward pass of training and of the held-out loss."""
+    device, cfg = melspec.mel_basis.device, melspec.config
+    music = batch["music"].to(device, non_blocking=True)
+    with torch.no_grad():
+        mel, valid = crop_windows(melspec(music), (batch["music_lengths"] // cfg.hop_length).to(device),
+                                  crop, gen, math.log(cfg.log_clamp))  # padding: the log-mel of silence
+    with autocast():
+        recon, posterior = vae(mel, generator=gen)
+    return mel, valid, recon, posterior
 
 
 def vae_losses(mel: torch.Tensor, recon: torch.Tensor, posterior, valid: torch.Tensor,
@@ -155,7 +171,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         raise ConfigError(f"the VAE takes {vae_cfg.mel_channels} mel bins but the mel front end "
                           f"makes {mel_cfg.n_mels}")
     melspec = MelSpectrogram(mel_cfg).to(device)
-    pad_value = math.log(mel_cfg.log_clamp)  # the log-mel of silence
     tc = vae_cfg.time_compression
     crop = max(1, round(cfg.crop_seconds * mel_cfg.frames_per_second / tc)) * tc  # whole latent frames
 
@@ -165,28 +180,32 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             if cfg.adv_weight > 0 else None)
     ema = EMA(vae, cfg.ema_decay)
     ema.shadow.to(device)
-    opt = training.adamw(vae, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    opt_d = (training.adamw(disc, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-             if disc is not None else None)
+    opt = training.make_optimizer(cfg.optim, vae)
+    sched = training.make_scheduler(opt, cfg.optim, cfg.steps)
+    opt_d = training.make_optimizer(cfg.disc_optim, disc) if disc is not None else None
+    sched_d = training.make_scheduler(opt_d, cfg.disc_optim, cfg.steps) if disc is not None else None
 
-    dataset, sampler, loader = training.music_data(
-        cfg.music, mel_cfg.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.batch_size, seed=cfg.seed,
-        num_workers=cfg.num_workers, rank=acc.process_index, world_size=acc.num_processes,
-        pin_memory=device.type == "cuda")
+    data = dict(sample_rate=mel_cfg.sample_rate, min_seconds=cfg.min_seconds, max_seconds=cfg.max_seconds,
+                batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=acc.process_index,
+                world_size=acc.num_processes, pin_memory=device.type == "cuda")
+    dataset, sampler, loader = training.music_data(cfg.music, **data)
+    heldout = training.music_data(cfg.heldout, **data)[2] if cfg.heldout and cfg.eval_every else None
 
-    start = 0
-    ckpt, state = training.resume(run_dir) if args.resume else (None, None)
+    step = 0
+    ckpt, state = training.resume(run_dir, required=True) if args.resume else (None, None)
     if ckpt is not None:
-        start = state["step"]
+        step = state["step"]
         training.restore(state, model=vae, ema=ema, sampler=sampler, discriminator=disc)
-        logger.info("resuming from %s (step %d)", ckpt, start)
-    models = [vae, opt] + ([disc, opt_d] if disc is not None else [])
-    prepared = acc.prepare(*models)
-    vae, opt = prepared[:2]
+        logger.info("resuming from %s (step %d)", ckpt, step)
     if disc is not None:
-        disc, opt_d = prepared[2:]
+        vae, disc, opt, opt_d = acc.prepare(vae, disc, opt, opt_d)
+    else:
+        vae, opt = acc.prepare(vae, opt)
+    models = [m for m in (vae, disc) if m is not None]
+    optimizers = [o for o in (opt, opt_d) if o is not None]
+    schedulers = [s for s in (sched, sched_d) if s is not None]
     if ckpt is not None:
-        training.restore(state, optimizer=opt, disc_optimizer=opt_d)
+        training.restore(state, optimizer=opt, scheduler=sched, disc_optimizer=opt_d, disc_scheduler=sched_d)
         del state
     vae_inner = acc.unwrap_model(vae)
     disc_inner = acc.unwrap_model(disc) if disc is not None else None
@@ -195,67 +214,71 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                 sum(p.numel() for p in disc_inner.parameters()) / 1e6 if disc is not None else 0.0,
                 len(dataset), crop)
 
+    def heldout_loss(batch: dict, gen: torch.Generator) -> torch.Tensor:
+        mel, valid, recon, posterior = reconstruct(vae_inner, melspec, batch, crop, gen, acc.autocast)
+        rec, kl, _ = vae_losses(mel, recon, posterior, valid, cfg, tc)
+        return rec + cfg.kl_weight * kl
+
     stream = training.batch_stream(loader, sampler)
     consumed = sampler.state_dict()["batch"]
-    meter = Throughput(run_dir, enabled=acc.is_main_process)
+    meter, window = Throughput(run_dir, enabled=acc.is_main_process), training.LossWindow()
     vae.train()
-    for step in range(start + 1, cfg.steps + 1):
-        lr = cfg.lr * lr_factor(step - 1, cfg.warmup_steps, cfg.steps, cfg.schedule)
-        training.set_lr(lr, opt, opt_d)
-        use_adv = disc is not None and step >= cfg.adv_start_step
-        for micro in range(cfg.grad_accum):
-            consumed, batch = next(stream)
-            gen = step_generator(cfg.seed, (step - 1) * cfg.grad_accum + micro, acc.process_index, device)
-            music = batch["music"].to(device, non_blocking=True)
-            valid = (batch["music_lengths"] // mel_cfg.hop_length).to(device)
-            with torch.no_grad():
-                mel, valid = crop_windows(melspec(music), valid, crop, gen, pad_value)
-            last = micro == cfg.grad_accum - 1
-            with contextlib.ExitStack() as stack:
-                if not last:  # no gradient all-reduce until the last micro-batch
-                    stack.enter_context(acc.no_sync(vae))
-                    if use_adv:
-                        stack.enter_context(acc.no_sync(disc))
-                with acc.autocast():
-                    recon, posterior = vae(mel, generator=gen)
-                rec, kl, mask = vae_losses(mel, recon, posterior, valid, cfg, tc)
-                loss = rec + cfg.kl_weight * kl
-                gan = loss_d = weight = torch.zeros((), device=device)
-                if use_adv:
-                    fake = torch.where(mask, recon.float(), mel)  # hide the padding from D
-                    with acc.autocast():
-                        real_logits, fake_logits = disc(torch.cat([mel, fake.detach()])).chunk(2)
-                    loss_d = hinge_discriminator_loss(real_logits, fake_logits)
-                    with training.frozen(disc_inner), acc.autocast():
-                        gan = hinge_generator_loss(disc_inner(fake))
-                    weight = adaptive_weight(rec, gan, vae_inner.decoder.conv_out.weight) * cfg.adv_weight
-                    loss = loss + weight * gan
-                names = training.batch_names(batch)
-                check_finite(loss, step, names)
-                check_finite(loss_d, step, names + " (discriminator)")
-                acc.backward(loss)
-                if use_adv:
-                    acc.backward(loss_d)
-            meter.add(music.shape[0] * acc.num_processes, int(valid.sum()) * acc.num_processes)
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+    micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
+    while step < cfg.steps:
+        consumed, batch = next(stream)
+        gen = step_generator(cfg.seed, micro, acc.process_index, device)
+        lr = sched.get_last_lr()[0]  # this step's rate, for the log
+        micro += 1
+        use_adv = disc is not None and step + 1 >= cfg.adv_start_step
+        with acc.accumulate(*models):  # gradient all-reduce on the last micro-batch of a step only
+            mel, valid, recon, posterior = reconstruct(vae, melspec, batch, crop, gen, acc.autocast)
+            rec, kl, mask = vae_losses(mel, recon, posterior, valid, cfg, tc)
+            loss = rec + cfg.kl_weight * kl
+            gan = loss_d = weight = torch.zeros((), device=device)
             if use_adv:
-                acc.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if use_adv:
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+                fake = torch.where(mask, recon.float(), mel)  # hide the padding from D
+                with acc.autocast():
+                    real_logits, fake_logits = disc(torch.cat([mel, fake.detach()])).chunk(2)
+                loss_d = hinge_discriminator_loss(real_logits, fake_logits)
+                with training.frozen(disc_inner), acc.autocast():
+                    gan = hinge_generator_loss(disc_inner(fake))
+                weight = adaptive_weight(rec, gan, vae_inner.decoder.conv_out.weight) * cfg.adv_weight
+                loss = loss + weight * gan
+            names = training.batch_names(batch)
+            check_finite(loss, step + 1, names)
+            check_finite(loss_d, step + 1, names + " (discriminator)")
+            acc.backward(loss)
+            if use_adv:
+                acc.backward(loss_d)
+            if acc.sync_gradients:
+                if cfg.optim.grad_clip:
+                    acc.clip_grad_norm_(vae.parameters(), cfg.optim.grad_clip)
+                if use_adv and cfg.disc_optim.grad_clip:
+                    acc.clip_grad_norm_(disc.parameters(), cfg.disc_optim.grad_clip)
+            for o in optimizers:  # D's step without gradients (before adv_start_step) changes nothing
+                o.step()  # a no-op until the last micro-batch (Accelerate)
+                o.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                for s in schedulers:
+                    s.step()
+        window.add({"loss": loss, "rec": rec, "kl": kl, "gan": gan, "adv_lambda": weight, "disc": loss_d})
+        meter.add(mel.shape[0] * acc.num_processes, int(valid.sum()) * acc.num_processes)
+        if not acc.sync_gradients:
+            continue
         ema.update(vae_inner)
+        step += 1
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            meter.log(step, loss=loss.item(), rec=rec.item(), kl=kl.item(), gan=gan.item(),
-                      adv_lambda=weight.item(), disc=loss_d.item(), lr=lr)
+        extra = {}
+        if heldout is not None and step % cfg.eval_every == 0:
+            with meter.paused():
+                extra["heldout_loss"] = training.heldout_loss(heldout_loss, heldout, [vae_inner], acc, cfg.seed)
+        if step % cfg.log_every == 0 or step == cfg.steps or extra:
+            meter.log(step, **window.mean(acc), **extra, lr=lr)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             if acc.is_main_process:
                 save_checkpoint(run_dir, step, training.checkpoint_state(
-                    step, cfg, sampler, consumed, model=vae, ema=ema, optimizer=opt, discriminator=disc,
-                    disc_optimizer=opt_d))
+                    step, cfg, sampler, consumed, model=vae, ema=ema, optimizer=opt, scheduler=sched,
+                    discriminator=disc, disc_optimizer=opt_d, disc_scheduler=sched_d))
             acc.wait_for_everyone()
 
     final = run_dir / "final"

@@ -28,6 +28,9 @@ update and gradient accumulation stays exact:
 Real and generated audio share one discriminator pass (all sub-discriminators are per-example:
 no batch statistics).
 
+With ``heldout`` (music files kept out of training) and ``eval_every``, the mel L1 of the
+generator being trained on that folder's fixed windows is logged as ``heldout_loss``.
+
 Input mels are the ground truth's. Fine-tuning on the VAE's reconstructions (or the DiT's
 samples decoded by the VAE), as HiFi-GAN fine-tunes on TTS outputs, is left for later.
 The final weights (components ``vocoder`` and ``mel`` in ``RUN/final/``) are the
@@ -37,7 +40,6 @@ tokens/s by the sample rate for audio seconds per second.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -55,9 +57,8 @@ from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi import hub, training
 from muvi.cli import run_script
-from muvi.training import (EMA, Throughput, check_finite,
-                           load_config, lr_factor, make_accelerator, recipe_parser, save_checkpoint,
-                           setup_logging, step_generator)
+from muvi.training import (EMA, OptimizerConfig, Throughput, check_finite, load_config, make_accelerator,
+                           recipe_parser, save_checkpoint, setup_logging, step_generator)
 
 logger = logging.getLogger("train_vocoder")
 
@@ -83,24 +84,20 @@ class VocoderTrainConfig(Config):
     steps: int = 520_000
     batch_size: int = 12           # 12 x 8400 = 100.8K samples per batch: the paper's "102.4K
                                    # frames" read as samples (as mel frames it would be 21 min)
-    lr: float = 2e-4
-    betas: tuple[float, ...] = (0.8, 0.99)
-    weight_decay: float = 0.01
-    lr_decay: float = 0.999
-    lr_decay_every: int = 1000
-    warmup_steps: int = 0
-    schedule: str = "constant"
     grad_accum: int = 1
-    grad_clip: float = 0.0         # 0 disables
+    optim: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
+        lr=2e-4, betas=(0.8, 0.99), weight_decay=0.01, lr_decay=0.999, lr_decay_every=1000))
+    disc_optim: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
+        lr=2e-4, betas=(0.8, 0.99), weight_decay=0.01, lr_decay=0.999, lr_decay_every=1000))
     ema_decay: float = 0.999
+    # held-out loss: a folder or .txt list of music kept out of training, every eval_every steps
+    heldout: str = ""
+    eval_every: int = 0
     # bookkeeping
     log_every: int = 100
     ckpt_every: int = 5000
     seed: int = 0
     mixed_precision: str = "auto"
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
 
 
 def crop_segments(music: torch.Tensor, mel: torch.Tensor, valid: torch.Tensor, frames: int, hop: int,
@@ -114,6 +111,21 @@ def crop_segments(music: torch.Tensor, mel: torch.Tensor, valid: torch.Tensor, f
     window, start = training.random_crop(mel, valid, frames, gen, pad_value)
     samples = (start[:, None] * hop + torch.arange(frames * hop, device=music.device))  # (B, frames·hop)
     return window, music.gather(1, samples)
+
+
+def vocode(generator: HiFiGANGenerator, melspec: MelSpectrogram, batch: dict, frames: int,
+           gen: torch.Generator, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(waveform window y, generated ŷ, mel of y) of a batch: the one generator pass of training
+    and of the held-out loss."""
+    device, cfg = melspec.mel_basis.device, melspec.config
+    music = batch["music"].to(device, non_blocking=True)
+    with torch.no_grad():
+        mel_in, y = crop_segments(music, melspec(music), (batch["music_lengths"] // cfg.hop_length).to(device),
+                                  frames, cfg.hop_length, gen, math.log(cfg.log_clamp))
+        mel_y = melspec(y)
+    with autocast():
+        y_hat = generator(mel_in).float()
+    return y, y_hat, mel_y
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
@@ -141,90 +153,97 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     mpd, msd = MultiPeriodDiscriminator(disc_cfg), MultiScaleDiscriminator(disc_cfg)
     ema = EMA(generator, cfg.ema_decay)
     ema.shadow.to(device)
-    opt_g = training.adamw(generator, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    opt_d = training.adamw(mpd, msd, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt_g, opt_d = training.make_optimizer(cfg.optim, generator), training.make_optimizer(cfg.disc_optim, mpd, msd)
+    sched_g = training.make_scheduler(opt_g, cfg.optim, cfg.steps)
+    sched_d = training.make_scheduler(opt_d, cfg.disc_optim, cfg.steps)
 
-    dataset, sampler, loader = training.music_data(
-        cfg.music, mel_cfg.sample_rate, cfg.min_seconds, cfg.max_seconds, cfg.batch_size, seed=cfg.seed,
-        num_workers=cfg.num_workers, rank=acc.process_index, world_size=acc.num_processes,
-        pin_memory=device.type == "cuda")
+    data = dict(sample_rate=mel_cfg.sample_rate, min_seconds=cfg.min_seconds, max_seconds=cfg.max_seconds,
+                batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=acc.process_index,
+                world_size=acc.num_processes, pin_memory=device.type == "cuda")
+    dataset, sampler, loader = training.music_data(cfg.music, **data)
+    heldout = training.music_data(cfg.heldout, **data)[2] if cfg.heldout and cfg.eval_every else None
 
-    start = 0
-    ckpt, state = training.resume(run_dir) if args.resume else (None, None)
+    step = 0
+    ckpt, state = training.resume(run_dir, required=True) if args.resume else (None, None)
     if ckpt is not None:
-        start = state["step"]
+        step = state["step"]
         training.restore(state, model=generator, mpd=mpd, msd=msd, ema=ema, sampler=sampler)
-        logger.info("resuming from %s (step %d)", ckpt, start)
+        logger.info("resuming from %s (step %d)", ckpt, step)
     generator, mpd, msd, opt_g, opt_d = acc.prepare(generator, mpd, msd, opt_g, opt_d)
     if ckpt is not None:
-        training.restore(state, optimizer=opt_g, disc_optimizer=opt_d)
+        training.restore(state, optimizer=opt_g, scheduler=sched_g, disc_optimizer=opt_d, disc_scheduler=sched_d)
         del state
     gen_inner, mpd_inner, msd_inner = (acc.unwrap_model(m) for m in (generator, mpd, msd))
     logger.info("generator %.2fM parameters, MPD %.2fM, MSD %.2fM; %d music files; %d-sample windows",
                 *(sum(p.numel() for p in m.parameters()) / 1e6 for m in (gen_inner, mpd_inner, msd_inner)),
                 len(dataset), cfg.segment_size)
 
+    def heldout_loss(batch: dict, gen: torch.Generator) -> torch.Tensor:
+        _, y_hat, mel_y = vocode(gen_inner, melspec, batch, frames, gen, acc.autocast)
+        return torch.nn.functional.l1_loss(melspec(y_hat), mel_y)
+
     stream = training.batch_stream(loader, sampler)
     consumed = sampler.state_dict()["batch"]
-    meter = Throughput(run_dir, enabled=acc.is_main_process)
+    meter, window = Throughput(run_dir, enabled=acc.is_main_process), training.LossWindow()
     for m in (generator, mpd, msd):
         m.train()
-    for step in range(start + 1, cfg.steps + 1):
-        lr = (cfg.lr * lr_factor(step - 1, cfg.warmup_steps, cfg.steps, cfg.schedule)
-              * cfg.lr_decay ** ((step - 1) // cfg.lr_decay_every))
-        training.set_lr(lr, opt_g, opt_d)
-        for micro in range(cfg.grad_accum):
-            consumed, batch = next(stream)
-            gen = step_generator(cfg.seed, (step - 1) * cfg.grad_accum + micro, acc.process_index, device)
-            music = batch["music"].to(device, non_blocking=True)
-            valid = (batch["music_lengths"] // hop).to(device)
-            with torch.no_grad():
-                mel_in, y = crop_segments(music, melspec(music), valid, frames, hop, gen,
-                                          math.log(mel_cfg.log_clamp))
-                mel_y = melspec(y)
-            with contextlib.ExitStack() as stack:
-                if micro < cfg.grad_accum - 1:  # no gradient all-reduce until the last micro-batch
-                    for m in (generator, mpd, msd):
-                        stack.enter_context(acc.no_sync(m))
-                with acc.autocast():
-                    y_hat = generator(mel_in).float()
-                    # Discriminators on real and (detached) generated audio in one pass.
-                    both = torch.cat([y, y_hat.detach()])
-                    s_p, f_p = mpd(both)
-                    s_s, f_s = msd(both)
-                b = y.shape[0]
-                scores, fmaps = s_p + s_s, f_p + f_s
-                loss_d = lsgan_discriminator_loss([s[:b] for s in scores], [s[b:] for s in scores])
-                with training.frozen(mpd_inner, msd_inner), acc.autocast():
-                    g_p, gf_p = mpd_inner(y_hat)
-                    g_s, gf_s = msd_inner(y_hat)
-                adv = lsgan_generator_loss(g_p + g_s)
-                fm = feature_matching_loss([[f[:b] for f in fl] for fl in fmaps], gf_p + gf_s)
-                mel_l1 = torch.nn.functional.l1_loss(melspec(y_hat), mel_y)
-                loss_g = adv + cfg.fm_weight * fm + cfg.mel_weight * mel_l1
-                names = training.batch_names(batch)
-                check_finite(loss_g, step, names)
-                check_finite(loss_d, step, names + " (discriminator)")
-                acc.backward(loss_d)
-                acc.backward(loss_g)
-            meter.add(b * acc.num_processes, b * cfg.segment_size * acc.num_processes)
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
-            acc.clip_grad_norm_([p for m in (mpd, msd) for p in m.parameters()], cfg.grad_clip)
-        opt_d.step()
-        opt_g.step()
-        opt_d.zero_grad(set_to_none=True)
-        opt_g.zero_grad(set_to_none=True)
+    micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
+    while step < cfg.steps:
+        consumed, batch = next(stream)
+        gen = step_generator(cfg.seed, micro, acc.process_index, device)
+        lr = sched_g.get_last_lr()[0]  # this step's rate, for the log
+        micro += 1
+        with acc.accumulate(generator, mpd, msd):  # gradient all-reduce on a step's last micro-batch only
+            y, y_hat, mel_y = vocode(generator, melspec, batch, frames, gen, acc.autocast)
+            with acc.autocast():
+                # Discriminators on real and (detached) generated audio in one pass.
+                both = torch.cat([y, y_hat.detach()])
+                s_p, f_p = mpd(both)
+                s_s, f_s = msd(both)
+            b = y.shape[0]
+            scores, fmaps = s_p + s_s, f_p + f_s
+            loss_d = lsgan_discriminator_loss([s[:b] for s in scores], [s[b:] for s in scores])
+            with training.frozen(mpd_inner, msd_inner), acc.autocast():
+                g_p, gf_p = mpd_inner(y_hat)
+                g_s, gf_s = msd_inner(y_hat)
+            adv = lsgan_generator_loss(g_p + g_s)
+            fm = feature_matching_loss([[f[:b] for f in fl] for fl in fmaps], gf_p + gf_s)
+            mel_l1 = torch.nn.functional.l1_loss(melspec(y_hat), mel_y)
+            loss_g = adv + cfg.fm_weight * fm + cfg.mel_weight * mel_l1
+            names = training.batch_names(batch)
+            check_finite(loss_g, step + 1, names)
+            check_finite(loss_d, step + 1, names + " (discriminator)")
+            acc.backward(loss_d)
+            acc.backward(loss_g)
+            if acc.sync_gradients:
+                if cfg.optim.grad_clip:
+                    acc.clip_grad_norm_(generator.parameters(), cfg.optim.grad_clip)
+                if cfg.disc_optim.grad_clip:
+                    acc.clip_grad_norm_([p for m in (mpd, msd) for p in m.parameters()], cfg.disc_optim.grad_clip)
+            for o in (opt_d, opt_g):
+                o.step()  # a no-op until the last micro-batch (Accelerate)
+                o.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                sched_d.step()
+                sched_g.step()
+        window.add({"loss_g": loss_g, "loss_d": loss_d, "mel": mel_l1, "fm": fm, "adv": adv})
+        meter.add(b * acc.num_processes, b * cfg.segment_size * acc.num_processes)
+        if not acc.sync_gradients:
+            continue
         ema.update(gen_inner)
+        step += 1
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            meter.log(step, loss_g=loss_g.item(), loss_d=loss_d.item(), mel=mel_l1.item(), fm=fm.item(),
-                      adv=adv.item(), lr=lr)
+        extra = {}
+        if heldout is not None and step % cfg.eval_every == 0:
+            with meter.paused():
+                extra["heldout_loss"] = training.heldout_loss(heldout_loss, heldout, [gen_inner], acc, cfg.seed)
+        if step % cfg.log_every == 0 or step == cfg.steps or extra:
+            meter.log(step, **window.mean(acc), **extra, lr=lr)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             if acc.is_main_process:
                 save_checkpoint(run_dir, step, training.checkpoint_state(
                     step, cfg, sampler, consumed, model=generator, mpd=mpd, msd=msd, ema=ema,
-                    optimizer=opt_g, disc_optimizer=opt_d))
+                    optimizer=opt_g, scheduler=sched_g, disc_optimizer=opt_d, disc_scheduler=sched_d))
             acc.wait_for_everyone()
 
     final = run_dir / "final"

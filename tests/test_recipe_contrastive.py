@@ -79,6 +79,17 @@ def test_resume_gives_identical_weights(full_run, pairs_csv, tmp_path):
     assert_same(*(read_state_dict(d / "final" / "contrastive.safetensors") for d in (full_run, tmp_path)))
 
 
+def test_heldout_loss_every_two_steps_leaves_training_as_it_was(full_run, pairs_csv, tmp_path):
+    run(tmp_path, pairs_csv, f"heldout={pairs_csv}", "eval_every=2")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [("heldout_loss" in r) for r in rows] == [False, True, False, True]
+    assert all(math.isfinite(r["heldout_loss"]) and r["heldout_loss"] > 0 for r in rows[1::2])
+    a, b = (load_checkpoint(latest_checkpoint(d)) for d in (full_run, tmp_path))
+    for part in ("model", "ema", "optimizer", "scheduler", "sampler"):
+        assert_same(a[part], b[part], part)
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pairs_csv, tmp_path, monkeypatch):
     forward, calls = ContrastiveModel.forward, []
 

@@ -82,6 +82,42 @@ def test_resume_is_exact(full_run, music_dir, tmp_path):
                 read_state_dict(tmp_path / "final" / "vae.safetensors"))
 
 
+def test_logged_losses_are_window_means_and_the_heldout_loss_is_fixed(full_run, music_dir, tmp_path):
+    """log_every 2: each row is the mean of the two steps the per-step run logged. The held-out
+    loss (every 2 steps) is finite, leaves training exactly as it was, and is the same number
+    after a resume."""
+    heldout = (f"heldout={music_dir}", "eval_every=2", "log_every=2")
+    run(tmp_path / "a", music_dir, *heldout)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    per_step = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    for row, pair in zip(rows, (per_step[0:2], per_step[2:4])):
+        assert math.isfinite(row["heldout_loss"]) and row["heldout_loss"] > 0
+        for key in ("loss", "rec", "kl", "gan", "disc", "adv_lambda"):
+            assert row[key] == pytest.approx((pair[0][key] + pair[1][key]) / 2, rel=1e-5), key
+    straight = load_checkpoint(full_run / "checkpoints" / "step_00000004")
+    with_eval = load_checkpoint(tmp_path / "a" / "checkpoints" / "step_00000004")
+    for part in ("model", "ema", "optimizer", "scheduler", "discriminator", "disc_optimizer", "sampler"):
+        assert_same(straight[part], with_eval[part], part)
+
+    run(tmp_path / "b", music_dir, *heldout, "steps=2")
+    run(tmp_path / "b", music_dir, *heldout, "steps=4", resume=True)
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["heldout_loss"] for r in resumed] == [r["heldout_loss"] for r in rows]
+
+
+def test_resume_is_exact_with_gradient_accumulation(music_dir, tmp_path):
+    """Two micro-batches per step (Accelerate's accumulate): a stop at step 1 resumes bit-exactly."""
+    run(tmp_path / "straight", music_dir, "grad_accum=2", "steps=2", "ckpt_every=1")
+    run(tmp_path / "resumed", music_dir, "grad_accum=2", "steps=1", "ckpt_every=1")
+    run(tmp_path / "resumed", music_dir, "grad_accum=2", "steps=2", "ckpt_every=1", resume=True)
+    a, b = (load_checkpoint(tmp_path / d / "checkpoints" / "step_00000002") for d in ("straight", "resumed"))
+    assert a["sampler"]["epoch"] == 3  # four batches drawn (3 files, batch 2: one batch per epoch) ...
+    assert {float(s["step"]) for s in a["optimizer"]["state"].values()} == {2.0}  # ... for two updates
+    assert a["scheduler"]["last_epoch"] == 2
+    assert_same(a, b)
+
+
 def test_truncated_latest_checkpoint_resumes_from_the_previous_one(full_run, music_dir, tmp_path, caplog):
     run(tmp_path, music_dir, "steps=3")  # checkpoints at 2 and 3 (the last step)
     torn = tmp_path / "checkpoints" / "step_00000003" / "state.pt"

@@ -85,6 +85,16 @@ def test_resume_is_exact(full_run, music_dir, tmp_path):
                 read_state_dict(tmp_path / "final" / "vocoder.safetensors"))
 
 
+def test_heldout_loss_is_the_mel_error_every_two_steps(full_run, music_dir, tmp_path):
+    run(tmp_path, music_dir, f"heldout={music_dir}", "eval_every=2", "optim.lr_decay_every=1")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [("heldout_loss" in r) for r in rows] == [False, True, False, True]
+    assert all(math.isfinite(r["heldout_loss"]) and 0 < r["heldout_loss"] < 20 for r in rows[1::2])
+    assert rows[-1]["lr"] == pytest.approx(2e-4 * 0.999 ** 3)  # the dotted override reached the generator's
+    disc = load_checkpoint(latest_checkpoint(tmp_path))["disc_scheduler"]
+    assert disc["_last_lr"][0] == pytest.approx(2e-4 * 0.999 ** 2)  # ... and only the generator's
+
+
 def test_nan_stops_at_its_step_and_keeps_the_last_checkpoint(music_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = recipe.feature_matching_loss

@@ -164,3 +164,9 @@ class DiT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters to train without weight decay (timm's convention, read by
+        ``muvi.training.param_groups``): the null condition is a learned embedding, which decay
+        would only pull toward zero."""
+        return {"null_cond"}
