@@ -4,14 +4,15 @@ from __future__ import annotations
 import logging
 
 import pytest
+import timm.models.vision_transformer
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
 from muvi.checkpoint import CheckpointError
-from muvi.models.layers import sinusoid_table
 from muvi.encoders.videomae import (VideoMAEConfig, VideoMAEEncoder, convert_hf_videomae_state_dict,
-                                  load_videomae_encoder)
+                                    load_videomae_encoder)
+from muvi.models.layers import sinusoid_table
 
 
 def _tiny() -> VideoMAEConfig:
@@ -95,17 +96,21 @@ def hf_pair(tmp_path_factory):
     return model, folder / "model.safetensors"
 
 
-def test_parameter_names_are_the_release_names():
+def test_parameter_names_are_the_release_names_with_a_fused_qkv_bias():
     cfg = _tiny()
     model = VideoMAEEncoder(cfg)
     expected = {"patch_embed.proj.weight", "patch_embed.proj.bias"}
     for i in range(cfg.depth):
         expected |= {f"blocks.{i}.{n}" for n in (
-            "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.q_bias", "attn.v_bias",
+            "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias",
             "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
             "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")}
     assert set(model.state_dict()) == expected
-    assert model.blocks[0].attn.qkv.bias is None
+    assert isinstance(model.blocks[0], timm.models.vision_transformer.Block)
+    assert model.blocks[0].norm1.eps == 1e-6 and model.blocks[0].mlp.fc1.out_features == cfg.mlp_hidden_size
+    assert not model.blocks[0].attn.qkv.bias.any()  # the release's zero-initialised q/v biases, no k bias
+    no_bias = VideoMAEEncoder(VideoMAEConfig.preset("tiny", qkv_bias=False))
+    assert no_bias.blocks[0].attn.qkv.bias is None
     # The position table is the fixed sinusoid one, kept as an unsaved buffer.
     assert torch.equal(model.pos_embed[0], sinusoid_table(cfg.num_tokens, cfg.hidden_size))
     assert "pos_embed" in dict(model.named_buffers()) and "pos_embed" not in model.state_dict()
@@ -168,6 +173,27 @@ def test_release_pth_nested_under_module(hf_pair, tmp_path, caplog):
         assert torch.equal(from_release(clips), from_hf(clips))
 
 
+def test_qv_biases_fused_with_a_zero_key_bias_and_muvi_state_round_trips(hf_pair, tmp_path):
+    model, _ = hf_pair
+    cfg = _tiny()
+    release = _release_state(model.state_dict(), cfg.depth)
+    torch.save(release, tmp_path / "release.pth")
+    loaded = load_videomae_encoder(tmp_path / "release.pth", cfg)
+    d = cfg.hidden_size
+    for i, block in enumerate(loaded.blocks):
+        bias = block.attn.qkv.bias
+        assert torch.equal(bias[:d], release[f"blocks.{i}.attn.q_bias"])
+        assert not bias[d:2 * d].any()
+        assert torch.equal(bias[2 * d:], release[f"blocks.{i}.attn.v_bias"])
+    save_file(loaded.state_dict(), str(tmp_path / "muvi.safetensors"))
+    again = load_videomae_encoder(tmp_path / "muvi.safetensors", cfg)
+    state, state_again = loaded.state_dict(), again.state_dict()
+    assert set(state) == set(state_again) and all(torch.equal(state[k], state_again[k]) for k in state)
+    clips = _clips(cfg, 1, seed=5)
+    with torch.no_grad():
+        assert torch.equal(again(clips), loaded(clips))
+
+
 def test_release_pretraining_layout(hf_pair, tmp_path):
     """Pre-training checkpoints: "encoder." prefixes, an encoder norm and a decoder, under "model"."""
     model, safetensors_path = hf_pair
@@ -200,7 +226,7 @@ def test_bad_checkpoints_name_the_keys(hf_pair, tmp_path):
 
     wide = VideoMAEEncoder(VideoMAEConfig.preset("tiny", hidden_size=48, num_heads=3)).state_dict()
     save_file(wide, str(tmp_path / "wide.safetensors"))
-    mismatch = r"shape mismatches \(28\).*blocks\.0\.attn\.qkv\.weight: checkpoint \(144, 48\) vs model \(96, 32\)"
+    mismatch = r"shape mismatches \(26\).*blocks\.0\.attn\.qkv\.weight: checkpoint \(144, 48\) vs model \(96, 32\)"
     with pytest.raises(CheckpointError, match=mismatch):
         load_videomae_encoder(tmp_path / "wide.safetensors", cfg)
 

@@ -4,7 +4,8 @@ MuVi (section 3.2) embeds music with a pre-trained AudioMAE, averages over frequ
 resamples to the video frame rate; the SIM metric uses the same features. This is the release's
 ViT-B/16 over a 128-bin Kaldi fbank of 1024 frames (10 ms hop, 10.24 s), with the published key
 names (facebookresearch/AudioMAE, timm ``VisionTransformer`` layout), so its checkpoints load
-as released.
+as released. The release builds its encoder from timm's ``vision_transformer.Block`` (LayerNorm
+eps 1e-6, fused ``qkv`` with bias, exact GELU); so do we.
 
 Shapes: B batch, N samples, T fbank frames (10 ms), M mel bins, P time patches, Fp frequency
 patches (M / patch), D width, J video frames.
@@ -15,6 +16,7 @@ and is flattened time-major, so token ``1 + t * (M/16) + f`` is time patch t, fr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -24,11 +26,11 @@ from typing import Any, ClassVar, Optional
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
 from muvi.config import Config
-from muvi.models.layers import ViTBlock
 
 logger = logging.getLogger(__name__)
 
@@ -164,10 +166,11 @@ class AudioMAEEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # Fixed (not trained) in the release but stored in its checkpoints: a persistent buffer.
         self.register_buffer("pos_embed", _release_pos_table(config), persistent=True)
+        norm = functools.partial(nn.LayerNorm, eps=config.layer_norm_eps)
         self.blocks = nn.ModuleList(
-            ViTBlock(config.hidden_size, config.num_heads, int(config.hidden_size * config.mlp_ratio),
-                     config.layer_norm_eps) for _ in range(config.depth))
-        final = nn.LayerNorm(d, eps=config.layer_norm_eps)
+            Block(d, config.num_heads, config.mlp_ratio, qkv_bias=True, norm_layer=norm)
+            for _ in range(config.depth))
+        final = norm(d)
         if config.global_pool:
             self.fc_norm = final
         else:

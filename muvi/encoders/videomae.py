@@ -1,15 +1,19 @@
 """VideoMAE V2 ViT video encoder (Wang et al., 2023): MuVi's frozen visual encoder.
 
-The parameter names are those of the OpenGVLab/VideoMAEv2 release (``models/modeling_finetune.py``,
-``VisionTransformer``), so the published ``.pth`` files (e.g. the distilled ViT-B/16
-``vit_b_k710_dl_from_giant.pth``, the paper's choice) load strictly. The same architecture is
-VideoMAE v1, so its checkpoints load too, from either the release or the transformers layout.
+The published ``.pth`` files of the OpenGVLab/VideoMAEv2 release (``models/modeling_finetune.py``,
+``VisionTransformer``; e.g. the distilled ViT-B/16 ``vit_b_k710_dl_from_giant.pth``, the paper's
+choice) load by their key names, strictly. The same architecture is VideoMAE v1, so its
+checkpoints load too, from either the release or the transformers layout.
 
 Architecture as released: a Conv3d tubelet embedding (tubelet x patch x patch), plus the FIXED
 1D sinusoid table over the flattened (time, row, column) token index (recomputed, never stored),
-then pre-norm blocks: LayerNorm (eps 1e-6), attention with one bias-free ``qkv`` matrix and
-separate ``q_bias``/``v_bias`` (the key bias is zero, which softmax would ignore anyway),
-scale ``head_width ** -0.5``, exact (erf) GELU MLP. No layer scale (``init_values=0``).
+then pre-norm blocks: LayerNorm (eps 1e-6), attention with scale ``head_width ** -0.5``, exact
+(erf) GELU MLP, no layer scale (``init_values=0``): timm's ``vision_transformer.Block``, which
+the blocks are. The stored tensors differ in one place: the release has a bias-free ``qkv``
+matrix plus separate ``q_bias`` and ``v_bias`` and NO key bias, timm one fused ``qkv.bias``. At
+load time ``q_bias``/``v_bias`` become ``qkv.bias = [q_bias, 0, v_bias]``: the loaded key bias is
+zero, as in the release (a key bias adds the same number to every logit of a query, so softmax
+ignores it and its gradient is zero). muvi saves and reloads ``qkv.bias`` as it is.
 
 No final norm: with mean pooling the release sets ``norm`` to Identity and applies ``fc_norm``
 only AFTER averaging the tokens, so the per-token last hidden state is the raw output of the last
@@ -21,6 +25,7 @@ S = T / tubelet token steps per clip, h x w patch grid, L = S*h*w tokens, D widt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from pathlib import Path
@@ -28,13 +33,13 @@ from typing import Mapping, Optional
 
 import torch
 from einops import rearrange
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
 from muvi.config import Config
-from muvi.models.layers import ViTBlock
-from muvi.video import standardize
 from muvi.models.layers import sinusoid_table
+from muvi.video import standardize
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ class VideoMAEConfig(Config):
     num_heads: int = 12
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-6
-    #: separate q/v biases (every released VideoMAE / VideoMAE V2 model has them).
+    #: q/v biases (every released VideoMAE / VideoMAE V2 model has them; the k bias is zero).
     qkv_bias: bool = True
     #: per-channel statistics of frames scaled to [0, 1]: the ImageNet values that the
     #: release's fine-tuning and distillation data pipelines normalise with.
@@ -115,9 +120,16 @@ class VideoMAEEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(config)
+        # timm floors dim * mlp_ratio; half a unit over the exact width keeps the float product
+        # from landing just below it (e.g. 61 / 448 * 448 < 61).
+        mlp_ratio = (config.mlp_hidden_size + 0.5) / config.hidden_size
+        norm = functools.partial(nn.LayerNorm, eps=config.layer_norm_eps)
         self.blocks = nn.ModuleList(
-            ViTBlock(config.hidden_size, config.num_heads, config.mlp_hidden_size, config.layer_norm_eps,
-                     "qv" if config.qkv_bias else "none") for _ in range(config.depth))
+            Block(config.hidden_size, config.num_heads, mlp_ratio, qkv_bias=config.qkv_bias, norm_layer=norm)
+            for _ in range(config.depth))
+        if config.qkv_bias:  # the release initialises q_bias and v_bias to zero (and has no k bias)
+            for block in self.blocks:
+                nn.init.zeros_(block.attn.qkv.bias)
         # Fixed, never trained, never stored in the release's checkpoints: a buffer, not saved.
         self.register_buffer("pos_embed", sinusoid_table(config.num_tokens, config.hidden_size)[None],
                              persistent=False)
@@ -188,7 +200,7 @@ class VideoMAEEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
-#: transformers per-layer names (after ``encoder.layer.N.``) → ours (after ``blocks.N.``).
+#: transformers per-layer names (after ``encoder.layer.N.``) → the release's (after ``blocks.N.``).
 _HF_LAYER_NAMES = {
     "attention.attention.q_bias": "attn.q_bias",  # transformers 4.x
     "attention.attention.v_bias": "attn.v_bias",
@@ -223,7 +235,8 @@ def _is_hf_layout(state: Mapping[str, torch.Tensor]) -> bool:
 
 
 def convert_hf_videomae_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a transformers ``VideoMAEModel``/``VideoMAEForVideoClassification`` state dict to ours.
+    """Rename a transformers ``VideoMAEModel``/``VideoMAEForVideoClassification`` state dict to the
+    release's names (``q_bias``/``v_bias`` still separate: :func:`prepare_videomae_state_dict` fuses them).
 
     Handles keys with or without the ``videomae.`` prefix and both bias spellings (4.x ``q_bias``,
     5.x ``query.bias``); the query, key and value matrices are stacked into ``qkv`` in that order.
@@ -266,9 +279,30 @@ def _strip(key: str, prefixes: tuple[str, ...]) -> str:
             return key
 
 
+def _fuse_qv_biases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``blocks.N.attn.q_bias`` and ``v_bias`` → timm's ``blocks.N.attn.qkv.bias = [q, 0, v]``.
+
+    Only a complete, same-shaped 1-D pair is fused (and only where no ``qkv.bias`` is stored
+    too); anything else is left as it is, for the strict load to name.
+    """
+    out = dict(state)
+    for key in state:
+        match = re.fullmatch(r"(.*attn\.)q_bias", key)
+        if not match:
+            continue
+        prefix = match.group(1)
+        q, v = state[key], state.get(prefix + "v_bias")
+        if v is None or q.ndim != 1 or q.shape != v.shape or prefix + "qkv.bias" in state:
+            continue
+        out[prefix + "qkv.bias"] = torch.cat((q, torch.zeros_like(q), v))
+        del out[key], out[prefix + "v_bias"]
+    return out
+
+
 def prepare_videomae_state_dict(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint"
                                 ) -> dict[str, torch.Tensor]:
-    """Any supported layout (release fine-tuned/distilled/pre-trained, transformers) → our names.
+    """Any supported layout (release fine-tuned/distilled/pre-trained, transformers, or muvi's
+    own) → our names, the release's with ``q_bias``/``v_bias`` fused into ``qkv.bias`` (module docstring).
 
     Tensors the encoder does not use (classification head, final norm, pre-training decoder, a
     stored copy of the fixed sinusoid table) are dropped and named in one INFO log line;
@@ -279,6 +313,7 @@ def prepare_videomae_state_dict(state: Mapping[str, torch.Tensor], *, source: st
         state = convert_hf_videomae_state_dict(state)
     else:
         state = {_strip(k, _RELEASE_PREFIXES): v for k, v in state.items()}
+    state = _fuse_qv_biases(state)
     dropped = sorted(k for k in state if k.split(".", 1)[0] in _UNUSED)
     table = state.get("pos_embed")
     if table is not None and table.ndim >= 2 and torch.allclose(
@@ -319,7 +354,7 @@ def infer_videomae_config(state: Mapping[str, torch.Tensor], *, head_dim: int = 
     stats = {} if channels == len(VideoMAEConfig.mean) else dict(mean=(0.5,) * channels, std=(0.5,) * channels)
     return VideoMAEConfig(patch_size=patch, tubelet_size=tubelet, in_channels=channels, hidden_size=width,
                           depth=max(blocks) + 1, num_heads=width // head_dim, mlp_ratio=ratio,
-                          qkv_bias="blocks.0.attn.q_bias" in state, **stats)
+                          qkv_bias="blocks.0.attn.qkv.bias" in state, **stats)
 
 
 def load_videomae_encoder(path: str | Path, config: Optional[VideoMAEConfig] = None) -> VideoMAEEncoder:

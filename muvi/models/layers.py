@@ -8,7 +8,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 
@@ -85,60 +84,3 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     emb = torch.cat((args.cos(), args.sin()), dim=-1)
     return F.pad(emb, (0, dim % 2))
 
-
-# ----------------------------------------------------------------------------- ViT (frozen encoders)
-
-class ViTAttention(nn.Module):
-    """Multi-head self-attention with timm's key names (``qkv``, ``proj``).
-
-    ``qkv_bias``: "full" (one ``qkv.bias``, timm/AudioMAE), "qv" (separate ``q_bias`` and
-    ``v_bias`` with no key bias, VideoMAE V2's layout) or "none".
-    """
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: str = "full"):
-        super().__init__()
-        if qkv_bias not in ("full", "qv", "none"):
-            raise ValueError(f"qkv_bias must be 'full', 'qv' or 'none', got {qkv_bias!r}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias == "full")
-        if qkv_bias == "qv":
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
-        else:
-            self.q_bias = self.v_bias = None
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.qkv.bias
-        if self.q_bias is not None:
-            bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias)
-        q, k, v = rearrange(qkv, "b t (three h k) -> three b h t k", three=3, h=self.num_heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # default scale = head width ** -0.5
-        return self.proj(rearrange(out, "b h t k -> b t (h k)"))
-
-
-class ViTMlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class ViTBlock(nn.Module):
-    """Pre-norm ViT block with timm's key names: norm1, attn.qkv/proj, norm2, mlp.fc1/fc2."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float, qkv_bias: str = "full"):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = ViTAttention(dim, num_heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = ViTMlp(dim, mlp_hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
