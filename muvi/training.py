@@ -177,14 +177,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimizerConfig,
         s, cfg.warmup_steps, total_steps, cfg.schedule, cfg.lr_decay, cfg.lr_decay_every))
 
 
-def adamw(*modules: nn.Module, lr: float, weight_decay: float,
-          betas: tuple[float, ...] = (0.9, 0.999)) -> torch.optim.AdamW:
-    """One AdamW group over everything (norms and biases decayed too). Kept only until
-    recipes/train_dit.py moves to :func:`make_optimizer`; new code should not use it."""
-    return torch.optim.AdamW([p for m in modules for p in m.parameters()], lr=lr, betas=tuple(betas),
-                             weight_decay=weight_decay)
-
-
 # ----------------------------------------------------------------------------- guards
 
 class NonFiniteLoss(FloatingPointError):

@@ -325,7 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         micro += 1
         with acc.accumulate(model):  # gradient all-reduce on the last micro-batch of a step only
             loss, stats, kinds = clip_loss(model, video_enc, audio_enc, batch, gen, cfg, acc.autocast, gather)
-            check_finite(loss, step, ", ".join(f"{Path(p).name}@{s:.1f}s"
+            check_finite(loss, step + 1, ", ".join(f"{Path(p).name}@{s:.1f}s"
                                                for p, s in zip(batch["video_path"], batch["start"])))
             acc.backward(loss)  # divided by grad_accum inside
             if acc.sync_gradients and cfg.optim.grad_clip:

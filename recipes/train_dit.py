@@ -17,7 +17,11 @@ normalises with the same buffers).
 
 Both apply partial denoising with probability 0.8 (section 4.3): a clean prefix of the shorter
 of 14 s and 33 % of the clip is context; it is not noised, gets the null condition, reports
-time 1 and is left out of the loss.
+time 1 and is left out of the loss. All of that is :class:`muvi.models.v2m.VideoToMusicFlow`, the
+object the release samples from (``objective`` in the config); this script is the loop around it,
+of the shape every recipe has (``muvi.training``): ``optim`` (AdamW, no decay on 1-D parameters and
+the null embedding), the logged loss a window mean over micro-batches and processes, and with
+``heldout`` (a feature cache of held-out files) and ``eval_every`` a periodic held-out loss.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from muvi import hub
@@ -36,6 +41,7 @@ from muvi.data.sampler import DurationBalancedBatchSampler
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
 from muvi.models.v2m import FlowObjective, VideoToMusicFlow
+from muvi.training import OptimizerConfig
 from muvi import training
 from muvi.cli import run_script
 
@@ -53,21 +59,18 @@ class DiTTrainConfig(Config):
     init_adaptor: str = ""          # a final/ folder holding contrastive.safetensors or adaptor.safetensors
     min_seconds: float = 4.0
     max_seconds: float = 30.0
-    latent_rate: float = 10.0
-    icl_prob: float = 0.8
-    icl_max_seconds: float = 14.0
-    icl_max_fraction: float = 0.33
-    cond_drop_prob: float = 0.2
-    time_distribution: str = "uniform"
+    # in-context prefix, condition dropout, time distribution, latent rate (muvi.models.v2m)
+    objective: FlowObjective = dataclasses.field(default_factory=FlowObjective)
     steps: int = 60_000
     batch_size: int = 32
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 1000
-    schedule: str = "constant"
     grad_accum: int = 1
-    grad_clip: float = 1.0
+    # appendix B: AdamW 5e-5 (weight decay on matrices only, muvi.training.param_groups)
+    optim: OptimizerConfig = dataclasses.field(default_factory=lambda: OptimizerConfig(
+        lr=5e-5, weight_decay=0.01, warmup_steps=1000, grad_clip=1.0))
     ema_decay: float = 0.999
+    # held-out loss: a feature cache of held-out music (or pairs), every eval_every steps
+    heldout: str = ""
+    eval_every: int = 0
     log_every: int = 50
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
@@ -99,14 +102,8 @@ def draw_latents(batch: dict, stats: tuple[torch.Tensor, torch.Tensor], gen: tor
     """A latent drawn from each cached posterior, normalised as the release normalises, zero on
     padding: (B, T, C)."""
     mean, logvar, valid = batch["mean"], batch["logvar"], batch["valid"]
-    x1 = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+    x1 = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen, device=gen.device).to(mean.device)
     return (x1 - stats[0]) / stats[1] * valid[..., None]
-
-
-def objective(cfg: DiTTrainConfig) -> FlowObjective:
-    return FlowObjective(latent_rate=cfg.latent_rate, cond_drop_prob=cfg.cond_drop_prob, icl_prob=cfg.icl_prob,
-                         icl_max_seconds=cfg.icl_max_seconds, icl_max_fraction=cfg.icl_max_fraction,
-                         time_distribution=cfg.time_distribution)
 
 
 def main(argv: Optional[list[str]] = None) -> Path:
@@ -118,14 +115,20 @@ def main(argv: Optional[list[str]] = None) -> Path:
     rank = acc.process_index
 
     v2m = cfg.stage == "v2m"
-    data = CachedLatentDataset(cfg.cache, min_seconds=cfg.min_seconds, max_seconds=cfg.max_seconds,
-                               latent_rate=cfg.latent_rate, seed=cfg.seed, with_video=v2m)
-    sampler = DurationBalancedBatchSampler(data.durations, cfg.batch_size, seed=cfg.seed, rank=rank,
-                                           world_size=acc.num_processes,
-                                           segment_seconds=(cfg.min_seconds, cfg.max_seconds),
-                                           frame_rate=cfg.latent_rate)
-    loader = DataLoader(data, batch_sampler=sampler, collate_fn=collate_latents, num_workers=cfg.num_workers)
-    stats = latent_stats(data)
+    rate = cfg.objective.latent_rate
+
+    def data(cache: str, epoch_seed: int):
+        dataset = CachedLatentDataset(cache, min_seconds=cfg.min_seconds, max_seconds=cfg.max_seconds,
+                                      latent_rate=rate, seed=epoch_seed, with_video=v2m)
+        sampler = DurationBalancedBatchSampler(dataset.durations, cfg.batch_size, seed=epoch_seed, rank=rank,
+                                               world_size=acc.num_processes,
+                                               segment_seconds=(cfg.min_seconds, cfg.max_seconds), frame_rate=rate)
+        return dataset, sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_latents,
+                                            num_workers=cfg.num_workers)
+
+    dataset, sampler, loader = data(cfg.cache, cfg.seed)
+    heldout = data(cfg.heldout, cfg.seed + 1)[2] if cfg.heldout and cfg.eval_every else None
+    stats = latent_stats(dataset)
 
     torch.manual_seed(cfg.seed)  # the initial weights; every later draw uses step_generator
     dit_cfg = build_config(DiTConfig, cfg.dit)
@@ -137,52 +140,64 @@ def main(argv: Optional[list[str]] = None) -> Path:
             hub.load_init(adaptor, cfg.init_adaptor, ("adaptor", "contrastive"), prefix="adaptor.")
     if cfg.init_dit:
         hub.load_init(dit, cfg.init_dit, ("dit",))
-    model = VideoToMusicFlow(dit, adaptor, objective(cfg))
-    optimizer = training.adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: training.lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.schedule))
+    model = VideoToMusicFlow(dit, adaptor, cfg.objective)
+    optimizer = training.make_optimizer(cfg.optim, model)
+    scheduler = training.make_scheduler(optimizer, cfg.optim, cfg.steps)
     ema = training.EMA(model, cfg.ema_decay)
 
     step = 0
     if args.resume:
-        ckpt, state = training.resume(run_dir)
+        ckpt, state = training.resume(run_dir, required=True)
         training.restore(state, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, sampler=sampler)
         step = state["step"]
         logger.info("resumed from %s at step %d", ckpt, step)
     model, optimizer = acc.prepare(model, optimizer)
+    inner = acc.unwrap_model(model)
     ema.shadow.to(acc.device)
-    meter = training.Throughput(run_dir, enabled=acc.is_main_process)
     logger.info("stage %s: DiT %.1fM parameters%s, %d cached files, %d processes", cfg.stage,
                 dit.num_parameters() / 1e6,
                 f", adaptor {sum(p.numel() for p in adaptor.parameters()) / 1e6:.1f}M" if adaptor else "",
-                len(data), acc.num_processes)
+                len(dataset), acc.num_processes)
 
-    micro = step * cfg.grad_accum
+    def flow_loss(net: nn.Module, batch: dict, gen: torch.Generator) -> torch.Tensor:
+        """The objective's loss on one batch: a latent from each posterior, then VideoToMusicFlow."""
+        x1 = draw_latents(batch, stats, gen).to(acc.device)
+        tokens = {k: batch[k].to(acc.device) for k in ("tokens", "token_lengths")} if v2m else {}
+        with acc.autocast():
+            return net(x1, batch["valid"].to(acc.device), gen, **tokens)
+
+    meter, window = training.Throughput(run_dir, enabled=acc.is_main_process), training.LossWindow()
+    micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
     stream = training.batch_stream(loader, sampler)
     while step < cfg.steps:
         consumed, batch = next(stream)
         gen = training.step_generator(cfg.seed, micro, rank)
+        lr = scheduler.get_last_lr()[0]  # this step's rate, for the log
         micro += 1
-        x1 = draw_latents(batch, stats, gen).to(acc.device)
-        valid = batch["valid"].to(acc.device)
-        tokens = {k: batch[k].to(acc.device) for k in ("tokens", "token_lengths")} if v2m else {}
-        with acc.accumulate(model), acc.autocast():
-            loss = model(x1, valid, gen, **tokens)
-            training.check_finite(loss, step, ", ".join(batch["ids"]))
+        with acc.accumulate(model):  # gradient all-reduce on the last micro-batch of a step only
+            loss = flow_loss(model, batch, gen)
+            training.check_finite(loss, step + 1, ", ".join(batch["ids"]))
             acc.backward(loss)
-            if acc.sync_gradients and cfg.grad_clip:
-                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            if acc.sync_gradients and cfg.optim.grad_clip:
+                acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()  # a no-op until the last micro-batch (Accelerate)
+            optimizer.zero_grad(set_to_none=True)
             if acc.sync_gradients:
                 scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        meter.add(len(batch["ids"]), int(valid.sum()))
+        window.add({"loss": loss})
+        meter.add(len(batch["ids"]) * acc.num_processes, int(batch["valid"].sum()) * acc.num_processes)
         if not acc.sync_gradients:
             continue
-        ema.update(acc.unwrap_model(model))
+        ema.update(inner)
         step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            meter.log(step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
+
+        extra = {}
+        if heldout is not None and step % cfg.eval_every == 0:
+            with meter.paused():
+                extra["heldout_loss"] = training.heldout_loss(lambda b, g: flow_loss(inner, b, g), heldout,
+                                                              [inner], acc, cfg.seed)
+        if step % cfg.log_every == 0 or step == cfg.steps or extra:
+            meter.log(step, **window.mean(acc), **extra, lr=lr)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             if acc.is_main_process:
                 training.save_checkpoint(run_dir, step, training.checkpoint_state(

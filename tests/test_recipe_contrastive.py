@@ -99,7 +99,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(pairs_csv,
         return (loss * float("nan") if len(calls) == 2 else loss), stats
 
     monkeypatch.setattr(ContrastiveModel, "forward", poisoned)
-    with pytest.raises(NonFiniteLoss, match=r"at step 1 on batch .*\.mp4@"):
+    with pytest.raises(NonFiniteLoss, match=r"at step 2 on batch .*\.mp4@"):
         run(tmp_path, pairs_csv, "ckpt_every=1")
     ckpt = latest_checkpoint(tmp_path)
     assert ckpt.name == "step_00000001" and load_checkpoint(ckpt)["step"] == 1

@@ -81,7 +81,7 @@ def held_out_loss(work, final: Path) -> float:
 
 
 def test_unconditional_training_lowers_the_loss(work):
-    untrained = train(work, "short", UNCOND, "steps=1", "lr=1e-9")
+    untrained = train(work, "short", UNCOND, "steps=1", "optim.lr=1e-9")
     trained = train(work, "long", UNCOND, "steps=80", "ema_decay=0.5")
     before, after = held_out_loss(work, untrained), held_out_loss(work, trained)
     assert after < 0.7 * before, (before, after)
@@ -115,7 +115,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(work, monkeypatch):
     monkeypatch.setattr(flow, "flow_loss", poisoned)
     from muvi import training
 
-    with pytest.raises(training.NonFiniteLoss, match=r"at step 3 on batch piece"):
+    with pytest.raises(training.NonFiniteLoss, match=r"at step 4 on batch piece"):
         train(work, "nan", UNCOND, "steps=6", "ckpt_every=2")
     latest = training.latest_checkpoint(work / "nan")
     state = training.load_checkpoint(latest)

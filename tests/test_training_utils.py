@@ -328,7 +328,7 @@ def test_every_recipe_resumes_through_the_same_function(name):
     assert "latest_checkpoint(" not in text
 
 
-@pytest.mark.parametrize("name", ["train_vae", "train_vocoder", "train_contrastive"])
+@pytest.mark.parametrize("name", ["train_vae", "train_vocoder", "train_contrastive", "train_dit"])
 def test_recipes_share_one_loop_shape(name):
     """Gradient accumulation through accelerator.accumulate, AdamW groups and schedule from
     OptimizerConfig, the logged loss from a LossWindow (behaviour: the recipe tests)."""
