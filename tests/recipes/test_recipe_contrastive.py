@@ -16,7 +16,7 @@ from muvi.eval.sim import SimilarityScorer
 from muvi.models.contrastive import ContrastiveModel
 from muvi.training import NonFiniteLoss, latest_checkpoint, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "recipes" / "configs" / "contrastive_tiny.json"
 SR = 16000
 

@@ -21,7 +21,7 @@ from muvi.encoders.frame_encoder import (FrameEncoder, FrameEncoderConfig, Froze
 from muvi.pipeline import MuviPipeline
 from muvi.video import read_frames, resize_center_crop
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = Path(muvi.__file__).parent / "assets" / "sample.mp4"
 
 

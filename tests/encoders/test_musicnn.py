@@ -18,7 +18,7 @@ import torch
 from muvi.encoders import _tf_checkpoint as tfc
 from muvi.encoders import musicnn as mn
 
-FIXTURE = Path(__file__).parent / "fixtures" / "musicnn_reference.npz"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "musicnn_reference.npz"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""muvi.data.corpus, function by function (tests/test_corpus.py builds a whole tiny corpus):
+"""muvi.data.corpus, function by function (tests/recipes/test_recipe_corpus.py builds a whole tiny corpus):
 the edit's cut and accent schedules (their invariants, and the exact result where the random
 draws cannot matter), the MIDI helpers on hand-made pretty_midi pieces, and the files, read back
 with soundfile and PyAV."""

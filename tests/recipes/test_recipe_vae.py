@@ -18,7 +18,7 @@ from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
 from muvi.training import NonFiniteLoss, latest_checkpoint, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "recipes" / "configs" / "vae_tiny.json"
 SR = 24000
 

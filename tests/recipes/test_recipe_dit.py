@@ -24,7 +24,7 @@ from muvi.models.vae import MelVAE, VAEConfig
 from muvi.hub import load_component, load_init, save_component
 
 SR = 24000
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UNCOND = ROOT / "recipes" / "configs" / "dit_uncond_tiny.json"
 V2M = ROOT / "recipes" / "configs" / "dit_v2m_tiny.json"
 CONTRASTIVE = ROOT / "recipes" / "configs" / "contrastive_tiny.json"

@@ -21,7 +21,7 @@ from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig
 from muvi.training import NonFiniteLoss, latest_checkpoint, load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "recipes" / "configs" / "vocoder_tiny.json"
 SR = 24000
 
