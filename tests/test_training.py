@@ -249,7 +249,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(training.torch, "save", crash)
+    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         training.save_checkpoint(tmp_path, 4, {"step": 4})
     assert training.latest_checkpoint(tmp_path).name == "step_00000003"
