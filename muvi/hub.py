@@ -112,8 +112,10 @@ def save_component(module: nn.Module, folder: PathLike, name: str, *, source: Op
     record: dict[str, Any] = {"type": type_of(module), "config": module.config.to_dict()}
     if source is not None:
         record["source"] = source
-    elif module.state_dict():
+    if source is None and module.state_dict():
         write_atomically(folder / f"{name}.safetensors", lambda tmp: save_weights(module, tmp))
+    else:  # weights of a component saved here before under this name would contradict the JSON
+        (folder / f"{name}.safetensors").unlink(missing_ok=True)
     write_atomically(folder / f"{name}.json",
                      lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8"))
     return folder

@@ -21,9 +21,20 @@ def load_events(path: Path) -> np.ndarray:
     """Event times (s) of one video from JSON: a list of times, or an object whose ``cuts`` /
     ``accents`` / ``events`` lists hold times or ``{"time": t}`` entries (the corpus sidecars
     of ``recipes/build_corpus.py``). Sorted, duplicates removed, t = 0 dropped (not an edit)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    items = data if isinstance(data, list) else [
-        e for key in ("cuts", "accents", "events") for e in data.get(key, [])]
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if isinstance(data, dict):
+        lists = [data.get(key, []) for key in ("cuts", "accents", "events")]
+        if not all(isinstance(v, list) for v in lists):
+            raise ValueError(f"{path}: 'cuts', 'accents' and 'events' must be lists of times")
+        items = [e for v in lists for e in v]
+    elif isinstance(data, list):
+        items = data
+    else:
+        raise ValueError(f"{path}: expected a list of event times or an object with 'cuts' / 'accents' / "
+                         f"'events' lists, got a JSON {type(data).__name__}")
     try:
         times = [float(e["time"] if isinstance(e, dict) else e) for e in items]
     except (KeyError, TypeError, ValueError):
