@@ -44,6 +44,7 @@ setup(
         "eval": ["matplotlib>=3.7", "resampy>=0.4"],
         "dev": [
             "pytest>=7",
+            "ruff>=0.6",
             "transformers>=4.40",
             "efficientnet-lite-pytorch>=0.1.0",
             "scikit-video>=1.1.11",

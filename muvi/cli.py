@@ -82,9 +82,10 @@ def _number(text: Optional[str], name: str, kind: type):
 
 def generate_command(args: argparse.Namespace) -> Path:
     from muvi import default_model_dir
-    from muvi.inputs import ModelLimits, check_output, check_request
-    from muvi.media import AUDIO_FORMATS as AUDIO_SUFFIXES, VIDEO_FORMATS as VIDEO_SUFFIXES
     from muvi.errors import InputError
+    from muvi.inputs import ModelLimits, check_output, check_request
+    from muvi.media import AUDIO_FORMATS as AUDIO_SUFFIXES
+    from muvi.media import VIDEO_FORMATS as VIDEO_SUFFIXES
 
     video = args.video or bundled_sample_video()
     model = args.model or default_model_dir()

@@ -26,9 +26,15 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from muvi.checkpoint import check_config, load_strict, load_weights, read_state_dict, save_weights
-from muvi.checkpoint import state_hash  # noqa: F401  (re-exported: the one hash of a set of weights)
-from muvi.config import Config, ConfigError
+from muvi.checkpoint import (
+    check_config,
+    load_strict,
+    load_weights,
+    read_state_dict,
+    save_weights,
+    state_hash,  # noqa: F401  (re-exported: the one hash of a set of weights)
+)
+from muvi.config import Config, ConfigError, read_json
 from muvi.encoders.audiomae import AudioMAEConfig, AudioMAEEncoder, load_audiomae_encoder
 from muvi.encoders.frame_encoder import FrameEncoder, FrameEncoderConfig, load_frame_encoder
 from muvi.encoders.music_frames import DEFAULT_MUSICNN, MusicnnFrameEncoder
@@ -126,11 +132,8 @@ def read_component(folder: PathLike, name: str) -> dict[str, Any]:
     path = Path(folder) / f"{name}.json"
     if not path.is_file():
         raise MissingFileError(f"{folder}: no component {name!r} (no {path.name})")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(record, dict) or not {"type", "config"} <= set(record):
+    record = read_json(path)
+    if not {"type", "config"} <= set(record):
         raise ConfigError(f"{path}: not a muvi component (expected {{\"type\": ..., \"config\": ...}}; "
                           f"a folder written by muvi before 0.2 must be exported again)")
     if record["type"] not in TYPES:

@@ -24,10 +24,9 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from muvi.errors import (InputError, InputTypeError, MissingFileError, OutputError, OutputExistsError,
-                         one_line)
-from muvi.media import VideoInfo, probe_video
 from muvi.config import RELEASE_FORMAT
+from muvi.errors import InputError, InputTypeError, MissingFileError, OutputError, OutputExistsError, one_line
+from muvi.media import VideoInfo, probe_video
 
 PathLike = Union[str, Path]
 

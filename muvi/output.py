@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from muvi.errors import GenerationError, OutputError, OutputExistsError
-from muvi.media import AUDIO_FORMATS as AUDIO_SUFFIXES, write_atomically
+from muvi.media import AUDIO_FORMATS as AUDIO_SUFFIXES
+from muvi.media import write_atomically
+
 
 @dataclasses.dataclass
 class GenerationOutput:

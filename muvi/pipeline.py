@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from muvi import hub
-from muvi.config import RELEASE_FORMAT, Config, ConfigError
+from muvi import video as video_io
+from muvi.config import RELEASE_FORMAT, Config, ConfigError, read_json
 from muvi.encoders.frames import encode_frames
 from muvi.errors import GenerationError, InputError, MissingFileError
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
@@ -32,7 +33,6 @@ from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.v2m import VideoToMusicFlow
 from muvi.models.vae import MelVAE, VAEConfig
 from muvi.output import GenerationOutput
-from muvi import video as video_io
 
 if TYPE_CHECKING:
     from muvi.inputs import ModelLimits, Request
@@ -125,10 +125,7 @@ class MuviPipeline(nn.Module):
         path = directory / "config.json"
         if not path.is_file():
             raise MissingFileError(f"{directory}: not a muvi model folder (no config.json)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        raw = read_json(path)
         if raw.get("format_version") != FORMAT_VERSION:
             raise ConfigError(f"{path}: release format {raw.get('format_version')!r}, but this muvi reads format "
                               f"{FORMAT_VERSION}; export the release again with recipes/export.py")
@@ -215,7 +212,8 @@ class MuviPipeline(nn.Module):
         if request.prompt is not None:
             prefix = self.encode_audio(request.prompt)
             if prefix.shape[1] > num_latent:
-                raise InputError(f"the style prompt lasts {request.prompt.shape[-1] / self.mel.config.sample_rate:.2f} s, "
+                seconds = request.prompt.shape[-1] / self.mel.config.sample_rate
+                raise InputError(f"the style prompt lasts {seconds:.2f} s, "
                                  f"longer than the output ({duration:.2f} s); give a shorter prompt")
         latent = self.sample_latent(cond, num_steps=request.num_steps, cfg_scale=request.cfg_scale,
                                     seed=request.seed, prefix=prefix, method=request.method, progress=progress)

@@ -75,7 +75,8 @@ def main() -> None:
         proc = subprocess.run([sys.executable, "-c", CHILD, str(clip), args.model], capture_output=True,
                               text=True, env=env, cwd=work)
         if proc.returncode:
-            print(f"{spec:>16} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+            reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode
+            print(f"{spec:>16} failed: {reason}")
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{spec:>16} {width * height * 3 / 2 ** 20:>15.1f} {row['peak_rss_mb']:>11.0f} "

@@ -299,7 +299,8 @@ def _sources_md(cfg: C.CorpusConfig, usage: dict[str, dict[str, int]], video_tab
               "| file | licence | use |", "| --- | --- | --- |"]
     for row in video_table:
         version = _version(DISTRIBUTIONS[row["package"]])
-        lines.append(f"| `{row['file']}` ({DISTRIBUTIONS[row['package']]} {version}) | {row['licence']} | {row['use']} |")
+        package = DISTRIBUTIONS[row["package"]]
+        lines.append(f"| `{row['file']}` ({package} {version}) | {row['licence']} | {row['use']} |")
     lines += ["", f"Encoding: H.264 by libx264 and AAC by FFmpeg, through PyAV {_version('av')} "
               "(PyAV's bundled FFmpeg/x264 are LGPL/GPL; used as tools, not redistributed here).", ""]
     return "\n".join(lines)
@@ -334,7 +335,7 @@ def build_corpus(cfg: C.CorpusConfig, out: Path, *, progress: bool = True, force
     jobs += [("heldout", i, "heldout") for i in range(cfg.num_heldout)]
     for split, index, role in tqdm(jobs, desc="corpus", unit="clip", disable=not progress):
         rng = np.random.default_rng([cfg.seed, SPLITS[split], index])
-        seconds = (round(cfg.music_seconds * cfg.fps) if split == "music" else round(cfg.pair_seconds * cfg.fps)) / cfg.fps
+        seconds = round((cfg.music_seconds if split == "music" else cfg.pair_seconds) * cfg.fps) / cfg.fps
         clip = draw_clip(sources[split], cache, seconds, cfg, rng, root)
         usage.setdefault(clip.info["piece"], {}).setdefault(role, 0)
         usage[clip.info["piece"]][role] += 1

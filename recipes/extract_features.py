@@ -35,9 +35,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from muvi.checkpoint import state_hash
 from muvi.data.audio_io import AUDIO_EXTENSIONS, MediaReadError, audio_duration, load_audio
 from muvi.data.datasets import _read_pairs, _scan, video_duration
-from muvi.checkpoint import state_hash
 from muvi.data.features import FeatureWriter, cached_ids
 from muvi.encoders.frames import encode_video_file
 from muvi.hub import load_component, load_encoder, type_of

@@ -48,6 +48,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from muvi import training
+from muvi.cli import run_script
 from muvi.config import Config, ConfigError
 from muvi.data.audio_io import load_audio
 from muvi.data.datasets import VideoMusicDataset, collate_segments, fit_length
@@ -60,10 +62,18 @@ from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
 from muvi.eval.sim import SimilarityScorer
 from muvi.hub import load_encoder
 from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel
-from muvi import training
-from muvi.cli import run_script
-from muvi.training import (EMA, OptimizerConfig, Throughput, check_finite, load_config, make_accelerator,
-                           recipe_parser, save_checkpoint, setup_logging, step_generator)
+from muvi.training import (
+    EMA,
+    OptimizerConfig,
+    Throughput,
+    check_finite,
+    load_config,
+    make_accelerator,
+    recipe_parser,
+    save_checkpoint,
+    setup_logging,
+    step_generator,
+)
 
 logger = logging.getLogger("train_contrastive")
 KINDS = ("shift", "replace", "silence")  # negatives as built (silence: where none could be)

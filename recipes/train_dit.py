@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from muvi import hub
+from muvi import hub, training
+from muvi.cli import run_script
 from muvi.config import Config
 from muvi.data.features import CachedLatentDataset, collate_latents
 from muvi.data.sampler import DurationBalancedBatchSampler
@@ -42,8 +43,6 @@ from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
 from muvi.models.v2m import FlowObjective, VideoToMusicFlow
 from muvi.training import OptimizerConfig
-from muvi import training
-from muvi.cli import run_script
 
 logger = logging.getLogger("train_dit")
 STAGES = ("unconditional", "v2m")
@@ -135,7 +134,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     dit = DiT(dit_cfg)
     adaptor = None
     if v2m:
-        adaptor = VisualAdaptor(build_config(AdaptorConfig, {**cfg.adaptor, "width": dit_cfg.cond_dim or dit_cfg.width}))
+        width = dit_cfg.cond_dim or dit_cfg.width
+        adaptor = VisualAdaptor(build_config(AdaptorConfig, {**cfg.adaptor, "width": width}))
         if cfg.init_adaptor:
             hub.load_init(adaptor, cfg.init_adaptor, ("adaptor", "contrastive"), prefix="adaptor.")
     if cfg.init_dit:

@@ -54,17 +54,31 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from muvi import hub, training
+from muvi.cli import run_script
 from muvi.config import Config, ConfigError
 from muvi.data.datasets import MusicDataset, collate_segments
 from muvi.data.sampler import DurationBalancedBatchSampler
-from muvi.models.discriminators import (PatchDiscriminator, PatchDiscriminatorConfig,
-                                        hinge_discriminator_loss, hinge_generator_loss)
+from muvi.models.discriminators import (
+    PatchDiscriminator,
+    PatchDiscriminatorConfig,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+)
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig, estimate_latent_stats
-from muvi import hub, training
-from muvi.cli import run_script
-from muvi.training import (EMA, OptimizerConfig, Throughput, check_finite, load_config, make_accelerator,
-                           recipe_parser, save_checkpoint, setup_logging, step_generator)
+from muvi.training import (
+    EMA,
+    OptimizerConfig,
+    Throughput,
+    check_finite,
+    load_config,
+    make_accelerator,
+    recipe_parser,
+    save_checkpoint,
+    setup_logging,
+    step_generator,
+)
 
 logger = logging.getLogger("train_vae")
 

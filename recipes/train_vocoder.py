@@ -49,16 +49,31 @@ from typing import Optional, Sequence
 
 import torch
 
-from muvi.config import Config, ConfigError
-from muvi.models.discriminators import (HiFiGANDiscriminatorConfig, MultiPeriodDiscriminator,
-                                        MultiScaleDiscriminator, feature_matching_loss,
-                                        lsgan_discriminator_loss, lsgan_generator_loss)
-from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
-from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi import hub, training
 from muvi.cli import run_script
-from muvi.training import (EMA, OptimizerConfig, Throughput, check_finite, load_config, make_accelerator,
-                           recipe_parser, save_checkpoint, setup_logging, step_generator)
+from muvi.config import Config, ConfigError
+from muvi.models.discriminators import (
+    HiFiGANDiscriminatorConfig,
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+    feature_matching_loss,
+    lsgan_discriminator_loss,
+    lsgan_generator_loss,
+)
+from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
+from muvi.models.mel import MelConfig, MelSpectrogram
+from muvi.training import (
+    EMA,
+    OptimizerConfig,
+    Throughput,
+    check_finite,
+    load_config,
+    make_accelerator,
+    recipe_parser,
+    save_checkpoint,
+    setup_logging,
+    step_generator,
+)
 
 logger = logging.getLogger("train_vocoder")
 

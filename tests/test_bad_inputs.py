@@ -17,10 +17,11 @@ import soundfile as sf
 import torch
 
 import muvi
-from conftest import make_clip, tiny_release
 from muvi import cli
 from muvi.errors import MuviError
 from muvi.pipeline import MuviPipeline
+
+from conftest import make_clip, tiny_release
 
 
 @pytest.fixture(scope="module")

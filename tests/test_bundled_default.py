@@ -9,7 +9,6 @@ import muvi
 from muvi import cli
 
 
-
 def test_python_api_uses_bundled_model_on_bundled_video():
     out = muvi.generate(cli.bundled_sample_video(), duration=2.0, num_steps=2, seed=0, device="cpu",
                         progress=False)
@@ -44,8 +43,8 @@ def test_command_writes_playable_mp4_with_requested_duration(tmp_path):
 def test_bundled_sim_model_rebuilds_its_encoders_from_packages():
     """checkpoints/muvi-demo/sim: the contrastive model shipped for SIM; its frozen encoders come
     from the package specs it recorded (EfficientNet-Lite0 per frame, musicnn)."""
-    from muvi.eval.sim import SimilarityScorer
     from muvi.encoders.music_frames import MusicnnFrameEncoder
+    from muvi.eval.sim import SimilarityScorer
 
     scorer = SimilarityScorer.from_pretrained(muvi.default_model_dir() / "sim")
     assert isinstance(scorer.audio_encoder, MusicnnFrameEncoder)

@@ -172,7 +172,7 @@ def test_old_format_json_is_refused(tmp_path):
     msg = one_line(err)
     assert str(tmp_path / "dit.json") in msg and "not a muvi component" in msg and "exported again" in msg
     (tmp_path / "list.json").write_text("[1, 2]")
-    with pytest.raises(ConfigError, match="not a muvi component"):
+    with pytest.raises(ConfigError, match="list.json: expected a JSON object, got a list"):
         hub.read_component(tmp_path, "list")
 
 

@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from conftest import edit_component, tiny_release
 from muvi import cli
 from muvi.checkpoint import CheckpointError, load_weights, save_weights, stored_config
 from muvi.models.dit import DiT, DiTConfig
 from muvi.pipeline import MuviPipeline
+
+from conftest import edit_component, tiny_release
 
 
 @pytest.mark.parametrize("field,value", [("num_heads", 2), ("rope_base", 500.0), ("norm_eps", 1e-3)])
@@ -21,7 +22,8 @@ def test_edited_release_config_is_refused(tmp_path, field, value):
     assert stored_config(folder / "dit.safetensors") == config
     assert config[field] != value
     edit_component(folder, "dit", **{field: value})
-    with pytest.raises(CheckpointError, match=rf"dit.safetensors: .*{field} = {value!r} but the weights were saved with"):
+    expected = rf"dit.safetensors: .*{field} = {value!r} but the weights were saved with"
+    with pytest.raises(CheckpointError, match=expected):
         MuviPipeline.from_pretrained(folder)
 
 

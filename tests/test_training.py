@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from muvi.config import Config, ConfigError
 from muvi import training
+from muvi.config import Config, ConfigError
 from muvi.training import OptimizerConfig
 
 

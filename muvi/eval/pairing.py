@@ -132,4 +132,5 @@ def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
 
 def _reason(err: Exception, path: str | Path) -> str:
     """libsndfile's message without the path it repeats."""
-    return one_line(err).replace(f"Error opening {str(path)!r}: ", "").replace(str(path), "").strip(" :") or type(err).__name__
+    text = one_line(err).replace(f"Error opening {str(path)!r}: ", "").replace(str(path), "")
+    return text.strip(" :") or type(err).__name__

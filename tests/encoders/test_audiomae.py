@@ -10,8 +10,7 @@ import torch
 from einops import rearrange
 
 from muvi.checkpoint import CheckpointError
-from muvi.encoders.audiomae import (AudioMAEConfig, AudioMAEEncoder, fbank, load_audiomae_encoder,
-                                  patch_starts)
+from muvi.encoders.audiomae import AudioMAEConfig, AudioMAEEncoder, fbank, load_audiomae_encoder, patch_starts
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 

@@ -16,8 +16,13 @@ import torch
 
 import muvi
 from muvi.checkpoint import CheckpointError
-from muvi.encoders.frame_encoder import (FrameEncoder, FrameEncoderConfig, FrozenBatchNorm2d,
-                                       load_frame_encoder, package_weights_path)
+from muvi.encoders.frame_encoder import (
+    FrameEncoder,
+    FrameEncoderConfig,
+    FrozenBatchNorm2d,
+    load_frame_encoder,
+    package_weights_path,
+)
 from muvi.pipeline import MuviPipeline
 from muvi.video import read_frames, resize_center_crop
 

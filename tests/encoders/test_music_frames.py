@@ -6,11 +6,12 @@ exactly that many output frames."""
 import pytest
 import soundfile as sf
 import torch
-from conftest import render_chorales
 
-from muvi.encoders.musicnn import MusicnnEmbedder
 from muvi.encoders.music_frames import MusicnnFrameEncoder, bucket_means
+from muvi.encoders.musicnn import MusicnnEmbedder
 from muvi.hub import load_encoder
+
+from conftest import render_chorales
 
 
 def load_audio_encoder(spec):

@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from muvi.checkpoint import CheckpointError, read_state_dict
-from muvi.checkpoint import sha256_file
-from muvi.eval import distances as D
+from muvi.checkpoint import CheckpointError, read_state_dict, sha256_file
 from muvi.encoders import panns as P
 from muvi.encoders import vggish as V
+from muvi.eval import distances as D
 
 
 def _save(state: dict, path) -> str:

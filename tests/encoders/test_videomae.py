@@ -10,8 +10,12 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from muvi.checkpoint import CheckpointError
-from muvi.encoders.videomae import (VideoMAEConfig, VideoMAEEncoder, convert_hf_videomae_state_dict,
-                                    load_videomae_encoder)
+from muvi.encoders.videomae import (
+    VideoMAEConfig,
+    VideoMAEEncoder,
+    convert_hf_videomae_state_dict,
+    load_videomae_encoder,
+)
 from muvi.models.layers import sinusoid_table
 
 

@@ -13,8 +13,15 @@ pytest.importorskip("music21")
 pytest.importorskip("pretty_midi")
 
 from muvi.data.midi import corpus_midi_files, load_midi, render_midi  # noqa: E402
-from muvi.eval.beats import (BeatTrackerConfig, beat_counts, beat_metrics, check_tracker_on_midi,  # noqa: E402
-                             f_measure, match_beats, track_beats)
+from muvi.eval.beats import (  # noqa: E402
+    BeatTrackerConfig,
+    beat_counts,
+    beat_metrics,
+    check_tracker_on_midi,
+    f_measure,
+    match_beats,
+    track_beats,
+)
 
 SR = 24000
 # Steady chorales notated at 120 BPM; at tempo_scale 0.6 they play at 72 BPM (so doubling

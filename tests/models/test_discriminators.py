@@ -11,12 +11,20 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from muvi.checkpoint import load_strict
-from muvi.models.discriminators import (HiFiGANDiscriminatorConfig, MultiPeriodDiscriminator,
-                                        MultiScaleDiscriminator, PatchDiscriminator,
-                                        PatchDiscriminatorConfig, convert_release_discriminator_state,
-                                        feature_matching_loss, hinge_discriminator_loss,
-                                        hinge_generator_loss, lsgan_discriminator_loss,
-                                        lsgan_generator_loss, num_parameters)
+from muvi.models.discriminators import (
+    HiFiGANDiscriminatorConfig,
+    MultiPeriodDiscriminator,
+    MultiScaleDiscriminator,
+    PatchDiscriminator,
+    PatchDiscriminatorConfig,
+    convert_release_discriminator_state,
+    feature_matching_loss,
+    hinge_discriminator_loss,
+    hinge_generator_loss,
+    lsgan_discriminator_loss,
+    lsgan_generator_loss,
+    num_parameters,
+)
 
 logger = logging.getLogger(__name__)
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.*is deprecated:FutureWarning")
@@ -165,7 +173,7 @@ def test_patch_discriminator_shapes_and_batch_independence():
     mel = torch.randn(3, 160, 80)
     out = disc(mel)
     m, t = 160, 80
-    for n in range(cfg.num_layers):  # stride-2 layers: the first conv and all but the last hidden one
+    for _n in range(cfg.num_layers):  # stride-2 layers: the first conv and all but the last hidden one
         m, t = _conv_out(m, 4, 2, 1), _conv_out(t, 4, 2, 1)
     m, t = _conv_out(m, 4, 1, 1), _conv_out(t, 4, 1, 1)  # last hidden layer, stride 1
     m, t = _conv_out(m, 4, 1, 1), _conv_out(t, 4, 1, 1)  # output conv

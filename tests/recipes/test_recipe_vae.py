@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from conftest import assert_same, load_recipe, recipe_runner, render_chorales
 
 from muvi.checkpoint import load_strict, read_state_dict
 from muvi.hub import load_component
-from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.vae import MelVAE, VAEConfig
 from muvi.training import NonFiniteLoss, latest_checkpoint, load_checkpoint
+
+from conftest import assert_same, load_recipe, recipe_runner, render_chorales
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "recipes" / "configs" / "vae_tiny.json"

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same, load_recipe, recipe_runner, render_chorales
 
 from muvi.checkpoint import load_strict, read_state_dict
 from muvi.hub import load_component
-from muvi.models.discriminators import (HiFiGANDiscriminatorConfig, MultiPeriodDiscriminator,
-                                        MultiScaleDiscriminator)
+from muvi.models.discriminators import HiFiGANDiscriminatorConfig, MultiPeriodDiscriminator, MultiScaleDiscriminator
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig
 from muvi.training import NonFiniteLoss, latest_checkpoint, load_checkpoint
+
+from conftest import assert_same, load_recipe, recipe_runner, render_chorales
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "recipes" / "configs" / "vocoder_tiny.json"
