@@ -5,7 +5,9 @@ of H.264 stays bit-identical); otherwise it is transcoded to H.264 (CRF 18, visu
 for most footage) and one log line says so, as for a 12 fps cinepak .mkv from an old game. The
 source's timestamps are kept (start offset, variable frame rate) and so is its display
 rotation; the music starts with the first frame. With ``duration`` the picture is cut there
-too. The source's own audio is left out: the music is the only audio stream.
+too, by copying the packets shown before the cut when they are exactly the first ones decoded;
+a cut among frames decoded out of order (B-frames) is transcoded, see :func:`_write`. The
+source's own audio is left out: the music is the only audio stream.
 
 The file is written under a unique temporary name in the output's folder (``tempfile``, never
 the name of any existing file) and renamed over ``out_path`` only when complete; every error
@@ -60,16 +62,18 @@ def mux_audio(video_path: str | Path, waveform: np.ndarray, sample_rate: int, ou
     return out_path
 
 
+class _CopyRefused(Exception):
+    """Why the picture cannot be copied; :func:`_mux` says it once and transcodes instead."""
+
+
 def _mux(info: VideoInfo, samples: np.ndarray, sample_rate: int, tmp: Path, *,
          duration: Optional[float], bitrate: int) -> None:
-    """Copy the picture when the container takes its codec; transcode when it does not, or
-    when it claims to but refuses the packets."""
-    import av
-
+    """Copy the picture; transcode it only when the copy is refused (by the container, its
+    muxer or the cut). Every other error, the music's included, is the caller's to report."""
     try:
-        _write(info, samples, sample_rate, tmp, duration=duration, bitrate=bitrate, copy=None)
-    except av.error.FFmpegError as err:
-        logger.info("%s: copying the %s picture failed (%s); transcoding", info.path, info.codec, err)
+        _write(info, samples, sample_rate, tmp, duration=duration, bitrate=bitrate, copy=True)
+    except _CopyRefused as why:
+        logger.warning("%s: %s; transcoding it to H.264 (CRF %s)", info.path, why, TRANSCODE_OPTIONS["crf"])
         _write(info, samples, sample_rate, tmp, duration=duration, bitrate=bitrate, copy=False)
 
 
@@ -78,19 +82,25 @@ def _format_for(tmp: Path) -> str:
 
 
 def _write(info: VideoInfo, samples: np.ndarray, sample_rate: int, tmp: Path, *,
-           duration: Optional[float], bitrate: int, copy: Optional[bool]) -> None:
-    """One attempt at the file; ``copy=None``: copy if the container lists the codec."""
+           duration: Optional[float], bitrate: int, copy: bool) -> None:
+    """One attempt at the file; with ``copy`` raises :class:`_CopyRefused` when it cannot be.
+
+    A cut is copied only when the packets shown before it are exactly the first ones decoded.
+    Otherwise (a P-frame shown after the cut is decoded before the B-frames shown ahead of it)
+    the kept B-frames would lose their reference. Keeping that P-frame but hiding it works in
+    no container here: Matroska has no edit lists, FFmpeg's mp4 muxer ends its edit list with
+    the last packet, and PyAV cannot flag a packet discarded, so the extra frame is shown (as
+    FFmpeg decodes both). Transcoding just the last group of frames would splice two encodings
+    with different codec headers. So such a cut transcodes the picture.
+    """
     import av
 
     with av.open(str(info.path)) as src, av.open(str(tmp), "w", format=_format_for(tmp)) as dst:
         v_in = src.streams.video[0]
         base = v_in.time_base
-        if copy is None:
-            copy = info.codec in dst.supported_codecs
-        if not copy:
-            logger.warning("%s: the %s container cannot hold %s video; transcoding it to H.264 (CRF %s)",
-                           info.path, tmp.suffix.lstrip("."),
-                           info.codec, TRANSCODE_OPTIONS["crf"])
+        container = tmp.suffix.lstrip(".").lower()
+        if copy and info.codec not in dst.supported_codecs:
+            raise _CopyRefused(f"the {container} container cannot hold {info.codec} video")
         first = round(info.start_time / base)
         end = None if duration is None else first + round(duration / base)
         if copy:
@@ -108,15 +118,35 @@ def _write(info: VideoInfo, samples: np.ndarray, sample_rate: int, tmp: Path, *,
         a_out = dst.add_stream(VIDEO_FORMATS[tmp.suffix.lower()][1], rate=sample_rate, layout="mono")
         a_out.bit_rate = bitrate
         a_out.time_base = Fraction(1, sample_rate)
+        # Opened here, not with the file's header at the first packet, so that an error in the
+        # header or the video packets below is the video's, never the music's.
+        try:
+            a_out.codec_context.open()
+        except av.error.FFmpegError as err:
+            raise RuntimeError(f"the {a_out.codec_context.name} encoder refused mono audio at "
+                               f"{sample_rate} Hz, {bitrate // 1000} kb/s ({err.strerror})") from None
 
         if copy:
+            dropped = False
             for packet in src.demux(v_in):
                 if not packet.size:  # the demuxer's flush packet
                     continue
-                if end is not None and packet.pts is not None and packet.pts >= end:
+                # a packet without timestamps goes the way of the one decoded before it
+                shown = packet.pts if packet.pts is not None else packet.dts
+                if end is not None and (dropped if shown is None else shown >= end):
+                    dropped = True
                     continue
+                if dropped:  # shown before the cut, decoded after a frame it may refer to
+                    raise _CopyRefused(f"the cut at {duration:g} s falls among {info.codec} frames "
+                                       "decoded out of order, so it cannot be copied")
                 packet.stream = v_out
-                dst.mux(packet)
+                try:
+                    dst.mux(packet)  # the first one writes the header
+                except av.error.FFmpegError as err:
+                    if isinstance(err, OSError):  # the disk, not the codec
+                        raise
+                    raise _CopyRefused(f"the {container} muxer refused to copy {info.codec} video "
+                                       f"({err.strerror})") from None
         else:
             v_in.thread_type = "AUTO"
             for frame in src.decode(v_in):

@@ -153,8 +153,8 @@ def test_failed_mux_leaves_no_temporary_file(clips, tmp_path):
     from muvi.errors import MuxError
     from muvi.mux import mux_audio
 
-    # The AAC encoder refuses a 7 Hz stream once the output file exists: the copy attempt and
-    # the transcode retry both fail inside FFmpeg, after the temporary file was made.
+    # The AAC encoder refuses a 7 Hz stream once the output file exists, after the temporary
+    # file was made; the picture is not transcoded for it.
     src = tmp_path / "clip.mp4"
     src.write_bytes(clips["h264.mp4"].read_bytes())
     with pytest.raises(MuxError, match="out.mp4: could not write the video"):

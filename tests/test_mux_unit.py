@@ -110,11 +110,10 @@ def test_duration_cuts_the_picture(clips, tmp_path):
     check_music(out, 1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="the copy path drops packets by pts >= end, so a kept B-frame whose "
-                   "reference (a P-frame shown after the cut, decoded before it) was dropped decodes wrong")
-def test_duration_cut_before_a_reordered_frame_decodes_like_the_source(clips, tmp_path):
+def test_duration_cut_before_a_reordered_frame_decodes_like_the_source(clips, tmp_path, caplog):
     # In decode order libx264 sends a P-frame before the B-frames shown ahead of it (here
-    # ... P(10) B(9) ...). Cutting at that P-frame keeps B(9) and drops the picture it refers to.
+    # ... P(10) B(9) ...). Cutting at that P-frame in a copy would keep B(9) and drop the
+    # picture it refers to: such a cut is transcoded, and says so.
     with av.open(str(clips["h264"])) as c:
         stream = c.streams.video[0]
         base, pts = stream.time_base, [p.pts for p in c.demux(stream) if p.size]
@@ -123,11 +122,29 @@ def test_duration_cut_before_a_reordered_frame_decodes_like_the_source(clips, tm
         pytest.skip("the encoder reordered no frame in this clip")
     cut = pairs[-1][0]
     seconds = float((cut - pts[0]) * base)
-    out = mux_audio(clips["h264"], tone(seconds), RATE, tmp_path / "cut.mp4", duration=seconds)
+    out = tmp_path / "cut.mp4"
+    with caplog.at_level(logging.INFO, logger="muvi.mux"):
+        mux_audio(clips["h264"], tone(seconds), RATE, out, duration=seconds)
+    logged = [r.getMessage() for r in caplog.records if r.name == "muvi.mux"]
+    assert len(logged) == 1 and f"the cut at {seconds:g} s falls among h264 frames decoded out of order" in logged[0]
+    assert "transcoding it to H.264 (CRF 18)" in logged[0]
     src, got = frames_of(clips["h264"]), frames_of(out)
-    assert len(got) == sum(p < cut for p in pts)
+    kept = sum(p < cut for p in pts)
+    assert [t for t, _ in got] == pytest.approx([t for t, _ in src[:kept]])  # exactly the frames before the cut
     for i, ((_, a), (_, b)) in enumerate(zip(src, got)):
-        assert np.array_equal(a, b), f"frame {i} differs from the source's"
+        mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+        assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 30, f"frame {i} is far from the source's"
+    assert probe_video(out).duration == pytest.approx(seconds)
+    check_music(out, seconds)
+
+
+def test_duration_cut_of_a_reordered_stream_into_mkv_is_copied_when_clean(clips, tmp_path):
+    # 1.0 s is after P(11): the packets shown before it are the first ones decoded
+    out = mux_audio(clips["h264"], tone(1.0), RATE, tmp_path / "cut.mkv", duration=1.0)
+    assert video_packets(out) == video_packets(clips["h264"])[:12]
+    src, got = frames_of(clips["h264"]), frames_of(out)
+    assert len(got) == 12 and all(np.array_equal(a, b) for (_, a), (_, b) in zip(src, got))
+    check_music(out, 1.0)
 
 
 def test_duration_cut_when_transcoding(clips, tmp_path):
@@ -190,9 +207,24 @@ def test_an_error_mid_write_leaves_no_temporary_file(clips, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="_mux retries any FFmpeg error by transcoding, so an audio encoder "
-                   "failure is logged as 'the mp4 container cannot hold h264 video; transcoding'")
 def test_an_audio_failure_is_not_reported_as_a_video_codec_problem(clips, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="muvi.mux"), pytest.raises(MuxError):
-        mux_audio(clips["h264"], tone(0.1), 1, tmp_path / "out.mp4")
-    assert not any("cannot hold h264" in r.getMessage() for r in caplog.records)
+    out = tmp_path / "out.mp4"
+    with caplog.at_level(logging.INFO, logger="muvi.mux"), pytest.raises(MuxError) as err:
+        mux_audio(clips["h264"], tone(0.1), 1, out)
+    assert not [r for r in caplog.records if r.name == "muvi.mux"]  # no transcoding was tried
+    assert str(err.value) == (f"{out}: could not write the video (the aac encoder refused mono audio "
+                              "at 1 Hz, 192 kb/s (Invalid argument))")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_copy_the_muxer_refuses_is_transcoded(tmp_path, caplog):
+    # Matroska lists rawvideo but FFmpeg's muxer refuses this AVI's planar YUV at the header
+    src = make_clip(tmp_path / "raw.avi", "rawvideo", 12, 1.0)
+    out = tmp_path / "out.mkv"
+    with caplog.at_level(logging.INFO, logger="muvi.mux"):
+        mux_audio(src, tone(1.0), RATE, out)
+    logged = [r.getMessage() for r in caplog.records if r.name == "muvi.mux"]
+    assert logged == [f"{src}: the mkv muxer refused to copy rawvideo video (Invalid argument); "
+                      "transcoding it to H.264 (CRF 18)"]
+    assert probe_video(out).codec == "h264" and len(frames_of(out)) == 12
+    check_music(out, 1.0)
