@@ -26,7 +26,6 @@ from typing import Any, ClassVar, Optional
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
@@ -166,6 +165,8 @@ class AudioMAEEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # Fixed (not trained) in the release but stored in its checkpoints: a persistent buffer.
         self.register_buffer("pos_embed", _release_pos_table(config), persistent=True)
+        from timm.models.vision_transformer import Block  # on use: timm imports torchvision (~2.5 s)
+
         norm = functools.partial(nn.LayerNorm, eps=config.layer_norm_eps)
         self.blocks = nn.ModuleList(
             Block(d, config.num_heads, config.mlp_ratio, qkv_bias=True, norm_layer=norm)

