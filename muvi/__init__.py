@@ -11,7 +11,8 @@ from typing import Optional
 
 __version__ = "0.1.0"
 
-__all__ = ["generate", "MuviPipeline", "GenerationOutput", "MuviError", "default_model_dir", "__version__"]
+__all__ = ["generate", "MuviPipeline", "GenerationOutput", "MuviError", "default_model_dir", "bundled_sample_video",
+           "__version__"]
 
 from muvi.errors import MuviError  # noqa: E402 (no heavy imports)
 
@@ -19,6 +20,11 @@ from muvi.errors import MuviError  # noqa: E402 (no heavy imports)
 def default_model_dir() -> Path:
     """The bundled demo release (``checkpoints/muvi-demo`` in the repository)."""
     return Path(__file__).resolve().parent.parent / "checkpoints" / "muvi-demo"
+
+
+def bundled_sample_video() -> Path:
+    """The sample clip shipped with muvi (5.28 s of *Big Buck Bunny*, CC BY 3.0)."""
+    return Path(__file__).resolve().parent / "assets" / "sample.mp4"
 
 
 def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed: Optional[int] = None,

@@ -23,16 +23,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from muvi import bundled_sample_video
 from muvi.errors import MuviError, one_line
 
 #: how this command spells the arguments of muvi.generate in its messages
 CLI_NAMES = {"video": "VIDEO", "cfg_scale": "--cfg-scale", "num_steps": "--steps", "seed": "--seed",
              "duration": "--duration", "prompt_audio": "--prompt", "prompt_sample_rate": "--prompt-rate",
              "fps": "--fps", "device": "--device", "method": "--method", "model": "--model"}
-
-
-def bundled_sample_video() -> Path:
-    return Path(__file__).resolve().parent / "assets" / "sample.mp4"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
                      "method such as midpoint, rk4, dopri5 (default euler)")
     gen.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never an input)")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    from muvi import app
+
+    app.options(sub.add_parser("demo", help="start the web page (Gradio) on this machine", allow_abbrev=False,
+                               description=app.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -166,6 +167,10 @@ def run_script(main) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="muvi: %(message)s")
+    if args.command == "demo":
+        from muvi.app import run_args
+
+        return run_args(args)
     try:
         out = generate_command(args)
     except SavedElsewhere as err:

@@ -45,7 +45,7 @@ class ModelLimits:
     """What the checks need to know of a release: read from its ``config.json`` alone."""
 
     sample_rate: int = 24000
-    max_duration: float = 120.0
+    max_duration: Optional[float] = None  # None: any length (long videos are scored window by window)
     video_fps: float = 10.0
     default_cfg_scale: float = 4.0
 
@@ -67,7 +67,7 @@ class ModelLimits:
             pipe = raw["pipeline"]
             mel = json.loads((folder / "mel.json").read_text(encoding="utf-8"))["config"]
             return cls(sample_rate=int(mel.get("sample_rate", cls.sample_rate)),
-                       max_duration=float(pipe.get("max_duration", cls.max_duration)),
+                       max_duration=None if pipe.get("max_duration") is None else float(pipe["max_duration"]),
                        video_fps=float(pipe.get("video_fps", cls.video_fps)),
                        default_cfg_scale=float(pipe.get("default_cfg_scale", cls.default_cfg_scale)))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -184,10 +184,13 @@ def check_method(method, name: str) -> str:
     return method
 
 
-def check_duration(duration: Optional[float], length: float, max_duration: float, source: str,
+def check_duration(duration: Optional[float], length: float, max_duration: Optional[float], source: str,
                    name: str = "duration") -> float:
-    """Seconds to score: all of the video by default; never past its end or the model's limit."""
+    """Seconds to score: all of the video by default; never past its end or the model's limit
+    (``max_duration``; None: no limit)."""
     flag = name if name.startswith("-") else f"{name}=…"
+    if max_duration is None:
+        max_duration = math.inf
     if duration is None:
         if length > max_duration + 1e-6:
             raise InputError(f"{source}: the video lasts {length:.1f} s, longer than this model's limit "

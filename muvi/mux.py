@@ -168,3 +168,34 @@ def _write(info: VideoInfo, samples: np.ndarray, sample_rate: int, tmp: Path, *,
             dst.mux(packet)
         for packet in a_out.encode(None):
             dst.mux(packet)
+
+
+def loop_video(video_path: str | Path, out_path: str | Path, seconds: float) -> Path:
+    """Write ``out_path``: the picture of ``video_path`` played over and over (packets copied,
+    timestamps shifted by the clip's span each time) until it lasts at least ``seconds``; no
+    audio. For long-video tests and benchmarks made from a short clip (``seconds`` is rounded
+    up to whole repeats)."""
+    import av
+
+    info = probe_video(video_path)
+    with av.open(str(info.path)) as source:
+        stream_in = source.streams.video[0]
+        packets = [(p.pts, p.dts, p.duration, bytes(p)) for p in source.demux(stream_in) if p.size]
+        if any(pts is None or dts is None for pts, dts, _, _ in packets):
+            raise InputError(f"{info.path}: packets without timestamps cannot be looped")
+        first = min(pts for pts, _, _, _ in packets)
+        span = max(pts + (duration or 0) for pts, _, duration, _ in packets) - first
+        repeats = max(1, int(np.ceil(seconds / (span * stream_in.time_base))))
+
+        def write(tmp: Path) -> None:
+            with av.open(str(tmp), "w", format=_format_for(tmp)) as out:
+                stream = out.add_stream_from_template(stream_in)
+                for k in range(repeats):
+                    for pts, dts, duration, data in packets:
+                        packet = av.Packet(data)
+                        packet.pts, packet.dts, packet.duration = pts + k * span, dts + k * span, duration
+                        packet.time_base, packet.stream = stream_in.time_base, stream
+                        out.mux(packet)
+
+        write_atomically(Path(out_path), write)
+    return Path(out_path)

@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from muvi import hub
 from muvi import video as video_io
@@ -33,6 +35,7 @@ from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.v2m import VideoToMusicFlow
 from muvi.models.vae import MelVAE, VAEConfig
 from muvi.output import GenerationOutput
+from muvi.windows import crossfade_into, plan_windows
 
 if TYPE_CHECKING:
     from muvi.inputs import ModelLimits, Request
@@ -56,12 +59,32 @@ PRESETS = {
 
 @dataclasses.dataclass
 class PipelineConfig(Config):
-    """How the components are wired: rates, limits and the video encoder's kind."""
+    """How the components are wired: rates, the window the DiT was trained on, and limits.
+
+    A video longer than ``window_seconds`` is scored window by window (:mod:`muvi.windows`):
+    each next window continues the last ``context_seconds`` of music before it as its clean
+    prefix and overlaps it by ``crossfade_seconds``, where the two are crossfaded."""
 
     video_fps: float = 10.0      # frames per second fed to the video encoder (paper: 10)
     latent_rate: float = 10.0    # latent frames per second (80 mel frames/s ÷ 8)
-    max_duration: float = 120.0  # longest output in seconds this release accepts
+    max_duration: Optional[float] = None  # longest output in seconds this release accepts (None: any)
     default_cfg_scale: float = 4.0
+    window_seconds: float = 30.0     # the longest clip the DiT was trained on (paper: 30 s)
+    context_seconds: float = 10.0    # prefix of each next window (paper's ICL: ≤ 14 s and ≤ 33 %)
+    crossfade_seconds: float = 1.0   # overlap of two windows, joined with an equal-power crossfade
+
+    def window_frames(self) -> tuple[int, int, int]:
+        """(window, context, crossfade) in latent frames, checked for :func:`muvi.windows.plan_windows`."""
+        frames = [int(round(s * self.latent_rate)) for s in
+                  (self.window_seconds, self.context_seconds, self.crossfade_seconds)]
+        window, context, crossfade = frames
+        if window < 1 or context < 0 or crossfade < 0 or window - context - crossfade < 1:
+            raise ConfigError(f"window_seconds {self.window_seconds}, context_seconds {self.context_seconds} "
+                              f"and crossfade_seconds {self.crossfade_seconds} leave no new music per window; "
+                              f"the window must be longer than context + crossfade")
+        if self.max_duration is not None and not self.max_duration > 0:
+            raise ConfigError(f"max_duration {self.max_duration} must be positive (or null: any length)")
+        return window, context, crossfade
 
 
 class MuviPipeline(nn.Module):
@@ -72,10 +95,11 @@ class MuviPipeline(nn.Module):
         self.video_encoder = video_encoder
         self.flow = VideoToMusicFlow(dit, adaptor)  # the objective the DiT was trained with
         self.vae, self.vocoder, self.mel = vae, vocoder, mel
-        hop = mel.config.hop_length * 2 ** (len(vae.config.channel_mult) - 1)
+        hop = self.latent_hop
         if abs(mel.config.sample_rate / hop - config.latent_rate) > 1e-6:
             raise ConfigError(f"latent_rate {config.latent_rate} does not match the mel/VAE setting "
                               f"({mel.config.sample_rate} Hz / {hop} samples per latent frame)")
+        config.window_frames()  # a window plan exists
         self.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ construction
@@ -192,40 +216,69 @@ class MuviPipeline(nn.Module):
     def run(self, request: "Request", *, progress: bool = True) -> GenerationOutput:
         """Music for a request checked by :func:`muvi.inputs.check_request` against this pipeline.
 
-        Raises :class:`~muvi.errors.GenerationError` when the waveform is not finite."""
-        cfg = self.config
-        duration = request.duration
-        num_latent = video_io.duration_frames(duration, cfg.latent_rate)
-        video_frames = video_io.duration_frames(num_latent / cfg.latent_rate, cfg.video_fps)
-        size = self.video_encoder.config.image_size
-        if request.info is not None:
-            frames = video_io.read_frames(request.video, cfg.video_fps, duration=duration, size=size,
-                                          info=request.info)
-        else:
-            count = video_io.duration_frames(duration, cfg.video_fps)
-            frames = video_io.resample_frames(request.video, request.fps, cfg.video_fps, count)
-        if frames.shape[0] < video_frames:  # the last latent frame may reach past the last video frame
-            frames = torch.cat([frames, frames[-1:].expand(video_frames - frames.shape[0], -1, -1, -1)])
-        cond = self.condition(self.encode_video(frames[:video_frames]), num_latent)
+        A video up to ``config.window_seconds`` is one window; a longer one is scored window by
+        window (:mod:`muvi.windows`), reading the video once as a stream and decoding each
+        window's music as it is made, so memory does not grow with the video's length beyond
+        the output waveform itself. The style prompt is the prefix of the first window; window
+        ``k`` uses seed ``seed + k``.
 
+        Raises :class:`~muvi.errors.GenerationError` when the waveform is not finite."""
+        cfg, rate = self.config, self.mel.config.sample_rate
+        duration = request.duration
+        total = video_io.duration_frames(duration, cfg.latent_rate)
+        windows = plan_windows(total, *cfg.window_frames())
+        hop = self.latent_hop
         prefix = None
         if request.prompt is not None:
             prefix = self.encode_audio(request.prompt)
-            if prefix.shape[1] > num_latent:
-                seconds = request.prompt.shape[-1] / self.mel.config.sample_rate
+            if prefix.shape[1] > total:
+                seconds = request.prompt.shape[-1] / rate
                 raise InputError(f"the style prompt lasts {seconds:.2f} s, "
                                  f"longer than the output ({duration:.2f} s); give a shorter prompt")
-        latent = self.sample_latent(cond, num_steps=request.num_steps, cfg_scale=request.cfg_scale,
-                                    seed=request.seed, prefix=prefix, method=request.method, progress=progress)
-        samples = int(round(duration * self.mel.config.sample_rate))
-        waveform = self.decode_latent(latent)[0, :samples].float().cpu()
+        frames = self._frame_stream(request)
+        out = torch.empty(windows[-1].stop * hop)
+        latent = None  # (1, total, C): every window's frames, for the next window's context
+        several = len(windows) > 1
+        bar = tqdm(windows, desc="windows", unit="window", disable=not (progress and several))
+        for w in bar:
+            first_frame = int(math.floor(w.start / cfg.latent_rate * cfg.video_fps + 1e-6))
+            last_frame = video_io.duration_frames(w.stop / cfg.latent_rate, cfg.video_fps)
+            cond = self.condition(self.encode_video(frames.take(first_frame, last_frame)), w.frames)
+            context = prefix if w.index == 0 else latent[:, w.start - w.context:w.start]
+            seed = request.seed if request.seed is None or w.index == 0 else (request.seed + w.index) % 2 ** 63
+            fresh = self.sample_latent(cond, num_steps=request.num_steps, cfg_scale=request.cfg_scale, seed=seed,
+                                       prefix=context, method=request.method, progress=progress and not several)
+            if latent is None:
+                latent = fresh.new_zeros(1, total, fresh.shape[-1])
+            latent[:, w.start:w.stop] = fresh
+            if w.index == 0:  # the prompt is not part of the output: decode the window alone
+                wave = self.decode_latent(fresh)[0]
+            else:  # decoded after its context, so the decoder sees the music it continues
+                wave = self.decode_latent(torch.cat([context, fresh], dim=1))[0, w.context * hop:]
+            crossfade_into(out, wave.float().cpu(), w.start * hop, w.overlap * hop)
+        waveform = out[:int(round(duration * rate))]
         if not torch.isfinite(waveform).all():
             bad = int((~torch.isfinite(waveform)).sum())
             raise GenerationError(f"{request.source}: the generated audio has {bad} non-finite samples "
                                   f"(NaN or inf); nothing was written. Check the model's weights")
-        return GenerationOutput(waveform=waveform, sample_rate=self.mel.config.sample_rate,
+        return GenerationOutput(waveform=waveform, sample_rate=rate,
                                 source=request.source, cfg_scale=request.cfg_scale,
                                 num_steps=request.num_steps, seed=request.seed)
+
+    def _frame_stream(self, request: "Request") -> video_io.FrameStream:
+        """The request's frames at ``video_fps`` and the encoder's size, as a stream."""
+        fps, size = self.config.video_fps, self.video_encoder.config.image_size
+        if request.info is not None:
+            return video_io.FrameStream(video_io.iter_frames(request.video, fps, duration=request.duration,
+                                                             size=size, info=request.info))
+        count = video_io.duration_frames(request.duration, fps)
+        index = video_io.frame_indices(request.video.shape[0], request.fps, fps, count)
+        return video_io.FrameStream(request.video[int(i)] for i in index)
+
+    @property
+    def latent_hop(self) -> int:
+        """Waveform samples per latent frame."""
+        return self.mel.config.hop_length * 2 ** (len(self.vae.config.channel_mult) - 1)
 
     def sample_latent(self, cond: torch.Tensor, *, num_steps: int = 25, cfg_scale: float = 4.0,
                       seed: Optional[int] = None, prefix: Optional[torch.Tensor] = None,

@@ -85,6 +85,42 @@ def read_frames(path: str | os.PathLike, fps: float = 10.0, *, start: float = 0.
     return out
 
 
+class FrameStream:
+    """Frames from an iterator (:func:`iter_frames`), handed out in ranges of increasing start:
+    :meth:`take` ``(i, j)`` gives frames ``i … j-1`` (the last frame repeated past the end) and
+    forgets every frame before ``i``. A long video is read once, front to back, and only the
+    frames of one window are held."""
+
+    def __init__(self, frames: Iterator[torch.Tensor]):
+        self._frames = iter(frames)
+        self._buffer: list[torch.Tensor] = []
+        self._offset = 0       # index of self._buffer[0]
+        self._last: Optional[torch.Tensor] = None
+        self.peak = 0          # most frames held at once (for tests and benchmarks)
+
+    def take(self, start: int, stop: int) -> torch.Tensor:
+        """uint8 frames ``start … stop-1`` (F, 3, H, W); ``start`` never below an earlier call's."""
+        if start < self._offset or stop <= start:
+            raise ValueError(f"frames {start}..{stop} asked after frame {self._offset} was handed out")
+        drop = min(start - self._offset, len(self._buffer))
+        del self._buffer[:drop]
+        self._offset += drop
+        while self._offset + len(self._buffer) < stop:
+            frame = next(self._frames, None)
+            if frame is None:  # the video ended: its last frame stays on screen
+                break
+            self._last = frame
+            if self._offset < start:  # a frame before start that nobody asked for
+                self._offset += 1
+            else:
+                self._buffer.append(frame)
+        self.peak = max(self.peak, len(self._buffer))
+        if self._last is None:
+            raise VideoError("no frame decoded")
+        have = self._buffer[:stop - start]
+        return torch.stack(have + [self._last] * (stop - start - len(have)))
+
+
 def _frame_count(info: VideoInfo, fps: float, start: float, duration: Optional[float]) -> int:
     """``round(duration · fps)`` frames from ``start`` (to the end when ``duration`` is None)."""
     if duration is None:
@@ -167,11 +203,14 @@ def encoder_input(frames: torch.Tensor, normalize, device=None, chunk: int = 64)
 
 def resample_frames(frames: torch.Tensor, src_fps: float, fps: float, count: Optional[int] = None) -> torch.Tensor:
     """Pick frames of a (F, …) tensor at ``fps``: frame ``k`` is the one on screen at ``k / fps``."""
-    total = frames.shape[0]
+    return frames[torch.from_numpy(frame_indices(frames.shape[0], src_fps, fps, count))]
+
+
+def frame_indices(total: int, src_fps: float, fps: float, count: Optional[int] = None) -> np.ndarray:
+    """Indices into ``total`` frames at ``src_fps`` of the frames on screen at ``k / fps``."""
     if count is None:
         count = int(round(total / src_fps * fps))
-    index = np.minimum(np.floor(np.arange(count) / fps * src_fps + 1e-6).astype(np.int64), total - 1)
-    return frames[torch.from_numpy(index)]
+    return np.minimum(np.floor(np.arange(count) / fps * src_fps + 1e-6).astype(np.int64), total - 1)
 
 
 def duration_frames(duration: float, rate: float) -> int:

@@ -16,13 +16,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "muvi"
 LAYERS = {
     "muvi.errors": 0, "muvi.config": 0, "muvi.media": 0,
     "muvi.checkpoint": 1, "muvi.video": 1, "muvi.flow": 1, "muvi.mux": 1, "muvi.output": 1,
+    "muvi.windows": 1,
     "muvi.data": 2,
     "muvi.models": 3,
     "muvi.encoders": 4,
     "muvi.hub": 5,
     "muvi.eval": 6, "muvi.training": 6, "muvi.inputs": 6,
     "muvi.pipeline": 7,
-    "muvi": 8, "muvi.cli": 8, "muvi.eval.__main__": 8, "muvi.__main__": 8,
+    "muvi": 8, "muvi.cli": 8, "muvi.app": 8, "muvi.eval.__main__": 8, "muvi.__main__": 8,
 }
 
 

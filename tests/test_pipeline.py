@@ -1,4 +1,5 @@
 """The public API end to end on a tiny random pipeline (audiocraft-style debug model)."""
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -173,13 +174,15 @@ def test_bad_tensors(pipe):
         run(pipe, 42)
 
 
-def test_bad_durations(pipe):
+def test_bad_durations(pipe, monkeypatch):
     with pytest.raises(ValueError, match="duration=0: must be > 0"):
         run(pipe, sample_clip(), duration=0)
     with pytest.raises(ValueError, match="longer than the video"):
         run(pipe, sample_clip(), duration=60)
-    with pytest.raises(ValueError, match="limit"):
-        run(pipe, sample_clip(), duration=1000)
+    assert pipe.config.max_duration is None  # no limit by default: long videos go window by window
+    monkeypatch.setattr(pipe, "config", dataclasses.replace(pipe.config, max_duration=4.0))
+    with pytest.raises(ValueError, match="longer than this model's limit of 4 s"):
+        run(pipe, sample_clip(), duration=5)
 
 
 def test_prompt_longer_than_output(pipe, real_music_24k):

@@ -52,13 +52,14 @@ def motion_curve(video_path: str | Path, fps: float = 10.0, width: int = 64, hei
 
 def plot_beats(reference_beats: np.ndarray, generated_beats: np.ndarray, out_png: str | Path, *,
                duration: float | None = None, motion: tuple[np.ndarray, np.ndarray] | None = None,
-               tolerance: float = 0.1, label: str | None = None, dpi: int = 100) -> Path:
+               tolerance: float = 0.1, label: str | None = None, reference_name: str = "reference",
+               dpi: int = 100) -> Path:
     """Save a PNG of reference (top row) and generated (bottom row) beats over time.
 
     Matched beats (one-to-one within ``tolerance``, as BHS counts them) are drawn green and
     joined by a line; unmatched ones red. ``motion`` = ``(times, energy)`` from
     :func:`motion_curve` is drawn in a strip below on the same time axis. ``label`` (e.g. the
-    clip name) starts the title.
+    clip name) starts the title; ``reference_name`` names the top row (e.g. "video cuts").
     """
     from matplotlib.figure import Figure
 
@@ -92,7 +93,7 @@ def plot_beats(reference_beats: np.ndarray, generated_beats: np.ndarray, out_png
         ax.plot([ref[i], gen[j]], [1.05, 0.95], color="tab:green", linewidth=0.8, zorder=1)
     ax.set_xlim(-0.1, duration)  # a beat at 0 s stays visible
     ax.set_ylim(0.0, 2.0)
-    ax.set_yticks([0.5, 1.5], labels=[f"generated ({len(gen)})", f"reference ({len(ref)})"])
+    ax.set_yticks([0.5, 1.5], labels=[f"generated ({len(gen)})", f"{reference_name} ({len(ref)})"])
     if motion is None:
         ax.set_xlabel("time (s)")
     hits = len(pairs)

@@ -1,0 +1,91 @@
+"""Long videos: time, peak memory and the joins of ``muvi.generate`` against the video's length.
+
+    python recipes/benchmark_long_video.py [--minutes 1 5 10] [--model DIR] [--clip VIDEO]
+                                           [--steps 25] [--workdir DIR]
+
+Each video is the clip (default: the bundled sample, 5.28 s of 720p H.264) looped to at least
+the given minutes (packets copied, :func:`muvi.mux.loop_video`). Each generation runs in a fresh
+process (bundled demo model by default, CPU, seed 0), which reports its wall time, its peak
+resident memory (``ru_maxrss``) and the output's length; then every join between windows is
+measured (:func:`muvi.windows.join_report`: the level across the join and the largest step at
+its ends, against the music around it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CHILD = """
+import json, resource, sys, time
+import muvi
+t = time.perf_counter()
+out = muvi.generate(sys.argv[1], model=sys.argv[2] or None, num_steps=int(sys.argv[3]), device="cpu", seed=0,
+                    progress=False)
+seconds = time.perf_counter() - t
+out.save(sys.argv[4], overwrite=True)
+print(json.dumps({"seconds": seconds, "audio_s": out.duration,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def joins(wav: Path, model: Path, duration: float) -> list[dict]:
+    """:func:`muvi.windows.join_report` at every join of the windows ``model`` used."""
+    import soundfile as sf
+    import torch
+
+    from muvi.config import read_json
+    from muvi.pipeline import PipelineConfig
+    from muvi.video import duration_frames
+    from muvi.windows import join_report, plan_windows
+
+    config = PipelineConfig.from_dict(read_json(model / "config.json")["pipeline"])
+    data, rate = sf.read(str(wav), dtype="float32")
+    hop = int(round(rate / config.latent_rate))
+    plan = plan_windows(duration_frames(duration, config.latent_rate), *config.window_frames())
+    return [join_report(torch.from_numpy(data), rate, w.start * hop, (w.start + w.overlap) * hop) for w in plan[1:]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--model", type=Path, default=None, help="release folder (default: the bundled demo)")
+    parser.add_argument("--clip", type=Path, default=None, help="clip to loop (default: the bundled sample)")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the videos here (default: a temporary folder)")
+    args = parser.parse_args()
+
+    import muvi
+    from muvi import bundled_sample_video
+    from muvi.media import probe_video
+    from muvi.mux import loop_video
+
+    model = args.model or muvi.default_model_dir()
+    clip = args.clip or bundled_sample_video()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"model {model}, clip {clip}, {args.steps} steps, CPU")
+        print(f"{'video':>9} {'windows':>7} {'wall s':>8} {'s / video s':>11} {'peak RSS MB':>11} "
+              f"{'output s':>9} {'join level dB':>14} {'worst click':>11}")
+        for minutes in args.minutes:
+            video = loop_video(clip, work / f"long_{minutes:g}min.mp4", minutes * 60)
+            duration = probe_video(video).duration
+            wav = work / f"long_{minutes:g}min.wav"
+            done = subprocess.run([sys.executable, "-c", CHILD, str(video), str(model), str(args.steps), str(wav)],
+                                  check=True, capture_output=True, text=True)
+            figures = json.loads(done.stdout.strip().splitlines()[-1])
+            reports = joins(wav, model, duration)
+            low = min((r["level_db"] for r in reports), default=float("nan"))
+            high = max((r["level_db"] for r in reports), default=float("nan"))
+            click = max((r["click"] for r in reports), default=float("nan"))
+            print(f"{duration:>8.1f}s {len(reports) + 1:>7} {figures['seconds']:>8.1f} "
+                  f"{figures['seconds'] / duration:>11.3f} {figures['peak_rss_mb']:>11.0f} "
+                  f"{figures['audio_s']:>9.2f} {low:>+6.2f}..{high:>+6.2f} {click:>11.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
