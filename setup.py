@@ -54,8 +54,12 @@ setup(
             "scikit-image>=0.21",
             "matplotlib>=3.7",
             "resampy>=0.4",
+            "gradio>=5",
+            # drives Debian's chromium in tests/test_app.py (no browser download)
+            "playwright>=1.40",
         ],
         "flash": ["flash-attn>=2.5"],
+        "demo": ["gradio>=5"],  # muvi demo: the web page
     },
     entry_points={"console_scripts": ["muvi=muvi.cli:main"]},
 )

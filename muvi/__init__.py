@@ -43,7 +43,9 @@ def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed
         prompt_audio: optional music (path, or waveform at ``prompt_sample_rate``, default
             24 kHz) whose style the output follows; it is the clean context of in-context
             generation and is not part of the output.
-        duration: seconds of music from the start of the video (default: the whole video).
+        duration: seconds of music from the start of the video (default: the whole video, of
+            any length: past the model's ``window_seconds`` it is scored window by window,
+            each window continuing the music before it; see :mod:`muvi.windows`).
         model: a release folder, a loaded :class:`MuviPipeline`, or None for the bundled model.
         device: "cpu", "cuda", "cuda:1", … (default: CUDA when available); with a loaded
             ``model`` its own device is used.

@@ -46,7 +46,7 @@ def beat_plot(waveform: np.ndarray, sample_rate: int, video: Path, out_png: Path
     times, energy = motion_curve(video, fps)
     keep = times <= seconds
     return plot_beats(cuts, beats, out_png, duration=seconds, motion=(times[keep], energy[keep]),
-                      reference_name="video cuts", label="generated beats vs the video's cuts")
+                      reference_name="video cuts")
 
 
 class Demo:
@@ -125,28 +125,33 @@ def build(demo: Demo):
 
     from muvi import bundled_sample_video
 
-    def run(video, prompt, cfg_scale, steps, seed, duration, progress=gr.Progress(track_tqdm=True)):
+    def run(video, prompt, cfg_scale, steps, seed, duration,
+            progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio finds its tracker by this default)
         progress(0, desc="checking the input")
         try:
             return demo.generate(video, prompt, cfg_scale, steps, seed, duration)
-        except MuviError as err:
-            raise gr.Error(one_line(err), print_exception=False) from None
+        except MuviError as err:  # uploads sit in Gradio's own folder: name them as the user did
+            message = one_line(err)
+            if video:
+                message = message.replace(str(Path(video).parent) + os.sep, "")
+            raise gr.Error(message, print_exception=False) from None
 
     with gr.Blocks(title="muvi: music for video") as page:
         gr.Markdown("# muvi: music for video\nUpload a video (or keep the sample clip), optionally a piece of "
                     "music whose style to follow, and press **Generate**.")
         with gr.Row():
             with gr.Column():
-                video = gr.Video(value=str(bundled_sample_video()), label="video", sources=["upload"],
-                                 elem_id="muvi-input")
+                video = gr.Video(label=f"video (none: the sample clip, {bundled_sample_video().name})",
+                                 sources=["upload"], elem_id="muvi-input")
                 prompt = gr.Audio(label="style prompt (optional)", type="filepath", sources=["upload"],
                                   elem_id="muvi-prompt")
                 with gr.Row():
-                    cfg = gr.Number(value=demo.limits.default_cfg_scale, label="cfg scale", minimum=0, maximum=100)
-                    steps = gr.Number(value=25, label="steps", precision=0, minimum=1, maximum=1000)
+                    cfg = gr.Number(value=demo.limits.default_cfg_scale, label="cfg scale", elem_id="muvi-cfg")
+                    steps = gr.Number(value=25, label="steps", elem_id="muvi-steps")
                 with gr.Row():
-                    seed = gr.Number(value=0, label="seed", precision=0, minimum=0)
-                    duration = gr.Number(value=None, label="duration in s (empty: the whole video)", minimum=0)
+                    seed = gr.Number(value=0, label="seed", elem_id="muvi-seed")
+                    duration = gr.Number(value=None, label="duration in s (0: the whole video)",
+                                         elem_id="muvi-duration")
                 button = gr.Button("Generate", variant="primary", elem_id="muvi-generate")
             with gr.Column():
                 out_video = gr.Video(label="video with music", interactive=False, elem_id="muvi-output")

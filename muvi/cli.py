@@ -4,10 +4,15 @@
                   [--steps 25] [--seed N] [--duration S] [--prompt STYLE.wav] [--model DIR]
                   [--device cpu|cuda|cuda:N] [--method euler] [--overwrite]
 
+    muvi demo [--model DIR] [--port 7860]          (the web page; see muvi demo --help)
+
 With no VIDEO, the sample clip bundled with muvi is used; with no model, the bundled demo
-model. A video OUT gets the input's picture (copied packet for packet when the container can
-hold its codec, else transcoded to H.264, which a log line says) with the music as its audio;
-an audio OUT gets the music alone. With --duration shorter than the video, the picture is cut
+model. A video of any length is scored: past the model's window (10 s for the bundled demo)
+window by window, each continuing the one before, with a progress bar over the windows.
+
+A video OUT gets the input's picture (copied packet for packet when the container can hold its
+codec, else transcoded to H.264, which a log line says) with the music as its audio; an audio
+OUT gets the music alone. With --duration shorter than the video, the picture is cut
 there too.
 
 Every argument and input is checked before the model loads; a problem is one line on stderr

@@ -72,7 +72,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     except (VideoError, MissingFileError):
         raise
     except Exception as err:  # FFmpeg's errors, or a file PyAV cannot open at all
-        raise VideoError(f"{path}: not a readable video ({one_line(err)})") from None
+        raise VideoError(f"{path}: not a readable video ({_reason(err)})") from None
     if time_base is None:
         raise VideoError(f"{path}: the video stream has no time base")
     pts = np.array(sorted(p for p, _ in spans), dtype=np.int64)
@@ -89,6 +89,12 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
     return VideoInfo(path=path, width=width, height=height, duration=duration,
                      start_time=float(pts[0] * time_base), frame_rate=len(pts) / duration,
                      num_frames=len(pts), codec=codec, rotation=rotation, variable_rate=variable)
+
+
+def _reason(err: Exception) -> str:
+    """FFmpeg's own words for an error (``Invalid data found when processing input``), without
+    the error number and file name PyAV adds; any other error's first line."""
+    return getattr(err, "strerror", None) or one_line(err)
 
 
 def _first_frame(container, stream, path: Path):

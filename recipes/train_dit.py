@@ -26,6 +26,7 @@ the null embedding), the logged loss a window mean over micro-batches and proces
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -206,16 +207,20 @@ def main(argv: Optional[list[str]] = None) -> Path:
             acc.wait_for_everyone()
     final = run_dir / "final"
     if acc.is_main_process:
-        save_final(ema.shadow, final)
+        save_final(ema.shadow, final, cfg.max_seconds)
     acc.wait_for_everyone()
     return final
 
 
-def save_final(model: VideoToMusicFlow, folder: Path) -> None:
-    """EMA weights of each trained component: ``<name>.safetensors`` + ``<name>.json``."""
+def save_final(model: VideoToMusicFlow, folder: Path, max_seconds: float) -> None:
+    """EMA weights of each trained component (``<name>.safetensors`` + ``<name>.json``) and
+    ``window.json``: the longest clip trained on and the objective, from which
+    ``recipes/export.py`` sets the release's windows for long videos."""
     for name, module in (("dit", model.dit), ("adaptor", model.adaptor)):
         if module is not None:
             hub.save_component(module, folder, name)
+    window = {"max_seconds": max_seconds, "objective": model.objective.to_dict()}
+    (folder / "window.json").write_text(json.dumps(window, indent=2) + "\n", encoding="utf-8")
     logger.info("wrote EMA weights to %s", folder)
 
 

@@ -6,6 +6,7 @@ clips; tiny random VAE / VideoMAE for the frozen parts.
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -143,6 +144,11 @@ def test_video_to_music_stage_and_export_make_a_working_release(work):
     # The release normalises latents with the statistics the DiT was trained with.
     pipe = muvi.MuviPipeline.from_pretrained(release)
     torch.testing.assert_close(pipe.vae.latent_mean, torch.full((8,), 0.1))
+    # Its windows for long videos are the clips the v2m run trained on (4 s, a prefix of at
+    # most 33 % of them), from the run's window.json.
+    assert json.loads((final / "window.json").read_text())["max_seconds"] == 4.0
+    c = pipe.config
+    assert (c.window_seconds, c.context_seconds, c.crossfade_seconds, c.max_duration) == (4.0, 1.3, 0.4, None)
     with pytest.raises(FileExistsError):
         export.main(["--v2m", str(final), "--vae", str(work / "vae"), "--vocoder", str(voc),
                      "--video-encoder", "tiny", "--out", str(work / "release")])
