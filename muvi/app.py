@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -66,10 +66,11 @@ class Demo:
         self._count = 0
 
     def generate(self, video: Optional[str], prompt: Optional[str] = None, cfg_scale: Optional[float] = None,
-                 steps: float = 25, seed: Optional[float] = 0, duration: Optional[float] = None
-                 ) -> tuple[str, str, str, str]:
+                 steps: float = 25, seed: Optional[float] = 0, duration: Optional[float] = None,
+                 stage: Callable[[str], object] = lambda name: None) -> tuple[str, str, str, str]:
         """(video with music .mp4, music .wav, beat plot .png, a line of figures). Raises
-        :class:`~muvi.errors.MuviError` for bad input, before any heavy work."""
+        :class:`~muvi.errors.MuviError` for bad input, before any heavy work. ``stage(name)``
+        is called as each stage starts (the page's progress text)."""
         from muvi import bundled_sample_video
         from muvi.inputs import check_request
         from muvi.mux import mux_audio
@@ -79,13 +80,16 @@ class Demo:
                                 seed=_integer(seed, "seed"), duration=_number(duration) or None,
                                 prompt_audio=prompt or None, device=str(self.pipe.device), limits=self.limits,
                                 names=PAGE_NAMES)
+        stage("generating")
         result = self.pipe.run(request, progress=True)
         self._count += 1
         stem = self.workdir / f"{self._count:04d}_{_safe_stem(source)}"
         wav = result.save(stem.with_suffix(".wav"), overwrite=True)
+        stage("putting the music into the video")
         cut = request.duration if request.duration < request.info.duration - 1e-6 else None
         mp4 = mux_audio(source, result.numpy(), result.sample_rate, stem.with_suffix(".mp4"), duration=cut,
                         info=request.info)
+        stage("plotting the beats")
         png = beat_plot(result.numpy(), result.sample_rate, source, stem.with_suffix(".png"),
                         duration=request.duration)
         summary = (f"{result.duration:.1f} s of music for {source.name}: cfg {request.cfg_scale:g}, "
@@ -129,7 +133,8 @@ def build(demo: Demo):
             progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio finds its tracker by this default)
         progress(0, desc="checking the input")
         try:
-            return demo.generate(video, prompt, cfg_scale, steps, seed, duration)
+            return demo.generate(video, prompt, cfg_scale, steps, seed, duration,
+                                 stage=lambda name: progress(None, desc=name))
         except MuviError as err:  # uploads sit in Gradio's own folder: name them as the user did
             message = one_line(err)
             if video:

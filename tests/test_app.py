@@ -93,6 +93,7 @@ def test_the_page_in_a_real_browser_scores_an_uploaded_clip(page_url, browser_pa
     page.locator("#muvi-input input[type=file]").set_input_files(str(bundled_sample_video()))
     page.locator("#muvi-input video").wait_for(timeout=60_000)
     page.locator("#muvi-generate").click()
+    page.locator(".progress-text").first.wait_for(timeout=30_000)  # Gradio's progress while it works
     page.locator("#muvi-output video").wait_for(timeout=240_000)
     page.locator("#muvi-plot img").wait_for(timeout=60_000)
     # playable: the browser read the muxed file's header and knows how long it lasts
