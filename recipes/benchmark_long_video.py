@@ -10,7 +10,8 @@ resident memory (``ru_maxrss``) while generating and after saving the WAV, the l
 memory in each quarter of the generation (read twice a second: flat when memory does not grow
 with length) and the output's length; then every join between windows is
 measured (:func:`muvi.windows.join_report`: the level across the join and the largest step at
-its ends, against the music around it).
+its ends, against the music around it), beside the same measure halfway between joins (the
+placebo: a join is clean when its figures lie within the music's own spread).
 """
 from __future__ import annotations
 
@@ -47,8 +48,10 @@ print(json.dumps({"seconds": seconds, "audio_s": out.duration, "peak_generate_mb
 """
 
 
-def joins(wav: Path, model: Path, duration: float) -> list[dict]:
-    """:func:`muvi.windows.join_report` at every join of the windows ``model`` used."""
+def joins(wav: Path, model: Path, duration: float) -> tuple[list[dict], list[dict]]:
+    """:func:`muvi.windows.join_report` at every join of the windows ``model`` used, and at as
+    many places of the same width halfway between joins (the placebo: how much the music's own
+    level and steps vary where nothing was joined)."""
     import soundfile as sf
     import torch
 
@@ -61,7 +64,16 @@ def joins(wav: Path, model: Path, duration: float) -> list[dict]:
     data, rate = sf.read(str(wav), dtype="float32")
     hop = int(round(rate / config.latent_rate))
     plan = plan_windows(duration_frames(duration, config.latent_rate), *config.window_frames())
-    return [join_report(torch.from_numpy(data), rate, w.start * hop, (w.start + w.overlap) * hop) for w in plan[1:]]
+    wave = torch.from_numpy(data)
+    at = [join_report(wave, rate, w.start * hop, (w.start + w.overlap) * hop) for w in plan[1:]]
+    halfway = [((a.start + a.overlap + b.start) // 2, b.overlap) for a, b in zip(plan[1:], plan[2:])]
+    between = [join_report(wave, rate, s * hop, (s + n) * hop) for s, n in halfway]
+    return at, between
+
+
+def _span(reports: list[dict], key: str) -> str:
+    values = [r[key] for r in reports]
+    return f"{min(values):+6.2f}..{max(values):+6.2f}" if values else "-"
 
 
 def main() -> None:
@@ -85,7 +97,8 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         print(f"model {model}, clip {clip}, {args.steps} steps, CPU")
         print(f"{'video':>9} {'windows':>7} {'wall s':>8} {'s / video s':>11} {'peak MB':>8} {'+save MB':>8} "
-              f"{'RSS by quarter MB':>20} {'output s':>9} {'join level dB':>14} {'worst click':>11}")
+              f"{'RSS by quarter MB':>20} {'output s':>9} {'join level dB':>14} {'placebo dB':>14} "
+              f"{'worst click':>11} {'placebo':>7}")
         for minutes in args.minutes:
             video = loop_video(clip, work / f"long_{minutes:g}min.mp4", minutes * 60)
             duration = probe_video(video).duration
@@ -93,15 +106,14 @@ def main() -> None:
             done = subprocess.run([sys.executable, "-c", CHILD, str(video), str(model), str(args.steps), str(wav)],
                                   check=True, capture_output=True, text=True)
             figures = json.loads(done.stdout.strip().splitlines()[-1])
-            reports = joins(wav, model, duration)
-            low = min((r["level_db"] for r in reports), default=float("nan"))
-            high = max((r["level_db"] for r in reports), default=float("nan"))
-            click = max((r["click"] for r in reports), default=float("nan"))
+            reports, placebo = joins(wav, model, duration)
+            click, placebo_click = (max((r["click"] for r in rs), default=float("nan")) for rs in (reports, placebo))
             quarters = "/".join(f"{q:.0f}" for q in figures["rss_quarters_mb"])
             print(f"{duration:>8.1f}s {len(reports) + 1:>7} {figures['seconds']:>8.1f} "
                   f"{figures['seconds'] / duration:>11.3f} {figures['peak_generate_mb']:>8.0f} "
                   f"{figures['peak_rss_mb'] - figures['peak_generate_mb']:>8.0f} {quarters:>20} "
-                  f"{figures['audio_s']:>9.2f} {low:>+6.2f}..{high:>+6.2f} {click:>11.2f}", flush=True)
+                  f"{figures['audio_s']:>9.2f} {_span(reports, 'level_db'):>14} {_span(placebo, 'level_db'):>14} "
+                  f"{click:>11.2f} {placebo_click:>7.2f}", flush=True)
 
 
 if __name__ == "__main__":
