@@ -15,8 +15,13 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["muvi", "muvi.*"]),
-    package_data={"muvi": ["assets/*.mp4", "assets/*.md"]},
+    # The bundled demo release (top-level checkpoints/ in the repository) is installed inside the
+    # package as muvi/checkpoints/, where muvi.default_model_dir() finds it after `pip install .`.
+    packages=[*find_packages(include=["muvi", "muvi.*"]), "muvi.checkpoints"],
+    package_dir={"muvi.checkpoints": "checkpoints"},
+    package_data={"muvi": ["assets/*.mp4", "assets/*.md"],
+                  "muvi.checkpoints": ["README.md", "muvi-demo/*.json", "muvi-demo/*.safetensors", "muvi-demo/*.md",
+                                       "muvi-demo/sim/*.json", "muvi-demo/sim/*.safetensors"]},
     install_requires=[
         "torch>=2.3",
         "torchaudio>=2.3",
@@ -26,6 +31,7 @@ setup(
         "decord>=0.6",
         "accelerate>=0.30",
         "safetensors>=0.4",
+        "huggingface_hub>=0.23",  # from_pretrained("owner/name"), push_to_hub
         "einops>=0.7",
         "numpy>=1.24",
         "soundfile>=0.12",

@@ -18,8 +18,11 @@ from muvi.errors import MuviError  # noqa: E402 (no heavy imports)
 
 
 def default_model_dir() -> Path:
-    """The bundled demo release (``checkpoints/muvi-demo`` in the repository)."""
-    return Path(__file__).resolve().parent.parent / "checkpoints" / "muvi-demo"
+    """The bundled demo release: ``muvi/checkpoints/muvi-demo`` in an installed package (a
+    wheel or ``pip install .``), else ``checkpoints/muvi-demo`` of the source checkout."""
+    here = Path(__file__).resolve().parent
+    installed = here / "checkpoints" / "muvi-demo"
+    return installed if (installed / "config.json").is_file() else here.parent / "checkpoints" / "muvi-demo"
 
 
 def bundled_sample_video() -> Path:
@@ -46,7 +49,11 @@ def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed
         duration: seconds of music from the start of the video (default: the whole video, of
             any length: past the model's ``window_seconds`` it is scored window by window,
             each window continuing the music before it; see :mod:`muvi.windows`).
-        model: a release folder, a loaded :class:`MuviPipeline`, or None for the bundled model.
+        model: a release folder, a Hugging Face Hub repo id (``owner/name``, fetched into the
+            Hub's cache; ``HF_HUB_OFFLINE=1`` uses the cache only), a loaded
+            :class:`MuviPipeline`, or None for the bundled model. Pass a loaded pipeline
+            (``MuviPipeline.from_pretrained(...)``) to keep the model in memory across calls:
+            a folder or repo id is loaded anew on every call.
         device: "cpu", "cuda", "cuda:1", … (default: CUDA when available); with a loaded
             ``model`` its own device is used.
         method: "euler" (the paper's) or any torchdiffeq method name.
@@ -64,11 +71,16 @@ def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed
     pipe = _loaded_pipeline(model)
     folder = None
     if pipe is None:
-        folder = default_model_dir() if model is None else Path(model)
-        if model is None and not (folder / "config.json").is_file():
-            from muvi.errors import MissingFileError
+        if model is None:
+            folder = default_model_dir()
+            if not (folder / "config.json").is_file():
+                from muvi.errors import MissingFileError
 
-            raise MissingFileError(f"no bundled model at {folder}; pass model=<release folder>")
+                raise MissingFileError(f"no bundled model at {folder}; pass model=<release folder>")
+        else:
+            from muvi.release import locate
+
+            folder = locate(model)
     limits = pipe.limits if pipe is not None else ModelLimits.from_release(folder)
     # Every argument and input file is checked before the model is loaded.
     request = check_request(video, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,

@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", help="an integer from 0 to 2**63-1; the same seed gives the same music")
     gen.add_argument("--duration", help="seconds from the start of the video (default: all of it)")
     gen.add_argument("--prompt", type=Path, default=None, help="music whose style to follow (audio file)")
-    gen.add_argument("--model", type=Path, default=None, help="release folder (default: the bundled demo)")
+    gen.add_argument("--model", default=None, help="release folder or Hugging Face Hub repo id OWNER/NAME "
+                     "(cached; HF_HUB_OFFLINE=1: from the cache only) (default: the bundled demo)")
     gen.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda if available)")
     gen.add_argument("--method", default="euler", help="ODE solver: euler (the paper's) or a torchdiffeq "
                      "method such as midpoint, rk4, dopri5 (default euler)")
@@ -94,7 +95,12 @@ def generate_command(args: argparse.Namespace) -> Path:
     from muvi.media import VIDEO_FORMATS as VIDEO_SUFFIXES
 
     video = args.video or bundled_sample_video()
-    model = args.model or default_model_dir()
+    if args.model:
+        from muvi.release import locate
+
+        model = locate(args.model, name="--model")
+    else:
+        model = default_model_dir()
     out = args.output or Path.cwd() / f"{video.stem}_muvi.mp4"
     suffix = out.suffix.lower()
     if suffix not in VIDEO_SUFFIXES and suffix not in AUDIO_SUFFIXES:

@@ -142,10 +142,23 @@ class MuviPipeline(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: Union[str, Path], *, device: Union[str, torch.device] = "cpu"
-                        ) -> "MuviPipeline":
-        """Build every component of a release folder and load its weights strictly."""
-        directory = Path(directory)
+    def from_pretrained(cls, model: Union[str, Path], *, device: Union[str, torch.device] = "cpu",
+                        torch_dtype: Union[torch.dtype, str, None] = None, revision: Optional[str] = None,
+                        cache_dir: Union[str, Path, None] = None, local_files_only: bool = False,
+                        token: Union[str, bool, None] = None) -> "MuviPipeline":
+        """Build every component of a release and load its weights strictly.
+
+        ``model`` is a release folder or a Hugging Face Hub repo id (``owner/name``), fetched
+        into the Hub's cache at ``revision`` (:func:`muvi.release.locate`: ``cache_dir``,
+        ``local_files_only`` and ``HF_HUB_OFFLINE=1`` work as in transformers and diffusers).
+        ``torch_dtype`` (e.g. ``torch.bfloat16`` or ``"float16"``) stores the networks' weights
+        in that type and runs them under autocast to it; the mel front end stays float32.
+        Default: float32, as the release is stored."""
+        from muvi.release import locate
+
+        directory = locate(model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                           token=token)
+        dtype = _dtype(torch_dtype)
         path = directory / "config.json"
         if not path.is_file():
             raise MissingFileError(f"{directory}: not a muvi model folder (no config.json)")
@@ -157,7 +170,46 @@ class MuviPipeline(nn.Module):
             raise ConfigError(f"{path}: missing section 'pipeline'")
         config = PipelineConfig.from_dict(raw["pipeline"], source=f"{path} [pipeline]")
         modules = {name: hub.load_component(directory, name, types=types) for name, types in COMPONENTS.items()}
-        return cls(config, **modules).to(device)
+        pipe = cls(config, **modules).to(device)
+        return pipe if dtype == torch.float32 else pipe.to_dtype(dtype)
+
+    def to_dtype(self, dtype: Union[torch.dtype, str]) -> "MuviPipeline":
+        """Store the networks' weights in ``dtype`` (the mel front end stays float32): stages
+        then run under autocast to it."""
+        dtype = _dtype(dtype)
+        self.to(dtype)
+        self.mel.float()  # the STFT and its filterbank in float32 whatever the networks use
+        if dtype != torch.float32 and not getattr(self, "_norm_hooks", None):
+            # CPU autocast leaves normalisation layers to the input's type, and they refuse a
+            # float32 input with half weights: give them their weights' type.
+            self._norm_hooks = [m.register_forward_pre_hook(_input_as_weight)
+                                for m in self.modules() if isinstance(m, _NORMS)]
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The type the networks' weights are stored in (float32 unless ``torch_dtype`` said otherwise)."""
+        return next(self.dit.parameters()).dtype
+
+    def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token: Union[str, bool, None] = None,
+                    commit_message: str = "Upload muvi release", model_card: Optional[str] = None) -> str:
+        """Save this release (float32) and upload it to the Hub repo ``repo_id`` (created if
+        needed), with ``model_card`` as its README.md (default: :func:`muvi.release.model_card`).
+        Returns the commit's URL."""
+        import tempfile
+
+        from muvi.release import model_card as make_card
+        from muvi.release import push_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            dtype = self.dtype
+            try:
+                self.to_dtype(torch.float32).save_pretrained(folder)
+            finally:
+                self.to_dtype(dtype)
+            (folder / "README.md").write_text(model_card or make_card(folder, repo_id=repo_id), encoding="utf-8")
+            return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     @property
     def dit(self) -> DiT:
@@ -223,6 +275,11 @@ class MuviPipeline(nn.Module):
         ``k`` uses seed ``seed + k``.
 
         Raises :class:`~muvi.errors.GenerationError` when the waveform is not finite."""
+        dtype = self.dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return self._run(request, progress)
+
+    def _run(self, request: "Request", progress: bool) -> GenerationOutput:
         cfg, rate = self.config, self.mel.config.sample_rate
         duration = request.duration
         total = video_io.duration_frames(duration, cfg.latent_rate)
@@ -286,3 +343,24 @@ class MuviPipeline(nn.Module):
         """Solve the flow ODE for a condition (B, T, D): :meth:`VideoToMusicFlow.sample`."""
         return self.flow.sample(cond, num_steps=num_steps, cfg_scale=cfg_scale, seed=seed, prefix=prefix,
                                 method=method, progress=progress)
+
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d)
+
+
+def _input_as_weight(module: nn.Module, args: tuple):
+    weight = getattr(module, "weight", None)
+    if weight is None or not args or not torch.is_tensor(args[0]) or args[0].dtype == weight.dtype:
+        return None
+    return (args[0].to(weight.dtype), *args[1:])
+
+
+def _dtype(value: Union[torch.dtype, str, None]) -> torch.dtype:
+    """``torch_dtype`` as given (a dtype, its name, or None: float32) → a floating dtype."""
+    if value is None:
+        return torch.float32
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"torch_dtype {value!r}: not a floating-point torch dtype "
+                          f"(use torch.float32, torch.bfloat16 or torch.float16)")
+    return dtype

@@ -9,8 +9,11 @@ the video-to-music run, ``vae`` and ``mel`` from the VAE run, ``vocoder`` from t
 (its ``mel`` must equal the VAE's), the frozen video encoder from a spec (:func:`muvi.hub.load_encoder`:
 a VideoMAE V2 checkpoint, ``efficientnet-lite0`` — ImageNet weights shipped by a package, the
 demo's — or, for tests only, a VideoMAE preset with random weights), and ``config.json``.
-The release is written to a temporary folder, loaded back, and renamed; an existing release is
-never overwritten.
+The release is written to a temporary folder with a generated model card (``README.md``,
+:func:`muvi.release.model_card`), loaded back, and renamed; an existing release is never
+overwritten. ``--push-to-hub OWNER/NAME`` then uploads it to the Hugging Face Hub (the repo is
+created if needed; log in first with ``hf auth login`` or set ``HF_TOKEN``), after which
+``MuviPipeline.from_pretrained("OWNER/NAME")`` and ``muvi generate --model OWNER/NAME`` load it.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from muvi.config import ConfigError, read_json
 from muvi.errors import OutputExistsError
 from muvi.models.v2m import FlowObjective
 from muvi.pipeline import COMPONENTS, FORMAT_VERSION, MuviPipeline, PipelineConfig
+from muvi.release import model_card, push_folder
 
 logger = logging.getLogger("export")
 
@@ -60,7 +64,7 @@ def trained_windows(v2m: Path) -> dict:
 
 
 def export(v2m: Path, vae: Path, vocoder: Path, encoder: str, out: Path,
-           pipeline_overrides: Optional[dict] = None) -> Path:
+           pipeline_overrides: Optional[dict] = None, *, license: Optional[str] = None, notes: str = "") -> Path:
     if out.exists():
         raise OutputExistsError(f"{out} exists; choose a new folder (releases are never overwritten)")
     config = PipelineConfig(**{**trained_windows(v2m), **(pipeline_overrides or {})})
@@ -80,6 +84,8 @@ def export(v2m: Path, vae: Path, vocoder: Path, encoder: str, out: Path,
                 copy_component(source, name, tmp)
         (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "pipeline": config.to_dict()},
                                                     indent=2) + "\n", encoding="utf-8")
+        card = model_card(tmp, repo_id=out.name, license=license, notes=notes)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         MuviPipeline.from_pretrained(tmp)  # the release must load as written
         tmp.rename(out)
     finally:
@@ -99,9 +105,23 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--pipeline", default="{}", help="JSON of PipelineConfig fields, e.g. '{\"max_duration\": 60}' "
                         "(default windows: from the v2m run's window.json)")
+    parser.add_argument("--license", default=None, help="licence of the weights for the model card's metadata "
+                        "(a Hub licence id such as mit, cc-by-4.0)")
+    parser.add_argument("--card-notes", type=Path, default=None, help="Markdown file appended to the model card "
+                        "(data, training, measured results)")
+    parser.add_argument("--push-to-hub", metavar="OWNER/NAME", default=None,
+                        help="upload the release to this Hugging Face Hub model repo (created if needed)")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    return export(args.v2m, args.vae, args.vocoder, args.video_encoder, args.out, json.loads(args.pipeline))
+    notes = args.card_notes.read_text(encoding="utf-8") if args.card_notes else ""
+    out = export(args.v2m, args.vae, args.vocoder, args.video_encoder, args.out, json.loads(args.pipeline),
+                 license=args.license, notes=notes)
+    if args.push_to_hub:
+        card = model_card(out, repo_id=args.push_to_hub, license=args.license, notes=notes)
+        (out / "README.md").write_text(card, encoding="utf-8")  # the card names the repo it lives in
+        logger.info("pushed to %s", push_folder(out, args.push_to_hub, private=args.private or None))
+    return out
 
 
 if __name__ == "__main__":

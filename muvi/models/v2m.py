@@ -121,9 +121,14 @@ class VideoToMusicFlow(nn.Module):
             context = flow.context_mask(torch.full((b,), p, device=device), p + t)
             context_latent = torch.cat([prefix, torch.zeros_like(x0[:, p:])], dim=1)
 
+        # bf16 autocast on CUDA (appendix A); weights stored in a half type run in that type
+        weights = next(self.dit.parameters()).dtype
+        half = weights if weights != torch.float32 else torch.bfloat16
+        enabled = weights != torch.float32 or device.type == "cuda"
+
         def net(x: torch.Tensor, time: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                return self._velocity(x, time, c)
+            with torch.autocast(device.type, dtype=half, enabled=enabled):
+                return self._velocity(x, time, c).float()
 
         velocity = flow.guided_velocity(net, cond, null, cfg_scale)
         latent = flow.sample(velocity, x0, num_steps=num_steps, method=method, context=context,
