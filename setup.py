@@ -63,7 +63,10 @@ setup(
             "gradio>=5",
             # drives Debian's chromium in tests/test_app.py (no browser download)
             "playwright>=1.40",
+            "tensorboard>=2.10",
         ],
+        # training recipes: TensorBoard for log_with="auto" (W&B: pip install wandb, log_with=wandb)
+        "train": ["tensorboard>=2.10"],
         "flash": ["flash-attn>=2.5"],
         "demo": ["gradio>=5"],  # muvi demo: the web page
     },

@@ -65,7 +65,6 @@ from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel
 from muvi.training import (
     EMA,
     OptimizerConfig,
-    Throughput,
     check_finite,
     load_config,
     make_accelerator,
@@ -119,6 +118,8 @@ class ContrastiveTrainConfig(Config):
     heldout: str = ""                 # held-out pairs (see the module docstring), every eval_every steps
     eval_every: int = 0
     log_every: int = 100
+    # Accelerate trackers: "auto" (TensorBoard when installed), "none", "tensorboard", "wandb"
+    log_with: str = "auto"
     ckpt_every: int = 5000
     seed: int = 0
     mixed_precision: str = "auto"
@@ -293,9 +294,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         raise ConfigError("no training data: --set data=FOLDER_OR_CSV (or token_cache=PAIR_FEATURE_CACHE)")
     if cfg.data and cfg.token_cache:
         raise ConfigError("set data OR token_cache, not both (the cache names its own videos and music)")
-    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
+    run_dir = Path(args.run_dir)
+    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum, log_with=cfg.log_with, run_dir=run_dir)
     setup_logging(acc.is_main_process)
-    run_dir, device, rank = Path(args.run_dir), acc.device, acc.process_index
+    device, rank = acc.device, acc.process_index
 
     video_enc, audio_enc, video_source, audio_source = build_encoders(cfg, device)
     with training.seeded(cfg.seed):
@@ -319,54 +321,58 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     consumed = sampler.state_dict()["batch"]  # batches of the current epoch already trained on
     stream = training.batch_stream(loader, sampler)
-    meter, window = Throughput(run_dir, enabled=acc.is_main_process), training.LossWindow()
+    window = training.LossWindow()
     gather = cfg.global_negatives and acc.num_processes > 1
     logger.info("training %d trainable parameters from step %d to %d, batch %d x %d process(es) x %d accum, "
                 "in-batch negatives from %s", sum(p.numel() for p in model.parameters()), step, cfg.steps,
                 cfg.batch_size, acc.num_processes, cfg.grad_accum, "every process" if gather else "each process alone")
-    micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
-    while step < cfg.steps:
-        consumed, batch = next(stream)
-        if gather:  # the loss compares clips across processes: one length for all of them
-            frames = int(acc.gather(torch.tensor([batch["num_frames"]], device=device)).min())
-            batch = crop_batch(batch, frames, cfg.sample_rate, cfg.fps, frames_per_token)  # views: cheap
-        gen = step_generator(cfg.seed, micro, rank)
-        lr = scheduler.get_last_lr()[0]  # this step's rate, for the log
-        micro += 1
-        with acc.accumulate(model):  # gradient all-reduce on the last micro-batch of a step only
-            loss, stats, kinds = clip_loss(model, video_enc, audio_enc, batch, gen, cfg, acc.autocast, gather)
-            check_finite(loss, step + 1, ", ".join(f"{Path(p).name}@{s:.1f}s"
-                                               for p, s in zip(batch["video_path"], batch["start"])))
-            acc.backward(loss)  # divided by grad_accum inside
-            if acc.sync_gradients and cfg.optim.grad_clip:
-                window.add({"grad_norm": acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)})
-            opt.step()  # a no-op until the last micro-batch (Accelerate)
-            opt.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
-                scheduler.step()
-        window.add({"loss": loss, "frames": batch["num_frames"], **{k: v for k, v in stats.items() if k != "neg_sims"},
-                    **{f"neg_{kind}": kinds.count(kind) for kind in KINDS}})  # negatives per batch
-        sims = stats["neg_sims"].flatten() if "neg_sims" in stats else torch.zeros(0, device=device)
-        for kind in KINDS:  # each kind's mean similarity, weighted by how many were built
-            mask = torch.tensor([k == kind for k in kinds], dtype=sims.dtype, device=sims.device)
-            window.add({f"{kind}_sim": (sims * mask).sum() / max(1, kinds.count(kind))}, weight=kinds.count(kind))
-        meter.add(len(batch["music"]), len(batch["music"]) * batch["num_frames"])
-        if not acc.sync_gradients:
-            continue
-        ema.update(acc.unwrap_model(model))
-        step += 1
+    log = training.RunLog(acc, run_dir, cfg, "contrastive", step=step, total=cfg.steps, progress=args.progress)
+    with log:
+        micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
+        while step < cfg.steps:
+            consumed, batch = next(stream)
+            if gather:  # the loss compares clips across processes: one length for all of them
+                frames = int(acc.gather(torch.tensor([batch["num_frames"]], device=device)).min())
+                batch = crop_batch(batch, frames, cfg.sample_rate, cfg.fps, frames_per_token)  # views: cheap
+            gen = step_generator(cfg.seed, micro, rank)
+            lr = scheduler.get_last_lr()[0]  # this step's rate, for the log
+            micro += 1
+            with acc.accumulate(model):  # gradient all-reduce on the last micro-batch of a step only
+                loss, stats, kinds = clip_loss(model, video_enc, audio_enc, batch, gen, cfg, acc.autocast, gather)
+                check_finite(loss, step + 1, ", ".join(f"{Path(p).name}@{s:.1f}s"
+                                                   for p, s in zip(batch["video_path"], batch["start"])))
+                acc.backward(loss)  # divided by grad_accum inside
+                if acc.sync_gradients and cfg.optim.grad_clip:
+                    window.add({"grad_norm": acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)})
+                opt.step()  # a no-op until the last micro-batch (Accelerate)
+                opt.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    scheduler.step()
+            window.add({"loss": loss, "frames": batch["num_frames"],
+                        **{k: v for k, v in stats.items() if k != "neg_sims"},
+                        **{f"neg_{kind}": kinds.count(kind) for kind in KINDS}})  # negatives per batch
+            sims = stats["neg_sims"].flatten() if "neg_sims" in stats else torch.zeros(0, device=device)
+            for kind in KINDS:  # each kind's mean similarity, weighted by how many were built
+                mask = torch.tensor([k == kind for k in kinds], dtype=sims.dtype, device=sims.device)
+                window.add({f"{kind}_sim": (sims * mask).sum() / max(1, kinds.count(kind))}, weight=kinds.count(kind))
+            log.add(len(batch["music"]), len(batch["music"]) * batch["num_frames"])
+            if not acc.sync_gradients:
+                continue
+            ema.update(acc.unwrap_model(model))
+            step += 1
+            log.advance()
 
-        extra = {}
-        if heldout is not None and step % cfg.eval_every == 0:
-            with meter.paused():
-                extra["heldout_loss"] = training.heldout_loss(heldout_loss, heldout, [model], acc, cfg.seed)
-        if step % cfg.log_every == 0 or step == cfg.steps or extra:
-            meter.log(step, **window.mean(acc), **extra, lr=lr)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            if acc.is_main_process:
-                save_checkpoint(run_dir, step, training.checkpoint_state(
-                    step, cfg, sampler, consumed, model=model, ema=ema, optimizer=opt, scheduler=scheduler))
-            acc.wait_for_everyone()
+            extra = {}
+            if heldout is not None and step % cfg.eval_every == 0:
+                with log.paused():
+                    extra["heldout_loss"] = training.heldout_loss(heldout_loss, heldout, [model], acc, cfg.seed)
+            if step % cfg.log_every == 0 or step == cfg.steps or extra:
+                log.row(step, **window.mean(acc), **extra, lr=lr)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                if acc.is_main_process:
+                    save_checkpoint(run_dir, step, training.checkpoint_state(
+                        step, cfg, sampler, consumed, model=model, ema=ema, optimizer=opt, scheduler=scheduler))
+                acc.wait_for_everyone()
 
     final = run_dir / "final"
     if acc.is_main_process:
@@ -374,6 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         scorer.save_pretrained(final, video_source=video_source, audio_source=audio_source)
         logger.info("wrote the EMA weights to %s", final)
     acc.wait_for_everyone()
+    acc.end_training()
     return final
 
 

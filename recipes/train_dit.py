@@ -22,6 +22,14 @@ object the release samples from (``objective`` in the config); this script is th
 of the shape every recipe has (``muvi.training``): ``optim`` (AdamW, no decay on 1-D parameters and
 the null embedding), the logged loss a window mean over micro-batches and processes, and with
 ``heldout`` (a feature cache of held-out files) and ``eval_every`` a periodic held-out loss.
+
+Every ``sample_every`` steps the EMA model samples ``sample_seconds`` of music (``sample_steps``
+Euler steps; v2m: for the video of the first held-out file, else of the first training file,
+with guidance ``sample_cfg_scale``), written to ``RUN/samples/step_XXXXXXXX_dit.wav`` once
+decoded by ``sample_vae`` (the VAE that made the cache: checked against the cache's hash) and
+``sample_vocoder`` (Griffin-Lim without one); ``samples/reference.wav`` is that file's own
+cached latent through the same decoder. Without ``sample_vae`` the sampled latent is saved as
+``step_XXXXXXXX_dit.pt`` (normalised, (T, C)) instead.
 """
 from __future__ import annotations
 
@@ -36,12 +44,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from muvi import hub, training
+from muvi.checkpoint import state_hash
 from muvi.cli import run_script
-from muvi.config import Config
+from muvi.config import Config, ConfigError
 from muvi.data.features import CachedLatentDataset, collate_latents
 from muvi.data.sampler import DurationBalancedBatchSampler
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
+from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.models.v2m import FlowObjective, VideoToMusicFlow
 from muvi.training import OptimizerConfig
 
@@ -71,7 +81,16 @@ class DiTTrainConfig(Config):
     # held-out loss: a feature cache of held-out music (or pairs), every eval_every steps
     heldout: str = ""
     eval_every: int = 0
+    # audio samples (the module docstring), every sample_every steps; 0: none
+    sample_every: int = 0
+    sample_seconds: float = 4.0
+    sample_steps: int = 25
+    sample_cfg_scale: float = 4.0
+    sample_vae: str = ""            # a folder with the component vae (train_vae.py's final/)
+    sample_vocoder: str = ""        # a folder with the component vocoder (train_vocoder.py's final/)
     log_every: int = 50
+    # Accelerate trackers: "auto" (TensorBoard when installed), "none", "tensorboard", "wandb"
+    log_with: str = "auto"
     ckpt_every: int = 1000
     keep_checkpoints: int = 2
     seed: int = 0
@@ -106,12 +125,77 @@ def draw_latents(batch: dict, stats: tuple[torch.Tensor, torch.Tensor], gen: tor
     return (x1 - stats[0]) / stats[1] * valid[..., None]
 
 
+class Samples:
+    """What the samples are of and how they are decoded: the first ``sample_seconds`` of the
+    first file of ``heldout`` (else of ``cache``), its normalised cached latent (1, T, C) and,
+    for v2m, its video tokens; ``sample_vae`` + ``sample_vocoder`` (or Griffin-Lim) as decoder."""
+
+    def __init__(self, cfg: DiTTrainConfig, stats: tuple[torch.Tensor, torch.Tensor], v2m: bool):
+        self.cfg, self.stats, self.v2m = cfg, stats, v2m
+        data = CachedLatentDataset(cfg.heldout or cfg.cache, min_seconds=cfg.min_seconds, max_seconds=cfg.max_seconds,
+                                   latent_rate=cfg.objective.latent_rate, with_video=v2m)
+        frames = min(round(cfg.sample_seconds * data.latent_rate), data.frames[0])
+        spans = {"mean": (0, frames)}
+        if v2m:
+            spans["tokens"] = (0, -(-frames // data.frames_per_token))
+            if "cls" in data.cache.meta(data.ids[0])["shapes"]:  # a CLIP encoder's class tokens
+                spans["cls"] = spans["tokens"]
+        item = data.cache.load_slice(data.ids[0], spans)
+        self.latent = ((item["mean"] - stats[0]) / stats[1])[None]  # (1, T, C), as training normalises
+        self.tokens = item["tokens"][None] if v2m else None
+        self.cls = item["cls"][None] if "cls" in item else None
+        self.vae = self.vocoder = self.melspec = None
+        if cfg.sample_vae:
+            self.vae = hub.load_component(cfg.sample_vae, "vae", types=("vae",), frozen=True)
+            made_with = data.cache.info.get("vae_sha256")
+            if made_with is not None and state_hash(self.vae) != made_with:
+                raise ConfigError(f"sample_vae {cfg.sample_vae} is not the VAE that made the cache {data.cache.root}")
+            self.melspec = MelSpectrogram(MelConfig.from_dict(data.cache.info["mel"]))
+            if cfg.sample_vocoder:
+                self.vocoder = training.load_vocoder(cfg.sample_vocoder, self.melspec.config)
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """A normalised latent (1, T, C) → waveform (T · latent hop,), on the VAE's device."""
+        mean, std = (v.to(self.vae.latent_mean.device) for v in self.stats)
+        z = latent.float().to(mean.device) * std + mean
+        mel = self.vae.decode(z.transpose(1, 2))[0]  # (M, T · compression)
+        return training.mel_to_audio(mel, self.melspec, self.vocoder)
+
+    @torch.no_grad()
+    def write(self, model: VideoToMusicFlow, step: int, log: training.RunLog) -> None:
+        """The EMA model's sample at ``step``: a WAV (and the reference, once), or the latent."""
+        device = next(model.parameters()).device
+        frames = self.latent.shape[1]
+        if self.v2m:
+            cls = None if self.cls is None else self.cls.to(device)
+            cond = model.condition(self.tokens.to(device), torch.tensor([frames], device=device), num_frames=frames,
+                                   cls=cls)
+        else:
+            cond = model.dit.null_condition(1, frames)
+        latent = model.sample(cond, num_steps=self.cfg.sample_steps, cfg_scale=self.cfg.sample_cfg_scale,
+                              seed=self.cfg.seed)
+        if self.vae is None:
+            path = log.sample_path(step, "dit", ".pt")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(latent[0].cpu(), path)
+            logger.info("wrote %s (no sample_vae to decode it with)", path)
+            return
+        for module in (self.vae, self.vocoder):
+            if module is not None:
+                module.to(device)
+        rate = self.melspec.config.sample_rate
+        if not log.sample_path(None, "reference").is_file():
+            log.audio(None, "reference", self.decode(self.latent), rate)
+        log.audio(step, "dit", self.decode(latent), rate)
+
+
 def main(argv: Optional[list[str]] = None) -> Path:
     args = training.recipe_parser(__doc__).parse_args(argv)
     cfg = training.load_config(DiTTrainConfig, args.config, args.overrides)
-    acc = training.make_accelerator(cfg.mixed_precision, cfg.grad_accum)
-    training.setup_logging(acc.is_main_process)
     run_dir = args.run_dir
+    acc = training.make_accelerator(cfg.mixed_precision, cfg.grad_accum, log_with=cfg.log_with, run_dir=run_dir)
+    training.setup_logging(acc.is_main_process)
     rank = acc.process_index
 
     v2m = cfg.stage == "v2m"
@@ -129,6 +213,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     dataset, sampler, loader = data(cfg.cache, cfg.seed)
     heldout = data(cfg.heldout, cfg.seed + 1)[2] if cfg.heldout and cfg.eval_every else None
     stats = latent_stats(dataset)
+    samples = Samples(cfg, stats, v2m) if cfg.sample_every and acc.is_main_process else None
 
     torch.manual_seed(cfg.seed)  # the initial weights; every later draw uses step_generator
     dit_cfg = build_config(DiTConfig, cfg.dit)
@@ -163,52 +248,59 @@ def main(argv: Optional[list[str]] = None) -> Path:
     def flow_loss(net: nn.Module, batch: dict, gen: torch.Generator) -> torch.Tensor:
         """The objective's loss on one batch: a latent from each posterior, then VideoToMusicFlow."""
         x1 = draw_latents(batch, stats, gen).to(acc.device)
-        tokens = {k: batch[k].to(acc.device) for k in ("tokens", "token_lengths")} if v2m else {}
+        tokens = {k: batch[k].to(acc.device) for k in ("tokens", "token_lengths", "cls") if k in batch} if v2m else {}
         with acc.autocast():
             return net(x1, batch["valid"].to(acc.device), gen, **tokens)
 
-    meter, window = training.Throughput(run_dir, enabled=acc.is_main_process), training.LossWindow()
-    micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
-    stream = training.batch_stream(loader, sampler)
-    while step < cfg.steps:
-        consumed, batch = next(stream)
-        gen = training.step_generator(cfg.seed, micro, rank)
-        lr = scheduler.get_last_lr()[0]  # this step's rate, for the log
-        micro += 1
-        with acc.accumulate(model):  # gradient all-reduce on the last micro-batch of a step only
-            loss = flow_loss(model, batch, gen)
-            training.check_finite(loss, step + 1, ", ".join(batch["ids"]))
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.optim.grad_clip:
-                acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()  # a no-op until the last micro-batch (Accelerate)
-            optimizer.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
-                scheduler.step()
-        window.add({"loss": loss})
-        meter.add(len(batch["ids"]) * acc.num_processes, int(batch["valid"].sum()) * acc.num_processes)
-        if not acc.sync_gradients:
-            continue
-        ema.update(inner)
-        step += 1
+    window = training.LossWindow()
+    log = training.RunLog(acc, run_dir, cfg, f"dit {cfg.stage}", step=step, total=cfg.steps, progress=args.progress)
+    with log:
+        micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
+        stream = training.batch_stream(loader, sampler)
+        while step < cfg.steps:
+            consumed, batch = next(stream)
+            gen = training.step_generator(cfg.seed, micro, rank)
+            lr = scheduler.get_last_lr()[0]  # this step's rate, for the log
+            micro += 1
+            with acc.accumulate(model):  # gradient all-reduce on the last micro-batch of a step only
+                loss = flow_loss(model, batch, gen)
+                training.check_finite(loss, step + 1, ", ".join(batch["ids"]))
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.optim.grad_clip:
+                    acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()  # a no-op until the last micro-batch (Accelerate)
+                optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    scheduler.step()
+            window.add({"loss": loss})
+            log.add(len(batch["ids"]) * acc.num_processes, int(batch["valid"].sum()) * acc.num_processes)
+            if not acc.sync_gradients:
+                continue
+            ema.update(inner)
+            step += 1
+            log.advance()
 
-        extra = {}
-        if heldout is not None and step % cfg.eval_every == 0:
-            with meter.paused():
-                extra["heldout_loss"] = training.heldout_loss(lambda b, g: flow_loss(inner, b, g), heldout,
-                                                              [inner], acc, cfg.seed)
-        if step % cfg.log_every == 0 or step == cfg.steps or extra:
-            meter.log(step, **window.mean(acc), **extra, lr=lr)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            if acc.is_main_process:
-                training.save_checkpoint(run_dir, step, training.checkpoint_state(
-                    step, cfg, sampler, consumed, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler),
-                    keep=cfg.keep_checkpoints)
-            acc.wait_for_everyone()
+            extra = {}
+            if heldout is not None and step % cfg.eval_every == 0:
+                with log.paused():
+                    extra["heldout_loss"] = training.heldout_loss(lambda b, g: flow_loss(inner, b, g), heldout,
+                                                                  [inner], acc, cfg.seed)
+            if step % cfg.log_every == 0 or step == cfg.steps or extra:
+                log.row(step, **window.mean(acc), **extra, lr=lr)
+            if samples is not None and step % cfg.sample_every == 0:
+                with log.paused(), training.seeded(cfg.seed):  # the global random state is left as it was
+                    samples.write(ema.shadow, step, log)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                if acc.is_main_process:
+                    training.save_checkpoint(run_dir, step, training.checkpoint_state(
+                        step, cfg, sampler, consumed, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler),
+                        keep=cfg.keep_checkpoints)
+                acc.wait_for_everyone()
     final = run_dir / "final"
     if acc.is_main_process:
         save_final(ema.shadow, final, cfg.max_seconds)
     acc.wait_for_everyone()
+    acc.end_training()
     return final
 
 

@@ -38,6 +38,12 @@ With ``heldout`` (music files kept out of training) and ``eval_every``, the held
 ``rec + kl_weight · kl`` of the model being trained (no adversarial term: it needs gradients)
 is logged every ``eval_every`` steps, over one pass of that folder's fixed segments and windows.
 
+Every ``sample_every`` steps the EMA model reconstructs the first ``sample_seconds`` of the first
+held-out file (else of the first training file): its mel through the encoder's posterior mean
+and the decoder, made audible by ``sample_vocoder`` (a vocoder run's ``final/``) or, without
+one, by Griffin-Lim, into ``RUN/samples/step_XXXXXXXX_vae.wav``; ``samples/reference.wav`` is the
+clip's own mel through the same vocoder or Griffin-Lim, so the two differ by the VAE alone.
+
 At the end the EMA model's per-channel latent statistics (means of the posterior over
 ``stats_batches`` batches of whole segments, valid frames only) are stored into its
 ``latent_mean``/``latent_std`` buffers, and the components ``vae`` and ``mel`` (the front
@@ -70,7 +76,6 @@ from muvi.models.vae import MelVAE, VAEConfig, estimate_latent_stats
 from muvi.training import (
     EMA,
     OptimizerConfig,
-    Throughput,
     check_finite,
     load_config,
     make_accelerator,
@@ -115,9 +120,15 @@ class VAETrainConfig(Config):
     # held-out loss: a folder or .txt list of music kept out of training, every eval_every steps
     heldout: str = ""
     eval_every: int = 0
+    # audio samples (the module docstring), every sample_every steps; 0: none
+    sample_every: int = 0
+    sample_seconds: float = 4.0
+    sample_vocoder: str = ""       # a folder with the component vocoder; "": Griffin-Lim
     # bookkeeping
     stats_batches: int = 64
     log_every: int = 100
+    # Accelerate trackers: "auto" (TensorBoard when installed), "none", "tensorboard", "wandb"
+    log_with: str = "auto"
     ckpt_every: int = 5000
     seed: int = 0
     mixed_precision: str = "auto"
@@ -175,9 +186,10 @@ def adaptive_weight(rec: torch.Tensor, gan: torch.Tensor, last_layer: torch.Tens
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = recipe_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     cfg = load_config(VAETrainConfig, args.config, args.overrides)
-    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
+    run_dir = Path(args.run_dir)
+    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum, log_with=cfg.log_with, run_dir=run_dir)
     setup_logging(acc.is_main_process)
-    run_dir, device = Path(args.run_dir), acc.device
+    device = acc.device
 
     mel_cfg = MelConfig(**cfg.mel)
     vae_cfg = VAEConfig.preset(cfg.model_preset, **cfg.model)
@@ -203,7 +215,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                 batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=acc.process_index,
                 world_size=acc.num_processes, pin_memory=device.type == "cuda")
     dataset, sampler, loader = training.music_data(cfg.music, **data)
-    heldout = training.music_data(cfg.heldout, **data)[2] if cfg.heldout and cfg.eval_every else None
+    held = training.music_data(cfg.heldout, **data) if cfg.heldout and cfg.eval_every else None
+    heldout = held[2] if held is not None else None
+    clip = vocoder = None  # the sample clip and its vocoder, on the main process
+    if cfg.sample_every and acc.is_main_process:
+        clip = training.music_clip((held[0] if held is not None else dataset).files[0], mel_cfg.sample_rate,
+                                   cfg.sample_seconds, mel_cfg.hop_length * tc).to(device)
+        if cfg.sample_vocoder:
+            with training.seeded(cfg.seed):  # building it draws initial weights: leave the global stream as it was
+                vocoder = training.load_vocoder(cfg.sample_vocoder, mel_cfg).to(device)
 
     step = 0
     ckpt, state = training.resume(run_dir, required=True) if args.resume else (None, None)
@@ -235,70 +255,81 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     stream = training.batch_stream(loader, sampler)
     consumed = sampler.state_dict()["batch"]
-    meter, window = Throughput(run_dir, enabled=acc.is_main_process), training.LossWindow()
-    vae.train()
-    micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
-    while step < cfg.steps:
-        consumed, batch = next(stream)
-        gen = step_generator(cfg.seed, micro, acc.process_index, device)
-        lr = sched.get_last_lr()[0]  # this step's rate, for the log
-        micro += 1
-        use_adv = disc is not None and step + 1 >= cfg.adv_start_step
-        with acc.accumulate(*models):  # gradient all-reduce on the last micro-batch of a step only
-            mel, valid, recon, posterior = reconstruct(vae, melspec, batch, crop, gen, acc.autocast)
-            rec, kl, mask = vae_losses(mel, recon, posterior, valid, cfg, tc)
-            loss = rec + cfg.kl_weight * kl
-            gan = loss_d = weight = torch.zeros((), device=device)
-            if use_adv:
-                fake = torch.where(mask, recon.float(), mel)  # hide the padding from D
-                with acc.autocast():
-                    real_logits, fake_logits = disc(torch.cat([mel, fake.detach()])).chunk(2)
-                loss_d = hinge_discriminator_loss(real_logits, fake_logits)
-                with training.frozen(disc_inner), acc.autocast():
-                    gan = hinge_generator_loss(disc_inner(fake))
-                weight = adaptive_weight(rec, gan, vae_inner.decoder.conv_out.weight) * cfg.adv_weight
-                loss = loss + weight * gan
-            names = training.batch_names(batch)
-            check_finite(loss, step + 1, names)
-            check_finite(loss_d, step + 1, names + " (discriminator)")
-            acc.backward(loss)
-            if use_adv:
-                acc.backward(loss_d)
-            if acc.sync_gradients:
-                if cfg.optim.grad_clip:
-                    acc.clip_grad_norm_(vae.parameters(), cfg.optim.grad_clip)
-                if use_adv and cfg.disc_optim.grad_clip:
-                    acc.clip_grad_norm_(disc.parameters(), cfg.disc_optim.grad_clip)
-            for o in optimizers:  # D's step without gradients (before adv_start_step) changes nothing
-                o.step()  # a no-op until the last micro-batch (Accelerate)
-                o.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
-                for s in schedulers:
-                    s.step()
-        window.add({"loss": loss, "rec": rec, "kl": kl, "gan": gan, "adv_lambda": weight, "disc": loss_d})
-        meter.add(mel.shape[0] * acc.num_processes, int(valid.sum()) * acc.num_processes)
-        if not acc.sync_gradients:
-            continue
-        ema.update(vae_inner)
-        step += 1
+    window = training.LossWindow()
+    log = training.RunLog(acc, run_dir, cfg, "vae", step=step, total=cfg.steps, progress=args.progress)
+    with log:
+        vae.train()
+        micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
+        while step < cfg.steps:
+            consumed, batch = next(stream)
+            gen = step_generator(cfg.seed, micro, acc.process_index, device)
+            lr = sched.get_last_lr()[0]  # this step's rate, for the log
+            micro += 1
+            use_adv = disc is not None and step + 1 >= cfg.adv_start_step
+            with acc.accumulate(*models):  # gradient all-reduce on the last micro-batch of a step only
+                mel, valid, recon, posterior = reconstruct(vae, melspec, batch, crop, gen, acc.autocast)
+                rec, kl, mask = vae_losses(mel, recon, posterior, valid, cfg, tc)
+                loss = rec + cfg.kl_weight * kl
+                gan = loss_d = weight = torch.zeros((), device=device)
+                if use_adv:
+                    fake = torch.where(mask, recon.float(), mel)  # hide the padding from D
+                    with acc.autocast():
+                        real_logits, fake_logits = disc(torch.cat([mel, fake.detach()])).chunk(2)
+                    loss_d = hinge_discriminator_loss(real_logits, fake_logits)
+                    with training.frozen(disc_inner), acc.autocast():
+                        gan = hinge_generator_loss(disc_inner(fake))
+                    weight = adaptive_weight(rec, gan, vae_inner.decoder.conv_out.weight) * cfg.adv_weight
+                    loss = loss + weight * gan
+                names = training.batch_names(batch)
+                check_finite(loss, step + 1, names)
+                check_finite(loss_d, step + 1, names + " (discriminator)")
+                acc.backward(loss)
+                if use_adv:
+                    acc.backward(loss_d)
+                if acc.sync_gradients:
+                    if cfg.optim.grad_clip:
+                        acc.clip_grad_norm_(vae.parameters(), cfg.optim.grad_clip)
+                    if use_adv and cfg.disc_optim.grad_clip:
+                        acc.clip_grad_norm_(disc.parameters(), cfg.disc_optim.grad_clip)
+                for o in optimizers:  # D's step without gradients (before adv_start_step) changes nothing
+                    o.step()  # a no-op until the last micro-batch (Accelerate)
+                    o.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    for s in schedulers:
+                        s.step()
+            window.add({"loss": loss, "rec": rec, "kl": kl, "gan": gan, "adv_lambda": weight, "disc": loss_d})
+            log.add(mel.shape[0] * acc.num_processes, int(valid.sum()) * acc.num_processes)
+            if not acc.sync_gradients:
+                continue
+            ema.update(vae_inner)
+            step += 1
+            log.advance()
 
-        extra = {}
-        if heldout is not None and step % cfg.eval_every == 0:
-            with meter.paused():
-                extra["heldout_loss"] = training.heldout_loss(heldout_loss, heldout, [vae_inner], acc, cfg.seed)
-        if step % cfg.log_every == 0 or step == cfg.steps or extra:
-            meter.log(step, **window.mean(acc), **extra, lr=lr)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            if acc.is_main_process:
-                save_checkpoint(run_dir, step, training.checkpoint_state(
-                    step, cfg, sampler, consumed, model=vae, ema=ema, optimizer=opt, scheduler=sched,
-                    discriminator=disc, disc_optimizer=opt_d, disc_scheduler=sched_d))
-            acc.wait_for_everyone()
+            extra = {}
+            if heldout is not None and step % cfg.eval_every == 0:
+                with log.paused():
+                    extra["heldout_loss"] = training.heldout_loss(heldout_loss, heldout, [vae_inner], acc, cfg.seed)
+            if step % cfg.log_every == 0 or step == cfg.steps or extra:
+                log.row(step, **window.mean(acc), **extra, lr=lr)
+            if clip is not None and step % cfg.sample_every == 0:
+                with log.paused(), torch.no_grad():
+                    mel = melspec(clip)  # (M, T)
+                    if not log.sample_path(None, "reference").is_file():
+                        log.audio(None, "reference", training.mel_to_audio(mel, melspec, vocoder), mel_cfg.sample_rate)
+                    recon = ema.shadow.decode(ema.shadow.encode(mel[None]).mean)[0]
+                    log.audio(step, "vae", training.mel_to_audio(recon, melspec, vocoder), mel_cfg.sample_rate)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                if acc.is_main_process:
+                    save_checkpoint(run_dir, step, training.checkpoint_state(
+                        step, cfg, sampler, consumed, model=vae, ema=ema, optimizer=opt, scheduler=sched,
+                        discriminator=disc, disc_optimizer=opt_d, disc_scheduler=sched_d))
+                acc.wait_for_everyone()
 
     final = run_dir / "final"
     if acc.is_main_process:
         export(ema.shadow, dataset, cfg, melspec, final)
     acc.wait_for_everyone()
+    acc.end_training()
     return final
 
 

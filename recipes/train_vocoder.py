@@ -29,13 +29,16 @@ Real and generated audio share one discriminator pass (all sub-discriminators ar
 no batch statistics).
 
 With ``heldout`` (music files kept out of training) and ``eval_every``, the mel L1 of the
-generator being trained on that folder's fixed windows is logged as ``heldout_loss``.
+generator being trained on that folder's fixed windows is logged as ``heldout_loss``. Every
+``sample_every`` steps the EMA generator resynthesises the first ``sample_seconds`` of the first
+held-out file (else of the first training file) from its mel, written to
+``RUN/samples/step_XXXXXXXX_vocoder.wav`` beside the clip itself (``samples/reference.wav``).
 
 Input mels are the ground truth's. Fine-tuning on the VAE's reconstructions (or the DiT's
 samples decoded by the VAE), as HiFi-GAN fine-tunes on TTS outputs, is left for later.
 The final weights (components ``vocoder`` and ``mel`` in ``RUN/final/``) are the
 EMA generator with weight norm folded into plain convolutions (``ema_decay 0`` gives the raw
-weights, as the release has no EMA). Throughput's ``tokens`` are waveform samples: divide
+weights, as the release has no EMA). The logged ``tokens_per_s`` counts waveform samples: divide
 tokens/s by the sample rate for audio seconds per second.
 """
 from __future__ import annotations
@@ -65,7 +68,6 @@ from muvi.models.mel import MelConfig, MelSpectrogram
 from muvi.training import (
     EMA,
     OptimizerConfig,
-    Throughput,
     check_finite,
     load_config,
     make_accelerator,
@@ -108,8 +110,13 @@ class VocoderTrainConfig(Config):
     # held-out loss: a folder or .txt list of music kept out of training, every eval_every steps
     heldout: str = ""
     eval_every: int = 0
+    # audio samples (the module docstring), every sample_every steps; 0: none
+    sample_every: int = 0
+    sample_seconds: float = 4.0
     # bookkeeping
     log_every: int = 100
+    # Accelerate trackers: "auto" (TensorBoard when installed), "none", "tensorboard", "wandb"
+    log_with: str = "auto"
     ckpt_every: int = 5000
     seed: int = 0
     mixed_precision: str = "auto"
@@ -146,9 +153,10 @@ def vocode(generator: HiFiGANGenerator, melspec: MelSpectrogram, batch: dict, fr
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = recipe_parser(__doc__.split("\n\n")[0]).parse_args(argv)
     cfg = load_config(VocoderTrainConfig, args.config, args.overrides)
-    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
+    run_dir = Path(args.run_dir)
+    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum, log_with=cfg.log_with, run_dir=run_dir)
     setup_logging(acc.is_main_process)
-    run_dir, device = Path(args.run_dir), acc.device
+    device = acc.device
 
     mel_cfg = MelConfig(**cfg.mel)
     gen_cfg = HiFiGANConfig.preset(cfg.model_preset, **cfg.model)
@@ -176,7 +184,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                 batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, rank=acc.process_index,
                 world_size=acc.num_processes, pin_memory=device.type == "cuda")
     dataset, sampler, loader = training.music_data(cfg.music, **data)
-    heldout = training.music_data(cfg.heldout, **data)[2] if cfg.heldout and cfg.eval_every else None
+    held = training.music_data(cfg.heldout, **data) if cfg.heldout and cfg.eval_every else None
+    heldout = held[2] if held is not None else None
+    clip = None  # the sample clip, on the main process
+    if cfg.sample_every and acc.is_main_process:
+        clip = training.music_clip((held[0] if held is not None else dataset).files[0], mel_cfg.sample_rate,
+                                   cfg.sample_seconds, hop).to(device)
 
     step = 0
     ckpt, state = training.resume(run_dir, required=True) if args.resume else (None, None)
@@ -199,72 +212,82 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     stream = training.batch_stream(loader, sampler)
     consumed = sampler.state_dict()["batch"]
-    meter, window = Throughput(run_dir, enabled=acc.is_main_process), training.LossWindow()
-    for m in (generator, mpd, msd):
-        m.train()
-    micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
-    while step < cfg.steps:
-        consumed, batch = next(stream)
-        gen = step_generator(cfg.seed, micro, acc.process_index, device)
-        lr = sched_g.get_last_lr()[0]  # this step's rate, for the log
-        micro += 1
-        with acc.accumulate(generator, mpd, msd):  # gradient all-reduce on a step's last micro-batch only
-            y, y_hat, mel_y = vocode(generator, melspec, batch, frames, gen, acc.autocast)
-            with acc.autocast():
-                # Discriminators on real and (detached) generated audio in one pass.
-                both = torch.cat([y, y_hat.detach()])
-                s_p, f_p = mpd(both)
-                s_s, f_s = msd(both)
-            b = y.shape[0]
-            scores, fmaps = s_p + s_s, f_p + f_s
-            loss_d = lsgan_discriminator_loss([s[:b] for s in scores], [s[b:] for s in scores])
-            with training.frozen(mpd_inner, msd_inner), acc.autocast():
-                g_p, gf_p = mpd_inner(y_hat)
-                g_s, gf_s = msd_inner(y_hat)
-            adv = lsgan_generator_loss(g_p + g_s)
-            fm = feature_matching_loss([[f[:b] for f in fl] for fl in fmaps], gf_p + gf_s)
-            mel_l1 = torch.nn.functional.l1_loss(melspec(y_hat), mel_y)
-            loss_g = adv + cfg.fm_weight * fm + cfg.mel_weight * mel_l1
-            names = training.batch_names(batch)
-            check_finite(loss_g, step + 1, names)
-            check_finite(loss_d, step + 1, names + " (discriminator)")
-            acc.backward(loss_d)
-            acc.backward(loss_g)
-            if acc.sync_gradients:
-                if cfg.optim.grad_clip:
-                    acc.clip_grad_norm_(generator.parameters(), cfg.optim.grad_clip)
-                if cfg.disc_optim.grad_clip:
-                    acc.clip_grad_norm_([p for m in (mpd, msd) for p in m.parameters()], cfg.disc_optim.grad_clip)
-            for o in (opt_d, opt_g):
-                o.step()  # a no-op until the last micro-batch (Accelerate)
-                o.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
-                sched_d.step()
-                sched_g.step()
-        window.add({"loss_g": loss_g, "loss_d": loss_d, "mel": mel_l1, "fm": fm, "adv": adv})
-        meter.add(b * acc.num_processes, b * cfg.segment_size * acc.num_processes)
-        if not acc.sync_gradients:
-            continue
-        ema.update(gen_inner)
-        step += 1
+    window = training.LossWindow()
+    log = training.RunLog(acc, run_dir, cfg, "vocoder", step=step, total=cfg.steps,
+                          show=("loss_g", "mel", "heldout_loss"), progress=args.progress)
+    with log:
+        for m in (generator, mpd, msd):
+            m.train()
+        micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
+        while step < cfg.steps:
+            consumed, batch = next(stream)
+            gen = step_generator(cfg.seed, micro, acc.process_index, device)
+            lr = sched_g.get_last_lr()[0]  # this step's rate, for the log
+            micro += 1
+            with acc.accumulate(generator, mpd, msd):  # gradient all-reduce on a step's last micro-batch only
+                y, y_hat, mel_y = vocode(generator, melspec, batch, frames, gen, acc.autocast)
+                with acc.autocast():
+                    # Discriminators on real and (detached) generated audio in one pass.
+                    both = torch.cat([y, y_hat.detach()])
+                    s_p, f_p = mpd(both)
+                    s_s, f_s = msd(both)
+                b = y.shape[0]
+                scores, fmaps = s_p + s_s, f_p + f_s
+                loss_d = lsgan_discriminator_loss([s[:b] for s in scores], [s[b:] for s in scores])
+                with training.frozen(mpd_inner, msd_inner), acc.autocast():
+                    g_p, gf_p = mpd_inner(y_hat)
+                    g_s, gf_s = msd_inner(y_hat)
+                adv = lsgan_generator_loss(g_p + g_s)
+                fm = feature_matching_loss([[f[:b] for f in fl] for fl in fmaps], gf_p + gf_s)
+                mel_l1 = torch.nn.functional.l1_loss(melspec(y_hat), mel_y)
+                loss_g = adv + cfg.fm_weight * fm + cfg.mel_weight * mel_l1
+                names = training.batch_names(batch)
+                check_finite(loss_g, step + 1, names)
+                check_finite(loss_d, step + 1, names + " (discriminator)")
+                acc.backward(loss_d)
+                acc.backward(loss_g)
+                if acc.sync_gradients:
+                    if cfg.optim.grad_clip:
+                        acc.clip_grad_norm_(generator.parameters(), cfg.optim.grad_clip)
+                    if cfg.disc_optim.grad_clip:
+                        acc.clip_grad_norm_([p for m in (mpd, msd) for p in m.parameters()], cfg.disc_optim.grad_clip)
+                for o in (opt_d, opt_g):
+                    o.step()  # a no-op until the last micro-batch (Accelerate)
+                    o.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    sched_d.step()
+                    sched_g.step()
+            window.add({"loss_g": loss_g, "loss_d": loss_d, "mel": mel_l1, "fm": fm, "adv": adv})
+            log.add(b * acc.num_processes, b * cfg.segment_size * acc.num_processes)
+            if not acc.sync_gradients:
+                continue
+            ema.update(gen_inner)
+            step += 1
+            log.advance()
 
-        extra = {}
-        if heldout is not None and step % cfg.eval_every == 0:
-            with meter.paused():
-                extra["heldout_loss"] = training.heldout_loss(heldout_loss, heldout, [gen_inner], acc, cfg.seed)
-        if step % cfg.log_every == 0 or step == cfg.steps or extra:
-            meter.log(step, **window.mean(acc), **extra, lr=lr)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            if acc.is_main_process:
-                save_checkpoint(run_dir, step, training.checkpoint_state(
-                    step, cfg, sampler, consumed, model=generator, mpd=mpd, msd=msd, ema=ema,
-                    optimizer=opt_g, scheduler=sched_g, disc_optimizer=opt_d, disc_scheduler=sched_d))
-            acc.wait_for_everyone()
+            extra = {}
+            if heldout is not None and step % cfg.eval_every == 0:
+                with log.paused():
+                    extra["heldout_loss"] = training.heldout_loss(heldout_loss, heldout, [gen_inner], acc, cfg.seed)
+            if step % cfg.log_every == 0 or step == cfg.steps or extra:
+                log.row(step, **window.mean(acc), **extra, lr=lr)
+            if clip is not None and step % cfg.sample_every == 0:
+                with log.paused(), torch.no_grad():
+                    if not log.sample_path(None, "reference").is_file():
+                        log.audio(None, "reference", clip, mel_cfg.sample_rate)
+                    log.audio(step, "vocoder", ema.shadow(melspec(clip[None]))[0], mel_cfg.sample_rate)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                if acc.is_main_process:
+                    save_checkpoint(run_dir, step, training.checkpoint_state(
+                        step, cfg, sampler, consumed, model=generator, mpd=mpd, msd=msd, ema=ema,
+                        optimizer=opt_g, scheduler=sched_g, disc_optimizer=opt_d, disc_scheduler=sched_d))
+                acc.wait_for_everyone()
 
     final = run_dir / "final"
     if acc.is_main_process:
         export(ema.shadow, melspec.config, final)
     acc.wait_for_everyone()
+    acc.end_training()
     return final
 
 

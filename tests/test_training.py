@@ -331,12 +331,15 @@ def test_every_recipe_resumes_through_the_same_function(name):
 @pytest.mark.parametrize("name", ["train_vae", "train_vocoder", "train_contrastive", "train_dit"])
 def test_recipes_share_one_loop_shape(name):
     """Gradient accumulation through accelerator.accumulate, AdamW groups and schedule from
-    OptimizerConfig, the logged loss from a LossWindow (behaviour: the recipe tests)."""
+    OptimizerConfig, the logged loss from a LossWindow, every row through one RunLog (trackers
+    from the config's log_with, a bar over the steps), end_training last (behaviour: the recipe tests)."""
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py").read_text()
     for piece in ("acc.accumulate(", "training.make_optimizer(", "training.make_scheduler(", "training.LossWindow()",
-                  "training.heldout_loss(", "if acc.sync_gradients"):
+                  "training.heldout_loss(", "if acc.sync_gradients", "log_with=cfg.log_with, run_dir=run_dir",
+                  "training.RunLog(acc, run_dir, cfg,", "progress=args.progress", "log.advance()", "log.row(step,",
+                  "acc.end_training()\n    return final"):
         assert piece in text, piece
     for gone in ("no_sync", "set_lr", "training.adamw", "torch.optim.AdamW"):
         assert gone not in text, gone
@@ -352,3 +355,89 @@ def test_run_script_prints_one_line(capsys):
         run_script(main)
     assert info.value.code == 2
     assert capsys.readouterr().err == "error: --resume: no checkpoint in runs/x/checkpoints\n"
+
+
+def test_log_with_names_the_trackers():
+    from accelerate.utils import is_tensorboard_available
+
+    assert training.trackers("none") == []
+    assert training.trackers("auto") == (["tensorboard"] if is_tensorboard_available() else [])
+    with pytest.raises(ConfigError, match=r"unknown tracker\(s\) \['tb'\]; use 'auto', 'none'"):
+        training.trackers("tb")
+    with pytest.raises(ConfigError, match="log_with"):
+        training.make_accelerator(cpu=True, log_with="tensorboard,nope")
+
+
+def test_flat_config_is_scalars_under_dotted_keys():
+    flat = training.flat_config(NestedConfig(optim=OptimizerConfig(lr=0.5, betas=(0.1, 0.2))))
+    assert flat["steps"] == 10 and flat["optim.lr"] == 0.5 and flat["optim.betas"] == "[0.1, 0.2]"
+    assert training.flat_config({"model": {"preset": "tiny"}, "extra": {}, "none": None}) == {
+        "model.preset": "tiny", "extra": "{}", "none": "null"}
+
+
+def test_run_log_rows_bar_and_samples(tmp_path, capsys):
+    """Rows go to metrics.jsonl with their rates; the bar starts at a resumed step and shows the
+    latest row's loss; a sample is a 16-bit WAV under samples/ (no trackers: accelerator None)."""
+    import soundfile as sf
+
+    with training.RunLog(None, tmp_path, name="demo", step=3, total=6, progress=True) as log:
+        for step in (4, 5, 6):
+            log.add(samples=2, tokens=20)
+            log.advance()
+            log.row(step, loss=1.0 / step, lr=0.1)
+        path = log.audio(6, "tone", 0.5 * torch.sin(torch.arange(2400) / 4.0), 24000)
+        with log.paused():
+            pass
+    err = capsys.readouterr().err
+    assert "3/6" in err and "6/6" in err and "loss=0.1667" in err
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 5, 6] and all(r["samples_per_s"] > 0 for r in rows)
+    assert path == tmp_path / "samples" / "step_00000006_tone.wav"
+    info = sf.info(path)
+    assert (info.samplerate, info.frames, info.subtype) == (24000, 2400, "PCM_16")
+    assert log.sample_path(None, "reference") == tmp_path / "samples" / "reference.wav"
+    quiet = training.RunLog(None, tmp_path / "quiet", progress=False)
+    assert quiet.bar is None
+    quiet.close()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_griffin_lim_inverts_a_mel_roughly():
+    """Griffin-Lim (the samples' stand-in for a vocoder) gives back audio whose mel is close to
+    the one it was given: far closer than silence's, and the same every time."""
+    from muvi.models.mel import MelConfig, MelSpectrogram
+
+    melspec = MelSpectrogram(MelConfig())
+    t = torch.arange(24000) / 24000
+    wave = sum(0.2 * torch.sin(2 * math.pi * f * t) for f in (220.0, 330.0, 440.0)) * (1 + torch.sin(6 * t)) / 2
+    mel = melspec(wave)
+    out = training.griffin_lim(mel, melspec)
+    assert out.shape == wave.shape and torch.isfinite(out).all()
+    error = (melspec(out) - mel).abs().mean()
+    assert error < 0.3 * (melspec(torch.zeros_like(wave)) - mel).abs().mean(), error
+    assert torch.equal(out, training.griffin_lim(mel, melspec))
+
+
+def test_sample_vocoder_must_take_the_recipes_mels(tmp_path):
+    from muvi.hub import save_component
+    from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
+    from muvi.models.mel import MelConfig, MelSpectrogram
+
+    save_component(HiFiGANGenerator(HiFiGANConfig.preset("tiny")), tmp_path, "vocoder")
+    save_component(MelSpectrogram(MelConfig(f_max=8000.0)), tmp_path, "mel")
+    with pytest.raises(ConfigError, match=r"trained on other mels than these \(differs in \['f_max'\]\)"):
+        training.load_vocoder(tmp_path, MelConfig())
+    vocoder = training.load_vocoder(tmp_path, MelConfig(f_max=8000.0))
+    mel = torch.randn(160, 10) - 5.0
+    assert training.mel_to_audio(mel, MelSpectrogram(MelConfig()), vocoder).shape == (3000,)
+
+
+@pytest.mark.parametrize("flag", ["fsdp", "deepspeed"])
+def test_sharded_launches_are_refused_in_one_line(monkeypatch, flag):
+    """The loop needs whole parameters on every process (EMA, checkpoints): `accelerate launch
+    --use_fsdp` (which Accelerate itself turns into DDP on a CPU-only world) is an error."""
+    monkeypatch.setenv(f"ACCELERATE_USE_{flag.upper()}", "true")
+    with pytest.raises(ConfigError, match=rf"^accelerate launch --use_{flag}: the recipes train data-parallel only"
+                                          r" .*launch with --multi_gpu") as info:
+        training.make_accelerator(cpu=True)
+    assert "\n" not in str(info.value)

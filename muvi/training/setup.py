@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence, Type, TypeVar
 
@@ -13,6 +14,10 @@ from muvi.config import Config, ConfigError, nested_configs
 
 logger = logging.getLogger(__name__)
 C = TypeVar("C", bound=Config)
+
+#: the `accelerate launch` flags that shard the model, and the variables they set for the processes
+SHARDED_LAUNCHES = {"--use_fsdp": "ACCELERATE_USE_FSDP", "--use_deepspeed": "ACCELERATE_USE_DEEPSPEED",
+                    "--use_megatron_lm": "ACCELERATE_USE_MEGATRON_LM"}
 
 
 # ----------------------------------------------------------------------------- configs
@@ -55,7 +60,7 @@ def load_config(cls: Type[C], path: Optional[str | Path], overrides: Sequence[st
 def recipe_parser(description: str):
     """The command line every recipe shares:
 
-    ``accelerate launch recipes/X.py --config C.json --run-dir DIR [--resume] [--set f=v ...]``
+    ``accelerate launch recipes/X.py --config C.json --run-dir DIR [--resume] [--set f=v ...] [--[no-]progress]``
     """
     import argparse
 
@@ -68,19 +73,43 @@ def recipe_parser(description: str):
                         help="continue from the latest checkpoint in --run-dir")
     parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override single config fields")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="a progress bar over the steps (default: when stderr is a terminal)")
     return parser
 
 
-def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, cpu: bool = False):
-    """An Accelerator with bf16 on GPU and fp32 on CPU (bf16 matmul is ~200x slower on CPU)."""
+def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, cpu: bool = False, *,
+                     log_with: str = "none", run_dir: Optional[str | Path] = None):
+    """An Accelerator with bf16 on GPU and fp32 on CPU (bf16 matmul is ~200x slower on CPU),
+    logging to the trackers ``log_with`` names (:func:`muvi.training.logs.trackers`; their
+    files go under ``run_dir``).
+
+    A launch that shards the model (FSDP, DeepSpeed, Megatron) is refused in one line, because
+    the loop assumes whole parameters on every process: the EMA (:class:`~muvi.training.optim.EMA`)
+    averages them (under FSDP2 it fails: "aten.lerp_.Scalar got mixed torch.Tensor and DTensor"),
+    the main process alone writes the checkpoint (it would hold that process's shards only) and
+    optimizer states are restored before ``prepare`` (Accelerate re-points the parameter groups
+    at the shards but not the states: a resume would restart Adam's moments). Accelerate itself
+    ignores ``--use_fsdp`` on a CPU-only world and runs DDP."""
     from accelerate import Accelerator
 
+    from muvi.training.logs import trackers
+
+    sharded = [flag for flag, env in SHARDED_LAUNCHES.items() if os.environ.get(env, "false").lower() == "true"]
+    if sharded:
+        raise ConfigError(f"accelerate launch {' '.join(sharded)}: the recipes train data-parallel only (DDP: every "
+                          f"process holds the whole model, which their EMA and checkpoints rely on); launch with "
+                          f"--multi_gpu, on one machine or several (README: Training, Scaling out)")
     # Without CUDA, cpu=True is what lets Accelerate see a torchrun / `accelerate launch
     # --multi_cpu` world (gloo) instead of N independent single processes.
     cpu = cpu or not torch.cuda.is_available()
     if mixed_precision == "auto":
         mixed_precision = "no" if cpu else "bf16"
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu)
+    names = trackers(log_with)
+    if names and run_dir is None:
+        raise ValueError(f"log_with {log_with!r} needs a run_dir for the trackers' files")
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu,
+                       log_with=names or None, project_dir=str(run_dir) if run_dir is not None else None)
 
 
 def setup_logging(is_main: bool) -> None:

@@ -128,8 +128,12 @@ def test_video_to_music_stage_and_export_make_a_working_release(work):
     uncond = train(work, "uncond_init", UNCOND, "steps=2")
     torch.manual_seed(1)
     adaptor_dir = save_component(VisualAdaptor(AdaptorConfig.preset("tiny")), work / "contrastive", "adaptor")
-    final = train(work, "v2m", V2M, "steps=4", f"init_dit={uncond}", f"init_adaptor={adaptor_dir}")
+    final = train(work, "v2m", V2M, "steps=4", f"init_dit={uncond}", f"init_adaptor={adaptor_dir}",
+                  "sample_every=4", "sample_seconds=2")
     assert (final / "adaptor.safetensors").is_file() and (final / "dit.safetensors").is_file()
+    # Without sample_vae the sample (for the first pair's video) is its normalised latent.
+    latent = torch.load(work / "v2m" / "samples" / "step_00000004_dit.pt", weights_only=True)
+    assert latent.shape == (20, 8) and torch.isfinite(latent).all()
 
     voc = save_component(HiFiGANGenerator(HiFiGANConfig.preset("tiny")), work / "vocoder", "vocoder")
     shutil.copy(work / "vae" / "mel.json", voc / "mel.json")
@@ -205,9 +209,77 @@ def test_two_process_cpu_launch(work):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", "29517", str(ROOT / "recipes" / "train_dit.py"), "--config", str(UNCOND),
-           "--run-dir", str(work / "ddp"),
-           "--set", f"cache={work / 'cache_music'}", "steps=3", "ckpt_every=3"]
+           "--run-dir", str(work / "ddp"), "--progress",
+           "--set", f"cache={work / 'cache_music'}", "steps=3", "ckpt_every=3", "log_every=1", "log_with=tensorboard",
+           "sample_every=3", "sample_seconds=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (work / "ddp" / "final" / "dit.safetensors").is_file()
     assert "2 processes" in proc.stderr
+    # The main process alone logs, shows the bar and samples; the other one waits at the next step.
+    assert proc.stderr.count("3/3 [") >= 1 and len(list((work / "ddp" / "muvi").glob("events.out.tfevents.*"))) == 1
+    assert [p.name for p in (work / "ddp" / "samples").iterdir()] == ["step_00000003_dit.pt"]
+
+
+def test_trackers_progress_bar_and_audio_samples(work, capfd):
+    """A run stopped at step 2 and resumed to 4: TensorBoard holds every logged row and the
+    samples, the bar counts from the resumed step, and every 2 steps the EMA model's music,
+    decoded by the VAE that made the cache and a vocoder, is a WAV in RUN/samples. Samples,
+    trackers and the bar leave the weights as a quiet run's."""
+    import numpy as np
+    import soundfile as sf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    voc = save_component(HiFiGANGenerator(HiFiGANConfig.preset("tiny")), work / "sample_vocoder", "vocoder")
+    shutil.copy(work / "vae" / "mel.json", voc / "mel.json")
+    visible = ("log_every=2", "ckpt_every=2", "sample_every=2", "sample_seconds=2", f"sample_vae={work / 'vae'}",
+               f"sample_vocoder={voc}", "log_with=tensorboard")
+    dit = load_recipe("train_dit")
+    run = work / "visible"
+    dit.main(recipe_argv(UNCOND, run, f"cache={work / 'cache_music'}", "steps=2", *visible) + ["--progress"])
+    first = capfd.readouterr().err
+    final = dit.main(recipe_argv(UNCOND, run, f"cache={work / 'cache_music'}", "steps=4", *visible, resume=True)
+                     + ["--progress"])
+    resumed = capfd.readouterr().err
+    assert "2/2" in first and "step" in first and "loss=" in first
+    assert "2/4" in resumed and "4/4" in resumed  # the bar starts at the resumed step
+
+    names = sorted(p.name for p in (run / "samples").iterdir())
+    assert names == ["reference.wav", "step_00000002_dit.wav", "step_00000004_dit.wav"]
+    for name in names:
+        wave, rate = sf.read(run / "samples" / name, dtype="float32")
+        assert rate == SR and wave.shape == (2 * SR,)  # 20 latent frames at 10 Hz
+        assert np.isfinite(wave).all() and np.abs(wave).max() > 0
+
+    events = EventAccumulator(str(run / "muvi"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss", "lr", "samples_per_s", "tokens_per_s"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [2, 4]
+    assert {"samples/dit", "samples/reference"} <= set(tags["audio"])
+    assert events.Audio("samples/dit")[-1].sample_rate == SR
+
+    quiet = train(work, "quiet", UNCOND, "steps=4", "log_with=none")
+    assert_same(load_file(str(final / "dit.safetensors")), load_file(str(quiet / "dit.safetensors")))
+
+
+def test_two_machine_launch_with_the_multinode_config(work):
+    """The README's multi-node command, as two one-process "machines" on this host: the same
+    config file (recipes/configs/accelerate_multinode.yaml) on both, --machine_rank 0 and 1,
+    the main machine's address and port; one world of 2 processes (gloo without CUDA)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = ROOT / "recipes" / "configs" / "accelerate_multinode.yaml"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_machines", "2",
+         "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+         "--main_process_port", str(port), "--mixed_precision", "no", str(ROOT / "recipes" / "train_dit.py"),
+         "--config", str(UNCOND), "--run-dir", str(work / "two_machines"),
+         "--set", f"cache={work / 'cache_music'}", "steps=2", "ckpt_every=2", "log_with=none"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
+    assert "2 processes" in errors[0] and (work / "two_machines" / "final" / "dit.safetensors").is_file()

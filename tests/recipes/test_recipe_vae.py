@@ -177,3 +177,29 @@ def test_nan_stops_at_its_step_and_keeps_the_last_checkpoint(music_dir, tmp_path
     vae = MelVAE(VAEConfig.preset("tiny"))
     load_strict(vae, state["model"], source=str(latest))
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_audio_samples_without_a_vocoder_are_griffin_lim(full_run, music_dir, tmp_path):
+    """Every 2 steps the EMA VAE reconstructs the first second of the first file, made audible by
+    Griffin-Lim (no sample_vocoder), beside the clip's own mel through Griffin-Lim; TensorBoard
+    holds the audio; the weights are those of the run without samples."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, music_dir, "sample_every=2", "sample_seconds=1", "log_with=tensorboard")
+    samples = tmp_path / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["reference.wav", "step_00000002_vae.wav",
+                                                         "step_00000004_vae.wav"]
+    for path in samples.iterdir():
+        wave, rate = sf.read(path, dtype="float32")
+        assert rate == SR and wave.shape == (SR,) and np.isfinite(wave).all() and np.abs(wave).max() > 0
+    reference = sf.read(samples / "reference.wav", dtype="float32")[0]
+    assert np.sqrt(np.mean(reference ** 2)) > 1e-2  # the true mel's Griffin-Lim is the music, audibly
+
+    events = EventAccumulator(str(tmp_path / "muvi"))
+    events.Reload()
+    assert {"samples/vae", "samples/reference"} <= set(events.Tags()["audio"])
+    assert [e.step for e in events.Scalars("rec")] == [1, 2, 3, 4]
+    straight, sampled = (load_checkpoint(d / "checkpoints" / "step_00000004") for d in (full_run, tmp_path))
+    assert straight.pop("config")["sample_every"] == 0 and sampled.pop("config")["sample_every"] == 2
+    assert_same(straight, sampled)

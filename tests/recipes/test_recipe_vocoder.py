@@ -116,3 +116,33 @@ def test_nan_stops_at_its_step_and_keeps_the_last_checkpoint(music_dir, tmp_path
     generator.apply_weight_norm()
     load_strict(generator, state["model"], source=str(latest))
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_audio_samples_and_tensorboard_leave_training_as_it_was(full_run, music_dir, tmp_path):
+    """Every 2 steps the EMA generator resynthesises the first second of the first file into
+    RUN/samples (beside the clip itself); TensorBoard holds the rows and the audio; the weights
+    are those of the run without samples."""
+    import numpy as np
+    import soundfile as sf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from muvi.data.audio_io import load_audio
+
+    run(tmp_path, music_dir, "sample_every=2", "sample_seconds=1", "log_with=tensorboard")
+    samples = tmp_path / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == [
+        "reference.wav", "step_00000002_vocoder.wav", "step_00000004_vocoder.wav"]
+    for path in samples.iterdir():
+        wave, rate = sf.read(path, dtype="float32")
+        assert rate == SR and wave.shape == (SR,) and np.isfinite(wave).all() and np.abs(wave).max() > 0
+    clip = load_audio(music_dir / "chorale0.wav", SR, duration=1.0).numpy()
+    np.testing.assert_allclose(sf.read(samples / "reference.wav", dtype="float32")[0], clip, atol=1 / 2**14)
+
+    events = EventAccumulator(str(tmp_path / "muvi"))
+    events.Reload()
+    assert {"loss_g", "loss_d", "mel", "lr", "samples_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("mel")] == [1, 2, 3, 4]
+    assert {"samples/vocoder", "samples/reference"} <= set(events.Tags()["audio"])
+    straight, sampled = (load_checkpoint(d / "checkpoints" / "step_00000004") for d in (full_run, tmp_path))
+    assert straight.pop("config")["sample_every"] == 0 and sampled.pop("config")["sample_every"] == 2
+    assert_same(straight, sampled)
