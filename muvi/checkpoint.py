@@ -51,6 +51,10 @@ def read_state_dict(path: str | Path, *, wrapper_keys: Iterable[str] = _WRAPPER_
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        if "TorchScript" in str(err):  # e.g. OpenAI's CLIP .pt files; loading them could run their code
+            raise CheckpointError(f"{path}: a TorchScript archive, which is not read; if you trust it, save its "
+                                  f"weights once: torch.save(torch.jit.load(PATH, map_location='cpu')"
+                                  f".state_dict(), NEW_PATH)") from None
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
     for key in wrapper_keys:
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):

@@ -36,6 +36,7 @@ from muvi.checkpoint import (
 )
 from muvi.config import Config, ConfigError, read_json
 from muvi.encoders.audiomae import AudioMAEConfig, AudioMAEEncoder, load_audiomae_encoder
+from muvi.encoders.clip import CLIPEncoder, CLIPEncoderConfig, clip_layout, load_clip_encoder
 from muvi.encoders.frame_encoder import FrameEncoder, FrameEncoderConfig, load_frame_encoder
 from muvi.encoders.music_frames import DEFAULT_MUSICNN, MusicnnFrameEncoder
 from muvi.encoders.musicnn import Musicnn, MusicnnConfig, load_musicnn_network
@@ -79,12 +80,13 @@ TYPES: dict[str, ComponentType] = {
     "contrastive": _type(ContrastiveConfig, ContrastiveModel),
     "videomae": _type(VideoMAEConfig, VideoMAEEncoder, frozen=True),
     "efficientnet-lite": _type(FrameEncoderConfig, FrameEncoder, frozen=True),
+    "clip": _type(CLIPEncoderConfig, CLIPEncoder, frozen=True),
     "audiomae": _type(AudioMAEConfig, AudioMAEEncoder, frozen=True),
     "musicnn": _type(MusicnnConfig, MusicnnFrameEncoder, lambda c: MusicnnFrameEncoder(Musicnn(c)), frozen=True),
 }
 
 #: the types a video or an audio encoder may be.
-ENCODER_TYPES = {"video": ("videomae", "efficientnet-lite"), "audio": ("audiomae", "musicnn")}
+ENCODER_TYPES = {"video": ("videomae", "efficientnet-lite", "clip"), "audio": ("audiomae", "musicnn")}
 
 
 def type_of(module: nn.Module) -> str:
@@ -233,8 +235,17 @@ PACKAGED = {
 
 #: side -> (preset configs, class) for random-weight encoders (tests and benchmarks only)
 _RANDOM = {"video": (VideoMAEConfig, VideoMAEEncoder), "audio": (AudioMAEConfig, AudioMAEEncoder)}
-#: side -> loader of a published checkpoint file (VideoMAE V2 / AudioMAE key names)
-_PUBLISHED = {"video": load_videomae_encoder, "audio": load_audiomae_encoder}
+
+
+def _published_video(path: Path) -> nn.Module:
+    """VideoMAE V2 or CLIP, told apart by the key names (the file is read once)."""
+    state = read_state_dict(path)
+    loader = load_clip_encoder if clip_layout(state) else load_videomae_encoder
+    return loader(path, state=state)
+
+
+#: side -> loader of a published checkpoint file (VideoMAE V2 or CLIP / AudioMAE key names)
+_PUBLISHED = {"video": _published_video, "audio": load_audiomae_encoder}
 
 
 def load_encoder(spec: Union[str, Path], side: str) -> tuple[nn.Module, Optional[str]]:
@@ -243,7 +254,8 @@ def load_encoder(spec: Union[str, Path], side: str) -> tuple[nn.Module, Optional
     - a packaged name (:data:`PACKAGED`): ``efficientnet-lite0`` with config overrides after a
       colon (``efficientnet-lite0:tubelet_size=1``), ``musicnn`` / ``musicnn:MTT_musicnn``;
     - a component JSON (``folder/name.json``, :func:`save_component`);
-    - a published checkpoint file: VideoMAE V2 (video) or AudioMAE (audio) key names;
+    - a published checkpoint file: VideoMAE V2 or CLIP ViT (video; OpenAI or transformers key
+      names, :mod:`muvi.encoders.clip`) or AudioMAE (audio) key names;
     - a VideoMAE / AudioMAE preset name: RANDOM weights seeded with 0 (tests only; a warning).
 
     Returns ``(encoder, source)``: the spec that rebuilds the same encoder (a packaged name or

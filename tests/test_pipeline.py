@@ -8,6 +8,9 @@ import torch
 
 import muvi
 from muvi.checkpoint import CheckpointError
+from muvi.config import ConfigError
+from muvi.encoders.frames import encode_frames
+from muvi.models.adaptor import VisualAdaptor
 from muvi.pipeline import MuviPipeline
 from muvi.video import VideoError, read_frames
 
@@ -218,3 +221,57 @@ def test_unknown_config_field_is_named(pipe, tmp_path):
 
     with pytest.raises(ConfigError, match="widht"):
         MuviPipeline.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------- CLS tokens end to end (CLIP)
+
+SAMPLE = Path(muvi.__file__).parent / "assets" / "sample.mp4"
+
+
+def clip_pipeline(aggregation: str) -> MuviPipeline:
+    """The tiny presets with a CLIP encoder, the adaptor aggregating with its CLS tokens."""
+    base = MuviPipeline.from_presets("tiny", seed=0, video_encoder_type="clip", video_encoder="tiny")
+    torch.nn.init.normal_(base.dit.out.weight, std=0.5)  # a zero head would ignore the condition
+    adaptor = VisualAdaptor(dataclasses.replace(base.adaptor.config, aggregation=aggregation))
+    return MuviPipeline(base.config, base.video_encoder, adaptor, base.dit, base.vae, base.vocoder, base.mel)
+
+
+@pytest.mark.parametrize("aggregation", ["cls", "attention"])
+def test_clip_cls_tokens_go_from_video_to_music(aggregation, tmp_path, monkeypatch):
+    pipe = clip_pipeline(aggregation)
+    encoder = pipe.video_encoder
+    frames = read_frames(SAMPLE, fps=10, duration=1.5, size=encoder.config.image_size)  # uint8 (15, 3, 32, 32)
+    tokens, cls = pipe.encode_video(frames)
+    assert cls.shape == (1, 15, encoder.config.hidden_size)
+    with torch.no_grad():  # the adaptor fed by hand with the encoder's own CLS tokens
+        grid, by_hand = encoder.encode_with_cls(encoder.normalize(frames.float() / 255)[None])
+        expected = pipe.adaptor(grid, 15, cls=by_hand)
+    torch.testing.assert_close(tokens, grid)
+    cond = pipe.condition((tokens, cls), 15)
+    torch.testing.assert_close(cond, expected)
+    assert not torch.allclose(pipe.condition((tokens, torch.zeros_like(cls)), 15), cond, atol=1e-3)
+
+    sampled = []  # the condition each run samples with
+    sample_latent = pipe.sample_latent
+    monkeypatch.setattr(pipe, "sample_latent", lambda c, **kw: sampled.append(c) or sample_latent(c, **kw))
+    real = run(pipe, frames, fps=10, duration=1.5, seed=0, num_steps=2)
+    assert real.waveform.shape == (36000,) and torch.isfinite(real.waveform).all()
+    torch.testing.assert_close(sampled[0], expected)
+    monkeypatch.setattr(pipe, "encode_video", lambda f: (MuviPipeline.encode_video(pipe, f)[0], torch.zeros_like(cls)))
+    zeroed = run(pipe, frames, fps=10, duration=1.5, seed=0, num_steps=2)
+    assert not torch.allclose(sampled[1], sampled[0], atol=1e-3) and not torch.equal(zeroed.waveform, real.waveform)
+    monkeypatch.undo()
+
+    loaded = MuviPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "release"))
+    assert loaded.adaptor.config.aggregation == aggregation and type(loaded.video_encoder) is type(encoder)
+    assert torch.equal(run(loaded, frames, fps=10, duration=1.5, seed=0, num_steps=2).waveform, real.waveform)
+
+def test_encoder_without_cls_tokens(pipe):
+    frames = read_frames(SAMPLE, fps=10, duration=1.0)
+    tokens, cls = pipe.encode_video(frames)  # VideoMAE: no class token
+    assert cls is None and torch.equal(tokens, encode_frames(pipe.video_encoder, frames[None]))
+    assert torch.equal(pipe.condition(tokens, 10), pipe.condition((tokens, cls), 10))  # tokens alone still work
+    adaptor = VisualAdaptor(dataclasses.replace(pipe.adaptor.config, aggregation="cls"))
+    with pytest.raises(ConfigError, match="'cls' aggregation needs the video encoder's CLS tokens, "
+                                          "and a VideoMAEEncoder has none"):  # caught when the release loads
+        MuviPipeline(pipe.config, pipe.video_encoder, adaptor, pipe.dit, pipe.vae, pipe.vocoder, pipe.mel)

@@ -4,12 +4,14 @@ The VAE encoder and the video encoder never learn during DiT / video-to-music tr
 run once over the data (``recipes/extract_features.py``) and training reads this cache.
 
 Shapes: T latent frames (10 Hz), C latent channels, N video token steps (5 Hz: one per
-``tubelet`` frames at 10 FPS, i.e. one per ``k = 2`` latent frames), h x w patch grid, E width.
+``tubelet`` frames at 10 FPS, i.e. one per ``k = 2`` latent frames; CLIP's tubelet of 1 gives one
+per latent frame), h x w patch grid, E width.
 
 Layout of a cache folder::
 
     info.json                 what made the features (mel/VAE/encoder configs, weight hashes, rates)
-    shard_00000.safetensors   tensors "<item_id>/mean" (T, C) fp32, ".../logvar", ".../tokens" (N, h, w, E) fp16
+    shard_00000.safetensors   tensors "<item_id>/mean" (T, C) fp32, ".../logvar", ".../tokens" (N, h, w, E) fp16,
+                              and ".../cls" (N, E) fp16 from an encoder with a class token (CLIP)
     index.jsonl               one row per item: id, shard, source paths, duration, latent_frames, ...
     failed.jsonl              files that could not be read, with the error
 
@@ -279,8 +281,10 @@ class CachedLatentDataset(KeyedSegmentDataset):
     music-only segments start on any frame. Only the segment is read from disk.
 
     Item: ``{"id", "index", "start", "end" (seconds), "mean", "logvar": float32 (T, C)}`` and,
-    with video, ``"tokens": float32 (ceil(T/2), h, w, E)``. ``durations`` (seconds of usable
-    frames per item) feed :class:`~muvi.data.sampler.DurationBalancedBatchSampler`.
+    with video, ``"tokens": float32 (ceil(T/2), h, w, E)``, plus ``"cls": float32 (ceil(T/2), E)``
+    (the same steps) when the cache holds CLS tokens (a CLIP encoder's; absent otherwise).
+    ``durations`` (seconds of usable frames per item) feed
+    :class:`~muvi.data.sampler.DurationBalancedBatchSampler`.
     """
 
     unit = "items"
@@ -328,6 +332,8 @@ class CachedLatentDataset(KeyedSegmentDataset):
         if self.with_video:
             k = self.frames_per_token
             spans["tokens"] = (start // k, -(-(start + length) // k))
+            if "cls" in self.cache.meta(item_id)["shapes"]:
+                spans["cls"] = spans["tokens"]
         item = self.cache.load_slice(item_id, spans)
         return {"id": item_id, "index": index, "start": start / self.latent_rate,
                 "end": (start + length) / self.latent_rate, **item}
@@ -335,7 +341,8 @@ class CachedLatentDataset(KeyedSegmentDataset):
 
 def collate_latents(items: list[dict]) -> dict:
     """Zero-padded batch: mean/logvar (B, Tmax, C), valid (B, Tmax), lengths (B,), and with
-    video tokens (B, Nmax, h, w, E) and token_lengths (B,); ids, start as lists."""
+    video tokens (B, Nmax, h, w, E) and token_lengths (B,), and "cls" (B, Nmax, E) when the
+    items have CLS tokens (absent otherwise); ids, start as lists."""
     pad = torch.nn.utils.rnn.pad_sequence
     lengths = torch.tensor([it["mean"].shape[0] for it in items])
     out = {"mean": pad([it["mean"] for it in items], batch_first=True),
@@ -345,4 +352,9 @@ def collate_latents(items: list[dict]) -> dict:
     if "tokens" in items[0]:
         out["tokens"] = pad([it["tokens"] for it in items], batch_first=True)
         out["token_lengths"] = torch.tensor([it["tokens"].shape[0] for it in items])
+    with_cls = sum("cls" in it for it in items)
+    if with_cls and with_cls < len(items):  # one encoder makes a cache: all items have them or none
+        raise ValueError(f"{with_cls} of {len(items)} items have CLS tokens: features of two video encoders?")
+    if with_cls:
+        out["cls"] = pad([it["cls"] for it in items], batch_first=True)
     return out

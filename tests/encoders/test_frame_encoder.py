@@ -222,9 +222,9 @@ def test_pipeline_save_load_and_generate(tmp_path):
         assert torch.equal(loaded.video_encoder.state_dict()[k], v), k
 
     frames = read_frames(SAMPLE, 10.0)[:15]
-    tokens = pipe.encode_video(frames)
-    assert tokens.shape == (1, 8, 4, 4, 16)  # 15 frames → 8 pair steps of the tiny 4 x 4 x 16 grid
-    torch.testing.assert_close(loaded.encode_video(frames), tokens, rtol=0, atol=0)
+    tokens, cls = pipe.encode_video(frames)
+    assert tokens.shape == (1, 8, 4, 4, 16) and cls is None  # 15 frames → 8 pair steps of the tiny 4 x 4 x 16 grid
+    torch.testing.assert_close(loaded.encode_video(frames).tokens, tokens, rtol=0, atol=0)
 
     out = muvi.generate(SAMPLE, model=folder, duration=1.0, num_steps=2, seed=3, device="cpu", progress=False)
     assert out.sample_rate == 24000 and out.waveform.shape == (24000,)

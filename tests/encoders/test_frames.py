@@ -67,6 +67,8 @@ def test_encode_frames_is_resize_standardise_encode(real_frames, kind):
     assert out.shape == (2, 4, cfg.grid_size, cfg.grid_size, cfg.hidden_size)  # ceil(7 / 2) token steps
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, by_hand(module, real_frames), rtol=0, atol=1e-6)
+    tokens, cls = encode_frames(module, real_frames, with_cls=True)  # no class token: the same tokens alone
+    assert cls is None and torch.equal(tokens, out)
     # the two videos stay apart (a batch mix-up would make them equal or swapped)
     torch.testing.assert_close(encode_frames(module, real_frames[1:]), out[1:], rtol=0, atol=1e-6)
     assert not torch.allclose(out[0], out[1])

@@ -96,3 +96,30 @@ def test_adaptor_width_must_match_the_dit():
     dit = DiT(DiTConfig.preset("tiny"))
     with pytest.raises(ValueError, match="condition width"):
         VideoToMusicFlow(dit, VisualAdaptor(AdaptorConfig.preset("tiny", width=dit.config.width * 2)))
+
+
+@pytest.mark.parametrize("aggregation", ["cls", "attention"])
+def test_cls_tokens_reach_the_adaptor_in_condition_and_loss(aggregation):
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig.preset("tiny"))
+    torch.nn.init.normal_(dit.out.weight, std=0.5)
+    ada = VisualAdaptor(AdaptorConfig.preset("tiny", width=dit.config.width, aggregation=aggregation))
+    model = VideoToMusicFlow(dit, ada, FlowObjective(cond_drop_prob=0.0, icl_prob=0.0))
+    x1, valid, tokens, token_lengths = batch()
+    cls = torch.randn(*tokens.shape[:2], 32)  # (B, N, E), padded like the tokens
+    lengths = valid.sum(1)
+    with torch.no_grad():
+        cond = model.condition(tokens, lengths, token_lengths, cls=cls)
+        for b in range(3):
+            n, t = int(token_lengths[b]), int(lengths[b])
+            alone = model.adaptor(tokens[b:b + 1, :n], t, cls=cls[b:b + 1, :n])
+            torch.testing.assert_close(cond[b, :t], alone[0], rtol=1e-5, atol=1e-6)
+            assert cond[b, t:].abs().sum() == 0
+    with pytest.raises(ValueError, match="needs the encoder's CLS tokens"):
+        model.condition(tokens, lengths, token_lengths)
+    loss = model(x1, valid, torch.Generator().manual_seed(0), tokens, token_lengths, cls=cls)
+    loss.backward()
+    assert model.adaptor.cls_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        zeroed = model(x1, valid, torch.Generator().manual_seed(0), tokens, token_lengths, cls=torch.zeros_like(cls))
+    assert torch.isfinite(loss) and not torch.allclose(loss, zeroed)
