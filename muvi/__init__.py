@@ -38,11 +38,13 @@ def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed
 
     Args:
         video: a video file path (decoded at 10 FPS), or a frames tensor (F, 3, H, W) or
-            (F, H, W, 3), uint8 or float in [0, 1], with its frame rate in ``fps``.
+            (F, H, W, 3), uint8 or float in [0, 1], with its frame rate in ``fps``; or a list
+            of them, scored with one model load and batched through the networks where they
+            fit (:meth:`MuviPipeline.run_many`): then a list of outputs is returned.
         cfg_scale: classifier-free guidance scale ``s`` in ``null + s·(cond − null)``; 1 = off.
             Default: the release's ``default_cfg_scale`` (the paper's 4 for the bundled model).
         num_steps: Euler steps from noise (t = 0) to music (t = 1).
-        seed: makes the output repeatable.
+        seed: makes the output repeatable (with a list of videos: one seed for each, or a list).
         prompt_audio: optional music (path, or waveform at ``prompt_sample_rate``, default
             24 kHz) whose style the output follows; it is the clean context of in-context
             generation and is not part of the output.
@@ -82,16 +84,25 @@ def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed
 
             folder = locate(model)
     limits = pipe.limits if pipe is not None else ModelLimits.from_release(folder)
+    several = isinstance(video, (list, tuple))
+    videos = list(video) if several else [video]
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(videos)
+    if len(seeds) != len(videos):
+        from muvi.errors import InputError
+
+        raise InputError(f"seed: {len(seeds)} seeds for {len(videos)} videos")
     # Every argument and input file is checked before the model is loaded.
-    request = check_request(video, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
-                            prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
-                            duration=duration, fps=fps, device=device if pipe is None else str(pipe.device),
-                            method=method, limits=limits)
+    requests = [check_request(v, cfg_scale=cfg_scale, num_steps=num_steps, seed=s, prompt_audio=prompt_audio,
+                              prompt_sample_rate=prompt_sample_rate, duration=duration, fps=fps,
+                              device=device if pipe is None else str(pipe.device), method=method, limits=limits)
+                for v, s in zip(videos, seeds)]
     if pipe is None:
         from muvi.pipeline import MuviPipeline
 
-        pipe = MuviPipeline.from_pretrained(folder, device=request.device)
-    return pipe.run(request, progress=progress)
+        pipe = MuviPipeline.from_pretrained(folder, device=requests[0].device)
+    if not several:
+        return pipe.run(requests[0], progress=progress)
+    return pipe.run_many(requests, progress=progress)
 
 
 def _loaded_pipeline(model):

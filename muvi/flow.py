@@ -24,8 +24,17 @@ from tqdm.auto import tqdm
 #: velocity(x_t (B,T,C), t (B,T)) -> (B,T,C)
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+#: every torchdiffeq solver: fixed-step ones take ``num_steps`` steps, adaptive ones ``rtol``/``atol``
+FIXED_STEP_METHODS = ("euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams",
+                      "fixed_adams")
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "scipy_solver")
+#: velocity evaluations per step of the fixed-step methods whose count is fixed (torchdiffeq)
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "rk4": 4, "heun2": 2, "heun3": 3}
+
+
+def evaluations(method: str, num_steps: int) -> Optional[int]:
+    """Velocity evaluations a solve takes (None: not known in advance, adaptive or multistep)."""
+    return EVALS_PER_STEP[method] * num_steps if method in EVALS_PER_STEP else None
 
 
 def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 from muvi import hub
 from muvi import video as video_io
 from muvi.config import RELEASE_FORMAT, Config, ConfigError, read_json
-from muvi.encoders.frames import encode_frames
+from muvi.encoders.frames import encode_frames, has_cls
 from muvi.errors import GenerationError, InputError, MissingFileError
+from muvi.flow import evaluations
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
@@ -100,6 +101,9 @@ class MuviPipeline(nn.Module):
             raise ConfigError(f"latent_rate {config.latent_rate} does not match the mel/VAE setting "
                               f"({mel.config.sample_rate} Hz / {hop} samples per latent frame)")
         config.window_frames()  # a window plan exists
+        if adaptor.needs_cls and not has_cls(video_encoder):
+            raise ConfigError(f"the adaptor's {adaptor.config.aggregation!r} aggregation needs the video encoder's "
+                              f"CLS tokens, and a {type(video_encoder).__name__} has none (CLIP has)")
         self.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ construction
@@ -224,14 +228,23 @@ class MuviPipeline(nn.Module):
     def device(self) -> torch.device:
         return next(self.dit.parameters()).device
 
-    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 frames (F, 3, H, W) at ``video_fps`` → encoder tokens (1, N, h, w, E)."""
-        return encode_frames(self.video_encoder, frames[None])
+    def encode_video(self, frames: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """uint8 frames (F, 3, H, W) at ``video_fps`` → ``(tokens, cls)``
+        (:class:`muvi.encoders.frames.VideoFeatures`): encoder tokens (1, N, h, w, E) and the
+        encoder's CLS tokens (1, N, E), or None from an encoder without them (VideoMAE)."""
+        return encode_frames(self.video_encoder, frames[None], with_cls=True)
 
-    def condition(self, tokens: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """Encoder tokens (B, N, h, w, E) → visual condition at the latent rate (B, T, D)."""
+    def condition(self, video: Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]],
+                  num_frames: int) -> torch.Tensor:
+        """``(tokens, cls)`` as :meth:`encode_video` gives them, or tokens (B, N, h, w, E) alone →
+        visual condition at the latent rate (B, T, D)."""
+        tokens, cls = (video, None) if torch.is_tensor(video) else video
+        if cls is None and self.adaptor.needs_cls:
+            raise ConfigError(f"the adaptor's {self.adaptor.config.aggregation!r} aggregation needs CLS tokens, "
+                              f"which the video encoder ({type(self.video_encoder).__name__}) does not give; "
+                              "use a CLIP video encoder, or an adaptor with another aggregation")
         lengths = torch.full((tokens.shape[0],), num_frames, device=tokens.device)
-        return self.flow.condition(tokens, lengths)
+        return self.flow.condition(tokens, lengths, cls=cls)
 
     def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:
         """24 kHz waveform (N,) → normalised latent (1, T, C) (posterior mean)."""
@@ -296,15 +309,21 @@ class MuviPipeline(nn.Module):
         out = torch.empty(windows[-1].stop * hop)
         latent = None  # (1, total, C): every window's frames, for the next window's context
         several = len(windows) > 1
+        # one bar: over the windows of a long video, else over the stages of its one window
+        stages = _StageBar(progress and not several, evaluations(request.method, request.num_steps))
         bar = tqdm(windows, desc="windows", unit="window", disable=not (progress and several))
         for w in bar:
+            stages.stage("encoding video")
             first_frame = int(math.floor(w.start / cfg.latent_rate * cfg.video_fps + 1e-6))
             last_frame = video_io.duration_frames(w.stop / cfg.latent_rate, cfg.video_fps)
             cond = self.condition(self.encode_video(frames.take(first_frame, last_frame)), w.frames)
+            stages.step()
+            stages.stage("sampling")
             context = prefix if w.index == 0 else latent[:, w.start - w.context:w.start]
             seed = request.seed if request.seed is None or w.index == 0 else (request.seed + w.index) % 2 ** 63
             fresh = self.sample_latent(cond, num_steps=request.num_steps, cfg_scale=request.cfg_scale, seed=seed,
-                                       prefix=context, method=request.method, progress=progress and not several)
+                                       prefix=context, method=request.method, callback=stages.step)
+            stages.stage("decoding")
             if latent is None:
                 latent = fresh.new_zeros(1, total, fresh.shape[-1])
             latent[:, w.start:w.stop] = fresh
@@ -313,12 +332,63 @@ class MuviPipeline(nn.Module):
             else:  # decoded after its context, so the decoder sees the music it continues
                 wave = self.decode_latent(torch.cat([context, fresh], dim=1))[0, w.context * hop:]
             crossfade_into(out, wave.float().cpu(), w.start * hop, w.overlap * hop)
-        waveform = out[:int(round(duration * rate))]
+            stages.step()
+        stages.close()
+        return self._output(request, out[:int(round(duration * rate))])
+
+    @torch.no_grad()
+    def run_many(self, requests: Sequence["Request"], *, progress: bool = True,
+                 max_batch: int = 8) -> list[GenerationOutput]:
+        """Music for several checked requests with this one model, in their order.
+
+        Requests that fit in one window, have no style prompt, and share their length, steps,
+        guidance scale and solver go through the networks together, up to ``max_batch`` at a
+        time; each item draws its own noise from its own seed, so it gets the music it would
+        get alone (equal to :meth:`run` up to the rounding of batched matrix products). The
+        others (long videos, prompts) run one by one."""
+        window = self.config.window_frames()[0]
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            frames = video_io.duration_frames(r.duration, self.config.latent_rate)
+            if r.prompt is None and frames <= window:
+                groups.setdefault((frames, r.num_steps, r.cfg_scale, r.method), []).append(i)
+        batches = [members[k:k + max_batch] for members in groups.values() if len(members) > 1
+                   for k in range(0, len(members), max_batch)]
+        alone = sorted(set(range(len(requests))) - {i for batch in batches for i in batch})
+        results: list[Optional[GenerationOutput]] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="videos", unit="video", disable=not progress or len(requests) < 2)
+        dtype = self.dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            for batch in batches:
+                for i, out in zip(batch, self._run_batch([requests[i] for i in batch])):
+                    results[i] = out
+                bar.update(len(batch))
+            for i in alone:
+                results[i] = self._run(requests[i], progress and len(requests) == 1)
+                bar.update(1)
+        bar.close()
+        return results
+
+    def _run_batch(self, requests: Sequence["Request"]) -> list[GenerationOutput]:
+        """One window each, all of the same length: encoded one by one, sampled and decoded together."""
+        cfg, rate = self.config, self.mel.config.sample_rate
+        frames = video_io.duration_frames(requests[0].duration, cfg.latent_rate)
+        last_frame = video_io.duration_frames(frames / cfg.latent_rate, cfg.video_fps)
+        cond = torch.cat([self.condition(self.encode_video(self._frame_stream(r).take(0, last_frame)), frames)
+                          for r in requests])
+        first = requests[0]
+        fresh = self.sample_latent(cond, num_steps=first.num_steps, cfg_scale=first.cfg_scale,
+                                   seed=[r.seed for r in requests], method=first.method)
+        waves = self.decode_latent(fresh).float().cpu()
+        return [self._output(r, waves[i, :int(round(r.duration * rate))].clone()) for i, r in enumerate(requests)]
+
+    def _output(self, request: "Request", waveform: torch.Tensor) -> GenerationOutput:
+        """The request's music, checked finite."""
         if not torch.isfinite(waveform).all():
             bad = int((~torch.isfinite(waveform)).sum())
             raise GenerationError(f"{request.source}: the generated audio has {bad} non-finite samples "
                                   f"(NaN or inf); nothing was written. Check the model's weights")
-        return GenerationOutput(waveform=waveform, sample_rate=rate,
+        return GenerationOutput(waveform=waveform, sample_rate=self.mel.config.sample_rate,
                                 source=request.source, cfg_scale=request.cfg_scale,
                                 num_steps=request.num_steps, seed=request.seed)
 
@@ -338,11 +408,31 @@ class MuviPipeline(nn.Module):
         return self.mel.config.hop_length * 2 ** (len(self.vae.config.channel_mult) - 1)
 
     def sample_latent(self, cond: torch.Tensor, *, num_steps: int = 25, cfg_scale: float = 4.0,
-                      seed: Optional[int] = None, prefix: Optional[torch.Tensor] = None,
-                      method: str = "euler", progress: bool = False) -> torch.Tensor:
+                      seed: Union[int, Sequence[int], None] = None, prefix: Optional[torch.Tensor] = None,
+                      method: str = "euler", progress: bool = False,
+                      callback: Optional[Callable[[], object]] = None) -> torch.Tensor:
         """Solve the flow ODE for a condition (B, T, D): :meth:`VideoToMusicFlow.sample`."""
         return self.flow.sample(cond, num_steps=num_steps, cfg_scale=cfg_scale, seed=seed, prefix=prefix,
-                                method=method, progress=progress)
+                                method=method, progress=progress, callback=callback)
+
+
+class _StageBar:
+    """One progress bar over the stages of one window: reading and encoding the video (one
+    step), every velocity evaluation of sampling (one step each; their number is unknown in
+    advance for adaptive and multistep solvers), decoding to a waveform (one step)."""
+
+    def __init__(self, enabled: bool, evaluations: Optional[int]):
+        total = None if evaluations is None else evaluations + 2
+        self.bar = tqdm(total=total, desc="encoding video", unit="step", disable=not enabled, leave=False)
+
+    def stage(self, name: str) -> None:
+        self.bar.set_description(name)
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d)

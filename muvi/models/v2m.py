@@ -9,12 +9,13 @@ it and :class:`muvi.pipeline.MuviPipeline` samples from it, so the condition the
 with and the one it is sampled with are made by the same code.
 
 Shapes: B batch, T latent frames, C latent channels, D width, N token steps, (h, w, E) the
-encoder's patch grid and width.
+encoder's patch grid and width; ``cls`` (B, N, E): the encoder's CLS tokens (CLIP), which the
+adaptor's ``attention`` and ``cls`` aggregations need and the others ignore.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -53,11 +54,13 @@ class VideoToMusicFlow(nn.Module):
 
     # ------------------------------------------------------------------ condition
     def condition(self, tokens: torch.Tensor, lengths: torch.Tensor,
-                  token_lengths: Optional[torch.Tensor] = None, num_frames: Optional[int] = None) -> torch.Tensor:
-        """Video tokens (B, N, h, w, E) → condition (B, num_frames or max(lengths), D): each item's
-        token steps (its first ``token_lengths[b]``, default all) aggregated and resampled to its
-        own ``lengths[b]`` latent frames; zero past them (padding)."""
-        pooled = self.adaptor.aggregate(tokens)  # (B, N, D)
+                  token_lengths: Optional[torch.Tensor] = None, num_frames: Optional[int] = None, *,
+                  cls: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Video tokens (B, N, h, w, E), with their CLS tokens ``cls`` (B, N, E) when the encoder
+        has them → condition (B, num_frames or max(lengths), D): each item's token steps (its
+        first ``token_lengths[b]``, default all) aggregated and resampled to its own
+        ``lengths[b]`` latent frames; zero past them (padding)."""
+        pooled = self.adaptor.aggregate(tokens, cls)  # (B, N, D)
         frames = int(lengths.max()) if num_frames is None else num_frames
         out = pooled.new_zeros(pooled.shape[0], frames, pooled.shape[-1])
         for b in range(pooled.shape[0]):
@@ -71,10 +74,11 @@ class VideoToMusicFlow(nn.Module):
 
     # ------------------------------------------------------------------ training
     def forward(self, x1: torch.Tensor, valid: torch.Tensor, generator: torch.Generator,
-                tokens: Optional[torch.Tensor] = None, token_lengths: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
+                tokens: Optional[torch.Tensor] = None, token_lengths: Optional[torch.Tensor] = None,
+                cls: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The flow loss of clean latents ``x1`` (B, T, C) with ``valid`` (B, T) frames, every
-        random draw (context prefix, time, noise, condition dropout) from ``generator``.
+        random draw (context prefix, time, noise, condition dropout) from ``generator``; the
+        video as :meth:`condition` takes it (``cls``: the batch's padded CLS tokens, or None).
 
         With probability ``icl_prob`` an item gets a clean prefix (never noised, null condition,
         time 1, out of the loss); the condition is dropped with ``cond_drop_prob`` (always,
@@ -95,27 +99,29 @@ class VideoToMusicFlow(nn.Module):
         context = context.to(x1.device)
         cond = null = self.dit.null_condition(b, n)
         if self.adaptor is not None:
-            cond = torch.where(use_null[..., None], null, self.condition(tokens, lengths, token_lengths, n))
+            cond = torch.where(use_null[..., None], null, self.condition(tokens, lengths, token_lengths, n, cls=cls))
         v_pred = self._velocity(x_t.to(x1.device), t_frames.to(x1.device), cond, valid)
         return flow.flow_loss(v_pred, v_target.to(x1.device), context, valid)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, *, num_steps: int = 25, cfg_scale: float = 4.0,
-               seed: Optional[int] = None, prefix: Optional[torch.Tensor] = None, method: str = "euler",
-               progress: bool = False) -> torch.Tensor:
+               seed: Union[int, Sequence[int], None] = None, prefix: Optional[torch.Tensor] = None,
+               method: str = "euler", progress: bool = False,
+               callback: Optional[Callable[[], object]] = None) -> torch.Tensor:
         """Solve the guided flow ODE for a condition (B, T, D) → latent (B, T, C). With ``prefix``
         (B, P, C) the prompt is prepended as clean context (null condition there, as in training)
         and cut off the result. The noise is drawn on the CPU from ``seed``, so a seed gives the
-        same music on every device."""
+        same music on every device; a list of seeds gives each item of the batch its own noise,
+        so that a batch makes the music each item would make alone. ``callback()`` runs after
+        each (guided) velocity evaluation (:func:`muvi.flow.evaluations` says how many)."""
         device = cond.device
         b, t, _ = cond.shape
         p = 0 if prefix is None else prefix.shape[1]
         null = self.dit.null_condition(b, p + t)
         if p:
             cond = torch.cat([null[:, :p], cond], dim=1)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        x0 = torch.randn(b, p + t, self.dit.config.latent_channels, generator=generator).to(device)
+        x0 = noise((b, p + t, self.dit.config.latent_channels), seed).to(device)
         context = context_latent = None
         if p:
             context = flow.context_mask(torch.full((b,), p, device=device), p + t)
@@ -128,9 +134,23 @@ class VideoToMusicFlow(nn.Module):
 
         def net(x: torch.Tensor, time: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device.type, dtype=half, enabled=enabled):
-                return self._velocity(x, time, c).float()
+                v = self._velocity(x, time, c).float()
+            if callback is not None:
+                callback()
+            return v
 
         velocity = flow.guided_velocity(net, cond, null, cfg_scale)
         latent = flow.sample(velocity, x0, num_steps=num_steps, method=method, context=context,
                              context_latent=context_latent, progress=progress)
         return latent[:, p:]
+
+
+def noise(shape: tuple[int, ...], seed: Union[int, Sequence[int], None]) -> torch.Tensor:
+    """Standard normal noise on the CPU: from ``seed`` for the whole batch, from ``seed[i]`` for
+    item ``i`` (each item as a batch of one would draw it), or from the global generator."""
+    if seed is None or isinstance(seed, int):
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return torch.randn(shape, generator=generator)
+    if len(seed) != shape[0]:
+        raise ValueError(f"{len(seed)} seeds for a batch of {shape[0]}")
+    return torch.cat([noise((1, *shape[1:]), s) for s in seed])
