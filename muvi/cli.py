@@ -198,6 +198,8 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
         model = locate(args.model, name="--model")
     else:
         model = default_model_dir()
+    for out in outs + [a for a in audio_outs if a is not None]:  # never into the model's folder either
+        check_output(out, inputs=[model], overwrite=args.overwrite, name="-o")
     limits = ModelLimits.from_release(model, name="--model")
     requests = [check_request(video, **numbers, prompt_audio=args.prompt, device=args.device, method=args.method,
                               limits=limits, names=CLI_NAMES) for video in videos]  # all before the model loads

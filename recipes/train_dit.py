@@ -30,6 +30,11 @@ decoded by ``sample_vae`` (the VAE that made the cache: checked against the cach
 ``sample_vocoder`` (Griffin-Lim without one); ``samples/reference.wav`` is that file's own
 cached latent through the same decoder. Without ``sample_vae`` the sampled latent is saved as
 ``step_XXXXXXXX_dit.pt`` (normalised, (T, C)) instead.
+
+With ``shard="fsdp"`` and more than one process (``accelerate launch --multi_gpu --num_processes N
+... --set shard=fsdp``) the model is not wrapped in DDP: each DiT block, the adaptor and then the
+rest are sharded with torch FSDP2 (``muvi.training.sharding``), and so is the EMA. Checkpoints and
+``final/`` hold whole tensors as in an unsharded run, and a resume is exact.
 """
 from __future__ import annotations
 
@@ -96,10 +101,15 @@ class DiTTrainConfig(Config):
     seed: int = 0
     mixed_precision: str = "auto"
     num_workers: int = 2
+    # "fsdp": with more than one process, each holds a shard of the weights, gradients, AdamW
+    # moments and EMA (torch FSDP2, muvi.training.sharding); "none": DDP, every process all of it
+    shard: str = "none"
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.shard not in training.sharding.SHARDS:
+            raise ValueError(f"shard must be one of {training.sharding.SHARDS}, got {self.shard!r}")
 
 
 def build_config(cls, spec: dict):
@@ -215,35 +225,57 @@ def main(argv: Optional[list[str]] = None) -> Path:
     stats = latent_stats(dataset)
     samples = Samples(cfg, stats, v2m) if cfg.sample_every and acc.is_main_process else None
 
-    torch.manual_seed(cfg.seed)  # the initial weights; every later draw uses step_generator
     dit_cfg = build_config(DiTConfig, cfg.dit)
-    dit = DiT(dit_cfg)
-    adaptor = None
-    if v2m:
-        width = dit_cfg.cond_dim or dit_cfg.width
-        adaptor = VisualAdaptor(build_config(AdaptorConfig, {**cfg.adaptor, "width": width}))
-        if cfg.init_adaptor:
-            hub.load_init(adaptor, cfg.init_adaptor, ("adaptor", "contrastive"), prefix="adaptor.")
+    adaptor_cfg = build_config(AdaptorConfig, {**cfg.adaptor, "width": dit_cfg.cond_dim or dit_cfg.width})
+
+    def build() -> VideoToMusicFlow:
+        return VideoToMusicFlow(DiT(dit_cfg), VisualAdaptor(adaptor_cfg) if v2m else None, cfg.objective)
+
+    torch.manual_seed(cfg.seed)  # the initial weights (the same on every process); later draws use step_generator
+    model = build()
+    dit, adaptor = model.dit, model.adaptor
+    if adaptor is not None and cfg.init_adaptor:
+        hub.load_init(adaptor, cfg.init_adaptor, ("adaptor", "contrastive"), prefix="adaptor.")
     if cfg.init_dit:
         hub.load_init(dit, cfg.init_dit, ("dit",))
-    model = VideoToMusicFlow(dit, adaptor, cfg.objective)
-    optimizer = training.make_optimizer(cfg.optim, model)
-    scheduler = training.make_scheduler(optimizer, cfg.optim, cfg.steps)
     ema = training.EMA(model, cfg.ema_decay)
-
-    step = 0
-    if args.resume:
-        ckpt, state = training.resume(run_dir, required=True)
-        training.restore(state, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema, sampler=sampler)
-        step = state["step"]
-        logger.info("resumed from %s at step %d", ckpt, step)
-    model, optimizer = acc.prepare(model, optimizer)
-    inner = acc.unwrap_model(model)
-    ema.shadow.to(acc.device)
     logger.info("stage %s: DiT %.1fM parameters%s, %d cached files, %d processes", cfg.stage,
                 dit.num_parameters() / 1e6,
                 f", adaptor {sum(p.numel() for p in adaptor.parameters()) / 1e6:.1f}M" if adaptor else "",
                 len(dataset), acc.num_processes)
+
+    step, state = 0, None
+    if args.resume:
+        ckpt, state = training.resume(run_dir, required=True)
+        training.restore(state, model=model, ema=ema, sampler=sampler)  # whole weights, before any sharding
+        step = state["step"]
+        logger.info("resumed from %s at step %d", ckpt, step)
+    sharded = cfg.shard == "fsdp" and acc.num_processes > 1
+    if sharded:  # the model (and the EMA alike) sharded here, not wrapped in DDP by acc.prepare
+        for net in (model, ema.shadow):
+            net.to(acc.device)
+            extra = [] if net.adaptor is None else [net.adaptor]  # VideoToMusicFlow calls its aggregate()
+            training.sharding.shard(net, [*net.dit.blocks, *extra], acc.device, acc.num_processes,
+                                    entry_points=[(a, "aggregate") for a in extra])
+        held, total = training.sharding.local_numel(model)
+        logger.info("FSDP over %d processes: this process holds %d of %d parameter values", acc.num_processes,
+                    held, total)
+    elif cfg.shard == "fsdp":
+        logger.info("shard=fsdp with one process: training unsharded")
+    optimizer = training.make_optimizer(cfg.optim, model)  # after sharding: over the sharded parameters
+    scheduler = training.make_scheduler(optimizer, cfg.optim, cfg.steps)
+    if state is not None:
+        training.restore(state, optimizer=optimizer, scheduler=scheduler)
+    if sharded:
+        optimizer = acc.prepare(optimizer)  # Accelerate's no-op steps between accumulation syncs
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
+    inner = acc.unwrap_model(model)
+    ema.shadow.to(acc.device)
+
+    def averaged() -> Optional[VideoToMusicFlow]:
+        """The EMA model, whole, on the main process (collective when sharded; None elsewhere)."""
+        return training.sharding.gather_module(ema.shadow, build, acc.is_main_process, acc.device)
 
     def flow_loss(net: nn.Module, batch: dict, gen: torch.Generator) -> torch.Tensor:
         """The objective's loss on one batch: a latent from each posterior, then VideoToMusicFlow."""
@@ -287,18 +319,22 @@ def main(argv: Optional[list[str]] = None) -> Path:
                                                                   [inner], acc, cfg.seed)
             if step % cfg.log_every == 0 or step == cfg.steps or extra:
                 log.row(step, **window.mean(acc), **extra, lr=lr)
-            if samples is not None and step % cfg.sample_every == 0:
+            if cfg.sample_every and step % cfg.sample_every == 0:
                 with log.paused(), training.seeded(cfg.seed):  # the global random state is left as it was
-                    samples.write(ema.shadow, step, log)
+                    ema_model = averaged()
+                    if samples is not None:
+                        samples.write(ema_model, step, log)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                # every process takes part in gathering a sharded state; the main one writes it
+                ckpt_state = training.checkpoint_state(step, cfg, sampler, consumed, keep=acc.is_main_process,
+                                                       model=model, ema=ema, optimizer=optimizer, scheduler=scheduler)
                 if acc.is_main_process:
-                    training.save_checkpoint(run_dir, step, training.checkpoint_state(
-                        step, cfg, sampler, consumed, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler),
-                        keep=cfg.keep_checkpoints)
+                    training.save_checkpoint(run_dir, step, ckpt_state, keep=cfg.keep_checkpoints)
                 acc.wait_for_everyone()
     final = run_dir / "final"
+    ema_model = averaged()
     if acc.is_main_process:
-        save_final(ema.shadow, final, cfg.max_seconds)
+        save_final(ema_model, final, cfg.max_seconds)
     acc.wait_for_everyone()
     acc.end_training()
     return final

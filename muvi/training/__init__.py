@@ -10,6 +10,8 @@
 - :mod:`~muvi.training.logs`: :class:`LossWindow` (window means over micro-batches and
   processes), :func:`heldout_loss` (nanoGPT's ``estimate_loss``), :class:`RunLog` (every row to
   metrics.jsonl, the log, the Accelerate trackers and the progress bar; throughput; audio samples);
+- :mod:`~muvi.training.sharding`: torch FSDP2 for a loop written for DDP (the EMA, checkpoints
+  and ``final/`` of a sharded model);
 - :mod:`~muvi.training.samples`: the fixed clip of the audio samples, Griffin-Lim, the WAV writer;
 - :mod:`~muvi.training.data`: the music data, random crops and endless batch stream of the mel recipes.
 
@@ -21,6 +23,7 @@ point; then, once per step, the EMA, a :class:`LossWindow` mean in the :class:`R
 :func:`heldout_loss`, the audio samples and the checkpoint; ``accelerator.end_training()`` last.
 Trained components are saved with :mod:`muvi.hub`.
 """
+from muvi.training import sharding
 from muvi.training.checkpoints import (
                                        NonFiniteLoss,
                                        ResumeError,
@@ -47,5 +50,5 @@ __all__ = [
     "heldout_loss", "latest_checkpoint", "load_checkpoint", "load_config", "load_vocoder", "lr_factor",
     "make_accelerator", "make_optimizer", "make_scheduler", "mel_to_audio", "music_clip", "music_data",
     "music_files", "param_groups", "random_crop", "recipe_parser", "restore", "resume", "save_checkpoint",
-    "seeded", "setup_logging", "step_generator", "trackers", "unwrap_state", "write_wav",
+    "seeded", "setup_logging", "sharding", "step_generator", "trackers", "unwrap_state", "write_wav",
 ]

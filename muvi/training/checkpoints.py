@@ -13,6 +13,7 @@ from torch import nn
 
 from muvi.config import Config
 from muvi.errors import MuviError, one_line
+from muvi.training.sharding import full_state, shard_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -56,24 +57,35 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     return target
 
 
-def checkpoint_state(step: int, config: Config, sampler, consumed: int, **parts: Any) -> dict[str, Any]:
+def checkpoint_state(step: int, config: Config, sampler, consumed: int, *, keep: bool = True,
+                     **parts: Any) -> Optional[dict[str, Any]]:
     """What a recipe checkpoints: the step, every part under its keyword (modules as
     :func:`unwrap_state`, anything else as its ``state_dict()``; None is left out), the sampler's
     position after ``consumed`` batches of its epoch, and the config. :func:`restore` reads it back.
+
+    Sharded parts (DTensors, :mod:`~muvi.training.sharding`) are gathered whole, so every
+    process must call it; those with ``keep`` False (all but the main one) get None.
     """
     state: dict[str, Any] = {"step": step}
     for key, part in parts.items():
         if part is not None:
-            state[key] = unwrap_state(part) if isinstance(part, nn.Module) else part.state_dict()
+            state[key] = full_state((_unwrap(part) if isinstance(part, nn.Module) else part).state_dict(), keep)
+    if not keep:
+        return None
     state.update(sampler=sampler.state_dict(consumed=consumed), config=config.to_dict())
     return state
 
 
 def restore(state: dict[str, Any], **parts: Any) -> None:
-    """Load every part (None: skipped) from the checkpoint entry of the same name."""
+    """Load every part (None: skipped) from the checkpoint entry of the same name. A sharded
+    model is loaded before it is sharded; an optimizer's whole states are cut to the shards of
+    its parameters (:func:`~muvi.training.sharding.shard_optimizer_state`)."""
     for key, part in parts.items():
         if part is not None:
-            part.load_state_dict(state[key])
+            entry = state[key]
+            if isinstance(part, torch.optim.Optimizer):
+                entry = shard_optimizer_state(part, entry)
+            part.load_state_dict(entry)
 
 
 class ResumeError(MuviError, RuntimeError):
@@ -163,7 +175,11 @@ def _fsync(path: Path) -> None:
 
 
 def unwrap_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A module's state dict on the CPU, without DDP/compile wrappers' prefixes."""
+    """A module's state dict on the CPU, without DDP/compile wrappers' prefixes (sharded
+    tensors gathered whole: collective)."""
+    return full_state(_unwrap(model).state_dict())
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
     inner = getattr(model, "module", model)
-    inner = getattr(inner, "_orig_mod", inner)
-    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
+    return getattr(inner, "_orig_mod", inner)

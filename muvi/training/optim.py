@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from muvi.config import Config, ConfigError
+from muvi.training.sharding import local
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +19,11 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- EMA
 
 class EMA:
-    """Exponential moving average of a model's parameters (buffers are copied as they are)."""
+    """Exponential moving average of a model's parameters (buffers are copied as they are).
+
+    A sharded model (:mod:`~muvi.training.sharding`) needs a shadow sharded the same way
+    (shard ``shadow`` as the model after making the EMA): the update then averages each
+    process's local shards."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
         self.decay = decay
@@ -27,7 +32,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         for ema_p, p in zip(self.shadow.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - self.decay)
+            local(ema_p).lerp_(local(p).detach().to(ema_p.dtype), 1.0 - self.decay)
         for ema_b, b in zip(self.shadow.buffers(), model.buffers()):
             ema_b.copy_(b)
 

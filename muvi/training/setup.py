@@ -84,22 +84,20 @@ def make_accelerator(mixed_precision: str = "auto", grad_accum: int = 1, cpu: bo
     logging to the trackers ``log_with`` names (:func:`muvi.training.logs.trackers`; their
     files go under ``run_dir``).
 
-    A launch that shards the model (FSDP, DeepSpeed, Megatron) is refused in one line, because
-    the loop assumes whole parameters on every process: the EMA (:class:`~muvi.training.optim.EMA`)
-    averages them (under FSDP2 it fails: "aten.lerp_.Scalar got mixed torch.Tensor and DTensor"),
-    the main process alone writes the checkpoint (it would hold that process's shards only) and
-    optimizer states are restored before ``prepare`` (Accelerate re-points the parameter groups
-    at the shards but not the states: a resume would restart Adam's moments). Accelerate itself
-    ignores ``--use_fsdp`` on a CPU-only world and runs DDP."""
+    A launch that asks Accelerate to shard the model (FSDP, DeepSpeed, Megatron) is refused in
+    one line: the loops assume Accelerate hands back whole parameters (its EMA, checkpoints and
+    optimizer restore), and Accelerate 1.16 ignores ``--use_fsdp`` on a CPU-only world and runs
+    DDP. The DiT recipe shards with torch's FSDP2 itself instead (``--set shard=fsdp``,
+    :mod:`muvi.training.sharding`), in a plain multi-process launch."""
     from accelerate import Accelerator
 
     from muvi.training.logs import trackers
 
     sharded = [flag for flag, env in SHARDED_LAUNCHES.items() if os.environ.get(env, "false").lower() == "true"]
     if sharded:
-        raise ConfigError(f"accelerate launch {' '.join(sharded)}: the recipes train data-parallel only (DDP: every "
-                          f"process holds the whole model, which their EMA and checkpoints rely on); launch with "
-                          f"--multi_gpu, on one machine or several (README: Training, Scaling out)")
+        raise ConfigError(f"accelerate launch {' '.join(sharded)}: the recipes train data-parallel only under "
+                          f"Accelerate; launch with --multi_gpu (DDP, on one machine or several) and, to shard the "
+                          f"DiT with torch FSDP2, add --set shard=fsdp (README: Training, Scaling out)")
     # Without CUDA, cpu=True is what lets Accelerate see a torchrun / `accelerate launch
     # --multi_cpu` world (gloo) instead of N independent single processes.
     cpu = cpu or not torch.cuda.is_available()
