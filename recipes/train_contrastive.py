@@ -329,6 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     log = training.RunLog(acc, run_dir, cfg, "contrastive", step=step, total=cfg.steps, progress=args.progress)
     with log:
         micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
+        evaluate = None if heldout is None else (
+            lambda: training.heldout_loss(heldout_loss, heldout, [model], acc, cfg.seed))
         while step < cfg.steps:
             consumed, batch = next(stream)
             if gather:  # the loss compares clips across processes: one length for all of them
@@ -360,14 +362,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                 continue
             ema.update(acc.unwrap_model(model))
             step += 1
-            log.advance()
-
-            extra = {}
-            if heldout is not None and step % cfg.eval_every == 0:
-                with log.paused():
-                    extra["heldout_loss"] = training.heldout_loss(heldout_loss, heldout, [model], acc, cfg.seed)
-            if step % cfg.log_every == 0 or step == cfg.steps or extra:
-                log.row(step, **window.mean(acc), **extra, lr=lr)
+            log.step_done(step, window, every=cfg.log_every, last=cfg.steps, lr=lr, heldout=evaluate,
+                          eval_every=cfg.eval_every)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 if acc.is_main_process:
                     save_checkpoint(run_dir, step, training.checkpoint_state(

@@ -289,6 +289,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     with log:
         micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
         stream = training.batch_stream(loader, sampler)
+        evaluate = None if heldout is None else (
+            lambda: training.heldout_loss(lambda b, g: flow_loss(inner, b, g), heldout, [inner], acc, cfg.seed))
         while step < cfg.steps:
             consumed, batch = next(stream)
             gen = training.step_generator(cfg.seed, micro, rank)
@@ -310,15 +312,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
                 continue
             ema.update(inner)
             step += 1
-            log.advance()
-
-            extra = {}
-            if heldout is not None and step % cfg.eval_every == 0:
-                with log.paused():
-                    extra["heldout_loss"] = training.heldout_loss(lambda b, g: flow_loss(inner, b, g), heldout,
-                                                                  [inner], acc, cfg.seed)
-            if step % cfg.log_every == 0 or step == cfg.steps or extra:
-                log.row(step, **window.mean(acc), **extra, lr=lr)
+            log.step_done(step, window, every=cfg.log_every, last=cfg.steps, lr=lr, heldout=evaluate,
+                          eval_every=cfg.eval_every)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 with log.paused(), training.seeded(cfg.seed):  # the global random state is left as it was
                     ema_model = averaged()

@@ -260,6 +260,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     with log:
         vae.train()
         micro = step * cfg.grad_accum  # micro-batches done: the step generator's index
+        evaluate = None if heldout is None else (
+            lambda: training.heldout_loss(heldout_loss, heldout, [vae_inner], acc, cfg.seed))
         while step < cfg.steps:
             consumed, batch = next(stream)
             gen = step_generator(cfg.seed, micro, acc.process_index, device)
@@ -303,14 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                 continue
             ema.update(vae_inner)
             step += 1
-            log.advance()
-
-            extra = {}
-            if heldout is not None and step % cfg.eval_every == 0:
-                with log.paused():
-                    extra["heldout_loss"] = training.heldout_loss(heldout_loss, heldout, [vae_inner], acc, cfg.seed)
-            if step % cfg.log_every == 0 or step == cfg.steps or extra:
-                log.row(step, **window.mean(acc), **extra, lr=lr)
+            log.step_done(step, window, every=cfg.log_every, last=cfg.steps, lr=lr, heldout=evaluate,
+                          eval_every=cfg.eval_every)
             if clip is not None and step % cfg.sample_every == 0:
                 with log.paused(), torch.no_grad():
                     mel = melspec(clip)  # (M, T)

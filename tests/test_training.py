@@ -338,7 +338,7 @@ def test_recipes_share_one_loop_shape(name):
     text = (Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py").read_text()
     for piece in ("acc.accumulate(", "training.make_optimizer(", "training.make_scheduler(", "training.LossWindow()",
                   "training.heldout_loss(", "if acc.sync_gradients", "log_with=cfg.log_with, run_dir=run_dir",
-                  "training.RunLog(acc, run_dir, cfg,", "progress=args.progress", "log.advance()", "log.row(step,",
+                  "training.RunLog(acc, run_dir, cfg,", "progress=args.progress", "log.step_done(step, window,",
                   "acc.end_training()\n    return final"):
         assert piece in text, piece
     for gone in ("no_sync", "set_lr", "training.adamw", "torch.optim.AdamW"):

@@ -190,6 +190,21 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(steps)
 
+    def step_done(self, step: int, window: "LossWindow", *, every: int, last: int, lr: float,
+                  heldout: Optional[Callable[[], float]] = None, eval_every: int = 0) -> Optional[dict]:
+        """What every recipe does after an optimizer step: the bar moves on; every
+        ``eval_every`` steps ``heldout()`` (the held-out loss, timed apart from training); a row
+        of ``window``'s means every ``every`` steps, at the ``last`` one, and with each held-out
+        loss. Returns the row, or None when none was logged."""
+        self.advance()
+        extra = {}
+        if heldout is not None and eval_every and step % eval_every == 0:
+            with self.paused():
+                extra["heldout_loss"] = heldout()
+        if step % every == 0 or step == last or extra:
+            return self.row(step, **window.mean(self.accelerator), **extra, lr=lr)
+        return None
+
     def row(self, step: int, **values: float) -> dict:
         """One row: the values, samples/s and tokens/s since the last row; returned on every process."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
