@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -65,11 +66,16 @@ def read_state_dict(path: str | Path, *, wrapper_keys: Iterable[str] = _WRAPPER_
     return dict(state)
 
 
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "checkpoint",
+                assign: bool = False) -> None:
     """``module.load_state_dict(state, strict=True)`` with one readable error for every mismatch.
 
     Missing keys, unexpected keys and shape mismatches are all listed together, so that a
-    config that does not match its weights is diagnosed in one go.
+    config that does not match its weights is diagnosed in one go. ``assign``: the module takes
+    the given tensors themselves instead of copies (each cast to its parameter's dtype first
+    where they differ). With the lazily mapped tensors of :func:`read_state_dict`'s safetensors
+    files this loads without copying, and weights a run never touches (a VAE encoder during
+    generation) are never read into memory.
     """
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
@@ -83,7 +89,9 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, source:
             if items:
                 lines.append(f"  {title} ({len(items)}): {', '.join(items)}")
         raise CheckpointError("\n".join(lines))
-    module.load_state_dict(state, strict=True)
+    if assign:
+        state = {k: v if v.dtype == own[k].dtype else v.to(own[k].dtype) for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=assign)
     logger.debug("loaded %d tensors from %s into %s", len(state), source, type(module).__name__)
 
 
@@ -98,8 +106,12 @@ def save_weights(module: nn.Module, path: str | Path, config: Optional[Mapping[s
     metadata = {"format": "pt"}
     if config is not None:
         metadata[CONFIG_METADATA_KEY] = json.dumps(config, sort_keys=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path),
+    # Written beside and renamed over: a model loaded from ``path`` maps that file lazily
+    # (load_strict's assign), and truncating it in place would pull the weights from under it.
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(partial),
               metadata=metadata)
+    os.replace(partial, path)
     return path
 
 
@@ -140,14 +152,15 @@ def check_config(path: str | Path, config: Mapping[str, Any], *, source: str = "
                               + "; ".join(diffs) + " (undo the edit, or retrain)")
 
 
-def load_weights(module: nn.Module, path: str | Path, *, source: str = "the config") -> nn.Module:
+def load_weights(module: nn.Module, path: str | Path, *, source: str = "the config",
+                 assign: bool = False) -> nn.Module:
     """Read ``path``, check the module's config against the stored one (:func:`check_config`)
-    and load strictly (:func:`load_strict`). Returns ``module``."""
+    and load strictly (:func:`load_strict`, ``assign`` as there). Returns ``module``."""
     path = Path(path)
     state = read_state_dict(path)
     if hasattr(getattr(module, "config", None), "to_dict"):
         check_config(path, module.config.to_dict(), source=source)
-    load_strict(module, state, source=str(path))
+    load_strict(module, state, source=str(path), assign=assign)
     return module
 
 

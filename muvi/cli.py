@@ -36,6 +36,7 @@ from typing import Optional
 
 from muvi import bundled_sample_video
 from muvi.errors import MuviError, one_line
+from muvi.memory import return_large_blocks
 
 #: how this command spells the arguments of muvi.generate in its messages
 CLI_NAMES = {"video": "VIDEO", "cfg_scale": "--cfg-scale", "num_steps": "--steps", "seed": "--seed",
@@ -289,6 +290,7 @@ def run_script(main) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="muvi: %(message)s")
+    return_large_blocks()  # this process is ours: let freed activations go back (muvi.memory)
     if args.command == "demo":
         from muvi.app import run_args
 

@@ -17,11 +17,12 @@ pipeline, the recipes and evaluation (README, "Architecture").
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ from muvi.encoders.musicnn import Musicnn, MusicnnConfig, load_musicnn_network
 from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder, load_videomae_encoder
 from muvi.errors import MissingFileError
 from muvi.media import write_atomically
+from muvi.memory import release_freed_memory
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.contrastive import ContrastiveConfig, ContrastiveModel
 from muvi.models.dit import DiT, DiTConfig
@@ -149,7 +151,9 @@ def load_component(folder: PathLike, name: str, *, types: Optional[tuple[str, ..
     (every mismatch listed, and the config checked against the one stored with the weights).
 
     ``types``: the types the caller accepts (an error names the others). ``frozen``: eval mode
-    without gradients; default for the registry's frozen ports only."""
+    without gradients; default for the registry's frozen ports only. The weights are mapped from
+    the file, not copied (:func:`muvi.checkpoint.load_strict`'s ``assign``): a release loads in
+    the time it takes to build its modules, and parts a run never uses stay on disk."""
     folder = Path(folder)
     record = read_component(folder, name)
     where = f"{folder / name}.json"
@@ -164,13 +168,35 @@ def load_component(folder: PathLike, name: str, *, types: Optional[tuple[str, ..
             raise ConfigError(f"{where}: the encoder {record['source']!r} builds a different config than "
                               f"the one recorded; the package's weights changed")
     else:
-        module = kind.build(config)
         weights = folder / f"{name}.safetensors"
+        with skip_init() if weights.is_file() else contextlib.nullcontext():
+            module = kind.build(config)
         if module.state_dict() or weights.is_file():
-            load_weights(module, weights, source=where)
+            load_weights(module, weights, source=where, assign=True)
+            release_freed_memory()
     if kind.frozen if frozen is None else frozen:
         module.eval().requires_grad_(False)
     return module.to(device)
+
+
+@contextlib.contextmanager
+def skip_init() -> Iterator[None]:
+    """Make ``torch.nn.init``'s initialisers no-ops: for building a module whose parameters
+    are all loaded next (strictly, so none keeps its initial value). Saves the time of drawing
+    every random weight and the memory of touching it."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, _keep)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
 
 
 def load_init(module: nn.Module, folder: PathLike, names: tuple[str, ...], *, prefix: str = "") -> str:

@@ -29,6 +29,7 @@ from muvi.config import RELEASE_FORMAT, Config, ConfigError, read_json
 from muvi.encoders.frames import encode_frames, has_cls
 from muvi.errors import GenerationError, InputError, MissingFileError
 from muvi.flow import evaluations
+from muvi.memory import release_freed_memory
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
@@ -317,12 +318,14 @@ class MuviPipeline(nn.Module):
             first_frame = int(math.floor(w.start / cfg.latent_rate * cfg.video_fps + 1e-6))
             last_frame = video_io.duration_frames(w.stop / cfg.latent_rate, cfg.video_fps)
             cond = self.condition(self.encode_video(frames.take(first_frame, last_frame)), w.frames)
+            release_freed_memory()  # the encoder's activations, before the DiT's
             stages.step()
             stages.stage("sampling")
             context = prefix if w.index == 0 else latent[:, w.start - w.context:w.start]
             seed = request.seed if request.seed is None or w.index == 0 else (request.seed + w.index) % 2 ** 63
             fresh = self.sample_latent(cond, num_steps=request.num_steps, cfg_scale=request.cfg_scale, seed=seed,
                                        prefix=context, method=request.method, callback=stages.step)
+            release_freed_memory()
             stages.stage("decoding")
             if latent is None:
                 latent = fresh.new_zeros(1, total, fresh.shape[-1])
@@ -332,6 +335,7 @@ class MuviPipeline(nn.Module):
             else:  # decoded after its context, so the decoder sees the music it continues
                 wave = self.decode_latent(torch.cat([context, fresh], dim=1))[0, w.context * hop:]
             crossfade_into(out, wave.float().cpu(), w.start * hop, w.overlap * hop)
+            release_freed_memory()
             stages.step()
         stages.close()
         return self._output(request, out[:int(round(duration * rate))])

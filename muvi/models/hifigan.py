@@ -8,6 +8,13 @@ with ``ResBlock1``): ``conv_pre``, ``ups.N``, ``resblocks.N.convs1.M``, ``resblo
 ``conv_post``, so its checkpoints (and those of its many forks) load by name. Unlike the release,
 the number of mel bins comes from the config instead of a hard-coded 80.
 
+Layout: the convolutions run as 2D convolutions over (B, C, 1, N) tensors in channels-last
+memory order (:func:`_conv`), which oneDNN runs without reordering activations in and out of
+its blocked layout: on a 2-core AVX2 CPU the 75-channel, 240 000-sample convolutions of the last
+stage go from 26-45 to 52-64 GFLOP/s, the vocoder as a whole ~1.3x faster (recipes/benchmark.py).
+The weights stay ``Conv1d``/``ConvTranspose1d`` parameters (same keys, same training); the
+result equals the plain ``conv1d`` path (``channels_last=False``) to float32 rounding.
+
 At inference the convolutions hold plain weights. Training wraps them in weight norm with
 :meth:`HiFiGANGenerator.apply_weight_norm` and folds it back with ``remove_weight_norm``;
 :func:`load_hifigan_generator` folds weight-norm checkpoints (old ``weight_g``/``weight_v`` or
@@ -91,9 +98,22 @@ class ResBlock1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv1, conv2 in zip(self.convs1, self.convs2):
-            h = conv1(F.leaky_relu(x, self.slope))
-            x = x + conv2(F.leaky_relu(h, self.slope))
+            h = _conv(conv1, F.leaky_relu(x, self.slope))
+            x = x + _conv(conv2, F.leaky_relu(h, self.slope))
         return x
+
+
+def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a ``Conv1d``/``ConvTranspose1d`` to ``x``: (B, C, N) as is, or (B, C, 1, N) as the
+    equal 2D convolution with a height-1 kernel (channels-last activations stay channels-last)."""
+    if x.dim() == 3:
+        return conv(x)
+    weight = conv.weight.unsqueeze(2)
+    (stride,), (padding,), (dilation,) = conv.stride, conv.padding, conv.dilation
+    if isinstance(conv, nn.ConvTranspose1d):
+        return F.conv_transpose2d(x, weight, conv.bias, (1, stride), (0, padding),
+                                  (0, conv.output_padding[0]), conv.groups, (1, dilation))
+    return F.conv2d(x, weight, conv.bias, (1, stride), (0, padding), (1, dilation), conv.groups)
 
 
 class HiFiGANGenerator(nn.Module):
@@ -108,9 +128,15 @@ class HiFiGANGenerator(nn.Module):
     samples are trimmed from the tail, so a mel of T frames gives exactly T · hop samples.
     """
 
-    def __init__(self, config: HiFiGANConfig):
+    def __init__(self, config: HiFiGANConfig, *, channels_last: bool = True, chunk_frames: int | None = 400):
         super().__init__()
         self.config = config
+        #: run the convolutions as channels-last 2D ones (see the module docstring); False: conv1d
+        self.channels_last = channels_last
+        #: mels longer than this many frames are vocoded in chunks of it, each with
+        #: :meth:`receptive_margin` frames of context on both sides (memory bounded by the
+        #: chunk, the output equal to one pass to float32 rounding); None: one pass
+        self.chunk_frames = chunk_frames
         c0 = config.upsample_initial_channel
         self.num_kernels = len(config.resblock_kernel_sizes)
         self.conv_pre = nn.Conv1d(config.num_mels, c0, 7, padding=3)
@@ -130,20 +156,46 @@ class HiFiGANGenerator(nn.Module):
     def hop_length(self) -> int:
         return self.config.hop_length
 
+    def receptive_margin(self) -> int:
+        """Mel frames on each side that one output sample can depend on (an upper bound)."""
+        cfg = self.config
+        radius, rate = 3.0, 1  # conv_pre: kernel 7 at the frame rate
+        for u, k in zip(cfg.upsample_rates, cfg.upsample_kernel_sizes):
+            radius += math.ceil(k / u) / rate  # a transposed conv's output sees ceil(k/u) inputs
+            rate *= u
+            radius += max(sum((k - 1) * d // 2 + (k - 1) // 2 for d in dilations)
+                          for k, dilations in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)) / rate
+        radius += 3 / rate  # conv_post
+        return math.ceil(radius) + 1
+
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         squeeze = mel.dim() == 2
         x = mel.unsqueeze(0) if squeeze else mel
         if x.dim() != 3 or x.shape[1] != self.config.num_mels:
             raise ValueError(f"expected mel (B, {self.config.num_mels}, T), got {tuple(mel.shape)}")
+        chunk, frames = self.chunk_frames, x.shape[-1]
+        if chunk is None or frames <= chunk or torch.is_grad_enabled():
+            wave = self._vocode(x)
+        else:
+            margin, hop, pieces = self.receptive_margin(), self.hop_length, []
+            for start in range(0, frames, chunk):
+                lo, hi = max(0, start - margin), min(frames, start + chunk + margin)
+                piece = self._vocode(x[..., lo:hi])
+                pieces.append(piece[:, (start - lo) * hop:(min(frames, start + chunk) - lo) * hop])
+            wave = torch.cat(pieces, dim=1)
+        return wave[0] if squeeze else wave
+
+    def _vocode(self, x: torch.Tensor) -> torch.Tensor:
         num_samples = x.shape[-1] * self.hop_length
-        x = self.conv_pre(x)
+        if self.channels_last:
+            x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (B, M, 1, T)
+        x = _conv(self.conv_pre, x)
         for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, self.config.leaky_relu_slope))
+            x = _conv(up, F.leaky_relu(x, self.config.leaky_relu_slope))
             blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
             x = sum(block(x) for block in blocks) / self.num_kernels
-        x = torch.tanh(self.conv_post(F.leaky_relu(x)))  # default slope 0.01, as released
-        wave = x[:, 0, :num_samples]  # (B, N); drop the transposed convs' extra tail samples
-        return wave[0] if squeeze else wave
+        x = torch.tanh(_conv(self.conv_post, F.leaky_relu(x)))  # default slope 0.01, as released
+        return x.flatten(1, -2)[:, 0, :num_samples]  # (B, N); drop the transposed convs' extra tail samples
 
     def _convs(self) -> list[nn.Module]:
         return [m for m in self.modules() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d))]

@@ -1,0 +1,167 @@
+"""The fast paths equal the plain ones, and the measuring tools measure what they say.
+
+Speed itself is measured by the benchmark recipes (recipes/benchmark*.py), never timed here.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
+from muvi.pipeline import MuviPipeline
+from muvi.profiling import Stages, count_cpu_attention, peak_memory, reset_peak_memory
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def vocoder(seed: int = 0, **overrides) -> HiFiGANGenerator:
+    """A small V1-layout generator with weights large enough that every layer matters."""
+    torch.manual_seed(seed)
+    config = HiFiGANConfig(num_mels=20, upsample_initial_channel=64, **overrides)
+    model = HiFiGANGenerator(config).eval()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            torch.nn.init.normal_(m.weight, 0.0, 0.5 / (m.weight[0].numel() ** 0.5))
+    return model
+
+
+def test_channels_last_vocoder_equals_conv1d():
+    model, mel = vocoder(), torch.randn(2, 20, 37)
+    with torch.no_grad():
+        fast = model(mel)
+        model.channels_last = False
+        plain = model(mel)
+    assert fast.shape == plain.shape == (2, 37 * model.hop_length)
+    assert plain.abs().max() > 0.05  # not a silent output
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_vocoder_trains_the_same():
+    """Same gradients through the 2D path, with weight norm as the vocoder recipe trains it."""
+    grads = []
+    for channels_last in (True, False):
+        model = vocoder(seed=1)
+        model.apply_weight_norm()
+        model.channels_last = channels_last
+        model(torch.randn(1, 20, 11, generator=torch.Generator().manual_seed(0))).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for fast, plain in zip(*grads):
+        torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_vocoder_equals_one_pass():
+    model, mel = vocoder(seed=2), torch.randn(1, 20, 131)
+    with torch.inference_mode():
+        model.chunk_frames = None
+        whole = model(mel)
+        for chunk in (16, 50, 130):
+            model.chunk_frames = chunk
+            torch.testing.assert_close(model(mel), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_margin_is_needed(monkeypatch):
+    """The check above can fail: with too little context the chunk edges differ."""
+    model, mel = vocoder(seed=2), torch.randn(1, 20, 131)
+    with torch.inference_mode():
+        model.chunk_frames = None
+        whole = model(mel)
+        model.chunk_frames = 16
+        monkeypatch.setattr(model, "receptive_margin", lambda: 1)
+        assert (model(mel) - whole).abs().max() > 1e-3
+
+
+def test_chunked_vocoder_keeps_gradients_whole():
+    """Training (grad enabled) always runs one pass; chunking is for inference."""
+    model = vocoder()
+    model.chunk_frames = 4
+    mel = torch.randn(1, 20, 9, requires_grad=True)
+    model(mel).sum().backward()
+    assert mel.grad.abs().sum() > 0
+
+
+def test_cpu_attention_flops_are_counted():
+    count_cpu_attention()
+    q, k, v = (torch.randn(2, 3, 50, 8) for _ in range(3))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == 4 * 2 * 3 * 50 * 50 * 8  # QKᵀ and AV, 2 FLOPs per multiply-add
+
+
+def test_stages_record_time_flops_and_peak_memory():
+    device = torch.device("cpu")
+    stages = Stages(device)
+    with stages("matmul"):
+        a = torch.ones(256, 512) @ torch.ones(512, 128)
+    with stages("allocate"):
+        big = torch.ones(64 * 2 ** 20)  # 256 MB, touched
+        del big
+    matmul, allocate = stages.rows
+    assert matmul.flops == 2 * 256 * 512 * 128 and a[0, 0] == 512
+    assert matmul.seconds > 0
+    if Path("/proc/self/clear_refs").exists():  # peaks are per stage on Linux
+        assert allocate.peak_rss_mb - matmul.peak_rss_mb > 200
+        reset_peak_memory(device)
+        assert peak_memory(device)[0] < allocate.peak_rss_mb - 200
+    assert "total" in stages.table(rate=1e11)
+
+
+def test_release_loads_mapped_and_can_be_saved_over(tmp_path):
+    """Loading maps the weights from their files (no copy); saving a loaded release over its own
+    folder replaces the files rather than truncating what is mapped, and the weights survive."""
+    pipe = MuviPipeline.from_presets("tiny", seed=3)
+    pipe.save_pretrained(tmp_path)
+    loaded = MuviPipeline.from_pretrained(tmp_path)
+    for (name, a), b in zip(pipe.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    loaded.save_pretrained(tmp_path)  # over the files it was loaded from
+    again = MuviPipeline.from_pretrained(tmp_path)
+    for (name, a), b in zip(pipe.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def _recipe(name: str, *args: str, timeout: float = 300) -> str:
+    env = {**os.environ, "PYTHONPATH": str(RECIPES)}
+    done = subprocess.run([sys.executable, str(RECIPES / name), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_gpu_benchmark_runs_on_cpu(tmp_path):
+    out = _recipe("benchmark_gpu.py", "--device", "cpu", "--preset", "tiny", "--durations", "1.5",
+                  "--num-steps", "2", "--batch", "2", "--train-seconds", "2", "--train-steps", "1",
+                  "--json", str(tmp_path / "gpu.json"))
+    import json
+
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    inference = report["inference"][0]
+    assert inference["duration"] == 1.5 and set(inference["stages"]) >= {"sampling", "vocoder"}
+    training = report["training"]
+    assert training["batch"] == 2 and training["frames"] == 20 and 0 < training["mfu"] < 1
+    assert "MFU" in out
+
+
+def test_musicgen_peer_generates_with_cache_and_cfg():
+    sys.path.insert(0, str(RECIPES))
+    try:
+        from benchmark_peers import NUM_CODEBOOKS, musicgen_decoder, musicgen_generate
+    finally:
+        sys.path.remove(str(RECIPES))
+    model = musicgen_decoder("tiny")
+    codes = musicgen_generate(model, 0.1, top_k=5)
+    assert codes.shape == (NUM_CODEBOOKS, 5 + NUM_CODEBOOKS - 1)
+    assert int(codes.max()) < model.config.vocab_size
+
+
+@pytest.mark.parametrize("recipe", ["benchmark.py", "benchmark_peers.py", "benchmark_solvers.py"])
+def test_benchmark_recipes_explain_themselves(recipe):
+    assert "usage" in _recipe(recipe, "--help", timeout=120)
