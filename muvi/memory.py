@@ -20,9 +20,9 @@ M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 def _libc():
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # glibc only
-    except (OSError, AttributeError):
+    except OSError:
         return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None  # glibc only
 
 
 def release_freed_memory() -> None:
