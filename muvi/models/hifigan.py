@@ -105,9 +105,14 @@ class ResBlock1(nn.Module):
 
 def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a ``Conv1d``/``ConvTranspose1d`` to ``x``: (B, C, N) as is, or (B, C, 1, N) as the
-    equal 2D convolution with a height-1 kernel (channels-last activations stay channels-last)."""
+    equal 2D convolution with a height-1 kernel (channels-last activations stay channels-last).
+
+    A conv with forward hooks (the old ``torch.nn.utils.weight_norm`` recomputes ``weight`` in
+    one) is called as itself, so the hooks run; only plain convs take the 2D path."""
     if x.dim() == 3:
         return conv(x)
+    if conv._forward_pre_hooks or conv._forward_hooks:
+        return conv(x.squeeze(2)).unsqueeze(2).contiguous(memory_format=torch.channels_last)
     weight = conv.weight.unsqueeze(2)
     (stride,), (padding,), (dilation,) = conv.stride, conv.padding, conv.dilation
     if isinstance(conv, nn.ConvTranspose1d):
