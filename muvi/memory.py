@@ -7,13 +7,22 @@ freed (up to 32 MB), so after the first stage of a run most activations live in 
 grow: the base preset's vocoder then held ~0.6 GB more than its working set.
 :func:`return_large_blocks` pins the threshold (so every block of 16 MB or more is mapped and
 returned when freed) and :func:`release_freed_memory` trims what the heaps hold.
+
+Weights loaded from a release are mapped from their safetensors files (no copy), so the pages a
+stage reads count as resident until the kernel needs them: after a generation all of them would.
+:func:`page_out_mapped` hands a module's mapped pages back once its stage is done
+(``MADV_PAGEOUT``, Linux 5.4+), so the peak is the largest stage rather than the sum of all. They
+are clean copies of the file, so nothing is lost; the next use reads them again (page cache).
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
+import os
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+MADV_PAGEOUT = 21      # madvise advice (linux/mman.h): reclaim these pages now
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,3 +48,43 @@ def return_large_blocks(threshold: int = 16 << 20) -> bool:
     whether it took effect."""
     libc = _libc()
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed mappings, sorted; empty without /proc."""
+    spans = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):  # inode, path
+                    start, end = fields[0].split("-")
+                    spans.append((int(start, 16), int(end, 16)))
+    except OSError:
+        return []
+    return sorted(spans)
+
+
+def page_out_mapped(module) -> int:
+    """Ask the kernel to reclaim the pages of ``module``'s parameters and buffers that are mapped
+    from files (weights loaded from a release); tensors in ordinary memory are left alone, so
+    this never pushes working memory to swap. Returns the bytes advised (0 where unsupported)."""
+    libc = _libc()
+    spans = _file_mappings()
+    if libc is None or not spans:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    starts = [start for start, _ in spans]
+    advised = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        begin = tensor.data_ptr()
+        if tensor.device.type != "cpu" or not tensor.numel():
+            continue
+        i = bisect.bisect_right(starts, begin) - 1
+        if i < 0 or begin >= spans[i][1]:
+            continue  # not in a file mapping
+        first = begin - begin % page
+        last = min(begin + tensor.numel() * tensor.element_size(), spans[i][1])
+        if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_PAGEOUT) == 0:
+            advised += last - first
+    return advised

@@ -29,7 +29,7 @@ from muvi.config import RELEASE_FORMAT, Config, ConfigError, read_json
 from muvi.encoders.frames import encode_frames, has_cls
 from muvi.errors import GenerationError, InputError, MissingFileError
 from muvi.flow import evaluations
-from muvi.memory import release_freed_memory
+from muvi.memory import page_out_mapped, release_freed_memory
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
@@ -106,6 +106,11 @@ class MuviPipeline(nn.Module):
             raise ConfigError(f"the adaptor's {adaptor.config.aggregation!r} aggregation needs the video encoder's "
                               f"CLS tokens, and a {type(video_encoder).__name__} has none (CLIP has)")
         self.eval().requires_grad_(False)
+        #: after each stage of a generation, hand back the memory it freed and the pages of its
+        #: weights mapped from the release (:func:`muvi.memory.page_out_mapped`): the peak is then
+        #: the largest stage, not the sum of all (base preset, 10 s: see the README's benchmark);
+        #: the next generation reads them again from the page cache. False keeps them resident.
+        self.page_out_weights = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -256,6 +261,7 @@ class MuviPipeline(nn.Module):
     def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalised latent (B, T, C) → waveform (B, T · samples per latent frame)."""
         mel = self.vae.decode(self.vae.denormalize(latent.transpose(1, 2)))
+        self.stage_done(self.vae)  # before the vocoder's turn
         return self.vocoder(mel)
 
     @property
@@ -318,14 +324,14 @@ class MuviPipeline(nn.Module):
             first_frame = int(math.floor(w.start / cfg.latent_rate * cfg.video_fps + 1e-6))
             last_frame = video_io.duration_frames(w.stop / cfg.latent_rate, cfg.video_fps)
             cond = self.condition(self.encode_video(frames.take(first_frame, last_frame)), w.frames)
-            release_freed_memory()  # the encoder's activations, before the DiT's
+            self.stage_done(self.video_encoder, self.adaptor)  # before the DiT's turn
             stages.step()
             stages.stage("sampling")
             context = prefix if w.index == 0 else latent[:, w.start - w.context:w.start]
             seed = request.seed if request.seed is None or w.index == 0 else (request.seed + w.index) % 2 ** 63
             fresh = self.sample_latent(cond, num_steps=request.num_steps, cfg_scale=request.cfg_scale, seed=seed,
                                        prefix=context, method=request.method, callback=stages.step)
-            release_freed_memory()
+            self.stage_done(self.dit)
             stages.stage("decoding")
             if latent is None:
                 latent = fresh.new_zeros(1, total, fresh.shape[-1])
@@ -335,7 +341,7 @@ class MuviPipeline(nn.Module):
             else:  # decoded after its context, so the decoder sees the music it continues
                 wave = self.decode_latent(torch.cat([context, fresh], dim=1))[0, w.context * hop:]
             crossfade_into(out, wave.float().cpu(), w.start * hop, w.overlap * hop)
-            release_freed_memory()
+            self.stage_done(self.vocoder)
             stages.step()
         stages.close()
         return self._output(request, out[:int(round(duration * rate))])
@@ -380,11 +386,22 @@ class MuviPipeline(nn.Module):
         last_frame = video_io.duration_frames(frames / cfg.latent_rate, cfg.video_fps)
         cond = torch.cat([self.condition(self.encode_video(self._frame_stream(r).take(0, last_frame)), frames)
                           for r in requests])
+        self.stage_done(self.video_encoder, self.adaptor)
         first = requests[0]
         fresh = self.sample_latent(cond, num_steps=first.num_steps, cfg_scale=first.cfg_scale,
                                    seed=[r.seed for r in requests], method=first.method)
+        self.stage_done(self.dit)
         waves = self.decode_latent(fresh).float().cpu()
+        self.stage_done(self.vocoder)
         return [self._output(r, waves[i, :int(round(r.duration * rate))].clone()) for i, r in enumerate(requests)]
+
+    def stage_done(self, *components: nn.Module) -> None:
+        """A stage that used ``components`` is over: hand back the memory it freed and, with
+        :attr:`page_out_weights`, the pages of their weights mapped from the release."""
+        release_freed_memory()
+        if self.page_out_weights:
+            for component in components:
+                page_out_mapped(component)
 
     def _output(self, request: "Request", waveform: torch.Tensor) -> GenerationOutput:
         """The request's music, checked finite."""

@@ -172,7 +172,6 @@ def generation_stages(pipe, stages: Stages, video, duration: float, *, num_steps
     stage by stage as :meth:`MuviPipeline.run` does it for one window: decode, video encoder,
     adaptor, sampling, VAE decode, vocoder. Returns the waveform."""
     from muvi import video as video_io
-    from muvi.memory import release_freed_memory
 
     cfg = pipe.config
     with torch.inference_mode():
@@ -181,15 +180,17 @@ def generation_stages(pipe, stages: Stages, video, duration: float, *, num_steps
         num_latent = video_io.duration_frames(duration, cfg.latent_rate)
         with stages("video encoder"):
             tokens = pipe.encode_video(frames.to(pipe.device))
-            release_freed_memory()
+            pipe.stage_done(pipe.video_encoder)
         with stages("adaptor"):
             cond = pipe.condition(tokens, num_latent)
-            release_freed_memory()
+            pipe.stage_done(pipe.adaptor)
         with stages("sampling"):
             latent = pipe.sample_latent(cond, num_steps=num_steps, cfg_scale=cfg_scale, seed=seed)
-            release_freed_memory()
+            pipe.stage_done(pipe.dit)
         with stages("VAE decode"):
             mel = pipe.vae.decode(pipe.vae.denormalize(latent.transpose(1, 2)))
-            release_freed_memory()
+            pipe.stage_done(pipe.vae)
         with stages("vocoder"):
-            return pipe.vocoder(mel)
+            wave = pipe.vocoder(mel)
+            pipe.stage_done(pipe.vocoder)
+            return wave

@@ -4,6 +4,7 @@ Speed itself is measured by the benchmark recipes (recipes/benchmark*.py), never
 """
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -125,6 +126,54 @@ def test_release_loads_mapped_and_can_be_saved_over(tmp_path):
     for (name, a), b in zip(pipe.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert not list(tmp_path.glob("*.partial"))
+
+
+def _resident_file_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
+def test_mapped_weights_are_paged_out_and_read_again_unchanged(tmp_path):
+    """page_out_mapped hands back the pages of weights mapped from a release file, never tensors
+    in ordinary memory, and what is read afterwards is the same weights."""
+    from dataclasses import replace
+
+    from muvi.hub import load_component, save_component
+    from muvi.memory import page_out_mapped
+    from muvi.models.dit import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    built = DiT(replace(DiTConfig.preset("tiny"), width=512, depth=4, num_heads=8)).eval()
+    size = sum(p.numel() * p.element_size() for p in built.parameters())
+    assert size > 40e6
+    assert page_out_mapped(built) == 0  # built in memory: nothing mapped, nothing advised
+    save_component(built, tmp_path, "dit")
+    with open(tmp_path / "dit.safetensors", "rb") as written:  # the kernel does not reclaim pages
+        os.fsync(written.fileno())                          # still waiting to be written back
+    loaded = load_component(tmp_path, "dit")
+    before = [p.clone() for p in loaded.parameters()]  # reads every page
+    resident = _resident_file_bytes()
+    advised = page_out_mapped(loaded)
+    assert advised >= size
+    assert resident - _resident_file_bytes() > 0.8 * size  # the pages did leave
+    for p, q in zip(loaded.parameters(), before):
+        assert torch.equal(p, q)
+    assert _resident_file_bytes() - resident > -0.2 * size  # read back in by that comparison
+
+
+def test_generation_pages_out_each_stage_and_makes_the_same_music(tmp_path):
+    from muvi.inputs import check_request
+
+    MuviPipeline.from_presets("tiny", seed=2).save_pretrained(tmp_path)
+    pipe = MuviPipeline.from_pretrained(tmp_path)
+    frames = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    request = check_request(frames, fps=10, seed=5, num_steps=2, limits=pipe.limits)
+    assert pipe.page_out_weights  # the default
+    paged = [pipe.run(request, progress=False).waveform for _ in range(2)]  # the second reads them back
+    pipe.page_out_weights = False
+    kept = pipe.run(request, progress=False).waveform
+    assert torch.equal(paged[0], paged[1]) and torch.equal(paged[0], kept)
 
 
 def _recipe(name: str, *args: str, capsys) -> str:
