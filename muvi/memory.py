@@ -10,9 +10,11 @@ returned when freed) and :func:`release_freed_memory` trims what the heaps hold.
 
 Weights loaded from a release are mapped from their safetensors files (no copy), so the pages a
 stage reads count as resident until the kernel needs them: after a generation all of them would.
-:func:`page_out_mapped` hands a module's mapped pages back once its stage is done
-(``MADV_PAGEOUT``, Linux 5.4+), so the peak is the largest stage rather than the sum of all. They
-are clean copies of the file, so nothing is lost; the next use reads them again (page cache).
+:func:`page_out_mapped` drops a module's mapped pages from the process once its stage is done, so
+the peak is the largest stage rather than the sum of all. Only pages that are still unmodified
+copies of the file are dropped (``/proc/self/pagemap`` says which; ``MADV_DONTNEED``), so nothing
+is lost; the page cache keeps them, and the next use maps them again in milliseconds (asking the
+kernel to reclaim them outright, ``MADV_PAGEOUT``, made that re-read cost ~1 s per GB).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import functools
 import os
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
-MADV_PAGEOUT = 21      # madvise advice (linux/mman.h): reclaim these pages now
+MADV_DONTNEED = 4      # madvise advice (linux/mman.h): unmap these pages from the process
+_PAGEMAP_PRESENT, _PAGEMAP_SWAPPED, _PAGEMAP_FILE = 1 << 63, 1 << 62, 1 << 61  # pagemap entry bits
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,26 +68,52 @@ def _file_mappings() -> list[tuple[int, int]]:
     return sorted(spans)
 
 
+def _unmodified_runs(pagemap: int, first_page: int, count: int) -> list[tuple[int, int]]:
+    """(first page, pages) of each run among ``count`` pages from ``first_page`` that are absent
+    or still the file's page (not a private copy made by a write, nor swapped)."""
+    entries = memoryview(os.pread(pagemap, 8 * count, 8 * first_page)).cast("Q")
+    runs, start = [], None
+    for k, entry in enumerate([*entries, _PAGEMAP_PRESENT]):  # a sentinel ends the last run
+        written = bool(entry & (_PAGEMAP_PRESENT | _PAGEMAP_SWAPPED)) and not entry & _PAGEMAP_FILE
+        if written or k == len(entries):
+            if start is not None:
+                runs.append((first_page + start, k - start))
+            start = None
+        elif start is None:
+            start = k
+    return runs
+
+
 def page_out_mapped(module) -> int:
-    """Ask the kernel to reclaim the pages of ``module``'s parameters and buffers that are mapped
-    from files (weights loaded from a release); tensors in ordinary memory are left alone, so
-    this never pushes working memory to swap. Returns the bytes advised (0 where unsupported)."""
+    """Drop from this process the pages of ``module``'s parameters and buffers that are mapped
+    from files (weights loaded from a release) and unmodified; tensors in ordinary memory, and
+    mapped pages written to since, are left alone. Returns the bytes dropped (a page two tensors
+    share counts twice; 0 where unsupported: not Linux/glibc). Not to be called while another
+    thread writes to those tensors."""
     libc = _libc()
     spans = _file_mappings()
     if libc is None or not spans:
         return 0
     page = os.sysconf("SC_PAGE_SIZE")
     starts = [start for start, _ in spans]
-    advised = 0
-    for tensor in [*module.parameters(), *module.buffers()]:
-        begin = tensor.data_ptr()
-        if tensor.device.type != "cpu" or not tensor.numel():
-            continue
-        i = bisect.bisect_right(starts, begin) - 1
-        if i < 0 or begin >= spans[i][1]:
-            continue  # not in a file mapping
-        first = begin - begin % page
-        last = min(begin + tensor.numel() * tensor.element_size(), spans[i][1])
-        if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_PAGEOUT) == 0:
-            advised += last - first
-    return advised
+    dropped = 0
+    try:
+        pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            begin = tensor.data_ptr()
+            if tensor.device.type != "cpu" or not tensor.numel():
+                continue
+            i = bisect.bisect_right(starts, begin) - 1
+            if i < 0 or begin >= spans[i][1]:
+                continue  # not in a file mapping
+            first = begin - begin % page
+            last = min(begin + tensor.numel() * tensor.element_size(), spans[i][1])
+            for run, pages in _unmodified_runs(pagemap, first // page, -(-(last - first) // page)):
+                if libc.madvise(ctypes.c_void_p(run * page), ctypes.c_size_t(pages * page), MADV_DONTNEED) == 0:
+                    dropped += pages * page
+    finally:
+        os.close(pagemap)
+    return dropped

@@ -59,6 +59,8 @@ def main() -> None:
                         help="print the N most expensive operators of each stage (torch.profiler)")
     parser.add_argument("--plain", action="store_true", help="the plain layouts (conv1d vocoder), for comparison")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--keep-weights", action="store_true",
+                        help="keep each stage's weights resident after it (MuviPipeline.page_out_weights off)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="time the generation this many times and keep each stage's best (a shared machine's "
                              "neighbours slow single runs by up to ~10%%)")
@@ -89,6 +91,7 @@ def main() -> None:
 def _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss) -> None:
     if args.plain:
         pipe.vocoder.channels_last, pipe.vocoder.chunk_frames = False, None
+    pipe.page_out_weights = not args.keep_weights
     # Timed with nothing watching (torch's FLOP counter costs Python time per operator: +5 s on
     # the DiT's 25 steps); FLOPs counted in a second pass, of the model's own arithmetic (the
     # vocoder unchunked: the overlap of its chunks is a cost of this implementation, in the time).
