@@ -47,13 +47,21 @@ def musicgen_decoder(size: str, seed: int = 0):
     return MusicgenForCausalLM(config).eval()
 
 
+def musicgen_cache():
+    """A decoder KV cache with the self-attention and cross-attention keys apart. (A bare
+    ``DynamicCache`` makes transformers append the condition's cross-attention keys to the
+    self-attention cache at every step: a wrong model whose cache grows by the condition's length
+    per step, tens of GB after 500 steps of the medium decoder.)"""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+
 @torch.inference_mode()
 def musicgen_generate(model, seconds: float, *, guidance_scale: float = 3.0, top_k: int = 250,
                       condition_tokens: int = 64, seed: int = 0) -> torch.Tensor:
     """Decode 50·seconds + 3 steps (the delay pattern) with CFG in one batch of two and a KV
     cache; returns the codes (4, steps)."""
-    from transformers import DynamicCache
-
     cfg = model.config
     generator = torch.Generator().manual_seed(seed)
     steps = int(round(seconds * FRAME_RATE)) + NUM_CODEBOOKS - 1
@@ -61,7 +69,7 @@ def musicgen_generate(model, seconds: float, *, guidance_scale: float = 3.0, top
     cond = torch.randn(1, condition_tokens, cfg.hidden_size, generator=generator)
     encoder_states = torch.cat([cond, torch.zeros_like(cond)])
     tokens = torch.full((2 * NUM_CODEBOOKS, 1), cfg.bos_token_id)  # (batch · codebooks, 1)
-    cache = DynamicCache()
+    cache = musicgen_cache()
     codes = []
     for _ in range(steps):
         logits = model(input_ids=tokens, encoder_hidden_states=encoder_states, cache=cache,
@@ -103,22 +111,27 @@ def main() -> None:
             (f"muvi {args.preset}: end to end", sum(p.numel() for p in pipe.parameters()),
              muvi.total_seconds, max(r.peak_rss_mb for r in muvi.rows))]
     del pipe
+
+    # each row is printed as soon as it is measured (the medium decoder alone takes many minutes)
+    print(f"peers benchmark: {args.seconds:g} s of audio, fp32, CPU, threads={torch.get_num_threads()}, "
+          f"matmul {rate / 1e9:.1f} GFLOP/s", flush=True)
+    print(f"{'system':<52}{'params M':>9}{'time s':>9}{'peak MB':>9}"
+          f"{'x muvi sampling':>17}{'x muvi e2e':>12}", flush=True)
+
+    def report(name: str, params: int, seconds: float, rss: float) -> None:
+        print(f"{name:<52}{params / 1e6:>9.0f}{seconds:>9.1f}{rss:>9.0f}"
+              f"{seconds / rows[0][2]:>17.2f}{seconds / rows[1][2]:>12.2f}", flush=True)
+
+    for row in rows:
+        report(*row)
     for size in args.peers:
         model = musicgen_decoder(size)
         peer = Stages(device, count_flops=False)
         with peer(size):
             codes = musicgen_generate(model, args.seconds)
-        rows.append((f"MusicGen {size} decoder ({codes.shape[1]} steps, CFG, KV cache)",
-                     sum(p.numel() for p in model.parameters()), peer.rows[0].seconds, peer.rows[0].peak_rss_mb))
+        report(f"MusicGen {size} decoder ({codes.shape[1]} steps, CFG, KV cache)",
+               sum(p.numel() for p in model.parameters()), peer.rows[0].seconds, peer.rows[0].peak_rss_mb)
         del model
-
-    print(f"peers benchmark: {args.seconds:g} s of audio, fp32, CPU, threads={torch.get_num_threads()}, "
-          f"matmul {rate / 1e9:.1f} GFLOP/s")
-    print(f"{'system':<52}{'params M':>9}{'time s':>9}{'peak MB':>9}"
-          f"{'x muvi sampling':>17}{'x muvi e2e':>12}")
-    for name, params, seconds, rss in rows:
-        print(f"{name:<52}{params / 1e6:>9.0f}{seconds:>9.1f}{rss:>9.0f}"
-              f"{seconds / rows[0][2]:>17.2f}{seconds / rows[1][2]:>12.2f}")
 
 
 if __name__ == "__main__":

@@ -220,6 +220,33 @@ def test_musicgen_peer_generates_with_cache_and_cfg():
     assert int(codes.max()) < model.config.vocab_size
 
 
+@torch.inference_mode()
+def test_musicgen_peer_cache_is_used():
+    """The peer decodes one token per step; that is only a fair (and correct) MusicGen if the KV
+    cache carries the earlier tokens and only them: the cached last-step logits equal a full
+    forward's, the self-attention cache holds one entry per step and the cross-attention cache
+    the condition once."""
+    sys.path.insert(0, str(RECIPES))
+    try:
+        from benchmark_peers import NUM_CODEBOOKS, musicgen_cache, musicgen_decoder
+    finally:
+        sys.path.remove(str(RECIPES))
+    model = musicgen_decoder("tiny")
+    steps, condition = 6, 3
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (NUM_CODEBOOKS, steps), generator=generator)
+    states = torch.randn(1, condition, model.config.hidden_size)
+    cache, last = musicgen_cache(), None
+    for t in range(steps):
+        last = model(input_ids=tokens[:, t:t + 1], encoder_hidden_states=states, cache=cache, use_cache=True).logits
+    full = model(input_ids=tokens, encoder_hidden_states=states).logits
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-4, atol=1e-5)
+    assert cache.self_attention_cache.get_seq_length() == steps
+    assert cache.cross_attention_cache.get_seq_length() == condition
+    uncached = model(input_ids=tokens[:, -1:], encoder_hidden_states=states).logits
+    assert (uncached[:, -1] - full[:, -1]).abs().max() > 1e-3  # the first check can fail
+
+
 @pytest.mark.parametrize("recipe", ["benchmark.py", "benchmark_peers.py", "benchmark_solvers.py"])
 def test_benchmark_recipes_explain_themselves(recipe, capsys):
     assert "usage" in _recipe(recipe, "--help", capsys=capsys)
