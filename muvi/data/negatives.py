@@ -13,9 +13,9 @@ Besides the other pairs of a batch, every positive (video, music) pair gets musi
 
 Decisions (the paper's formulas were lost from its text; these are ours):
 - The beat cycle ``T_b`` comes from the *minimum* tempo along the clip (the paper's wording), read
-  from a time-varying tempo estimate (8 s autocorrelation window, 30-240 BPM, log-normal prior at
-  120 BPM as librosa's default) at the beats found by Ellis's dynamic-programming tracker driven by
-  that tempo curve. A 10 ms hop gives a fine tempo grid (120 BPM is exactly 50 lags).
+  from the local tempo at each beat of the package's tracker (:mod:`muvi.data.beats`: Ellis's
+  dynamic programme with a time-varying, fractional beat period, 8 s autocorrelation windows,
+  30-240 BPM).
 - Excluded zones: a shift ``s`` is valid iff its distance to the nearest multiple of ``T_b / 2`` is
   more than ``zone * T_b`` (default ``zone = 1/8``): the shift's beat phase then lies in
   (1/8, 3/8) or (5/8, 7/8), at least an eighth of a beat away from both on-beat and off-beat
@@ -39,25 +39,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from muvi.data.beats import BeatTrackerConfig, track_beats_and_tempo
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("shift", "replace")
-
-
-class _TempoPrior:
-    """librosa's default pseudo-log-normal tempo prior, with hard bounds ``[low, high]`` BPM.
-
-    librosa accepts any object with ``logpdf``; its own ``max_tempo`` gives only the upper bound.
-    """
-
-    def __init__(self, low: float, high: float, centre: float = 120.0, octaves: float = 1.0) -> None:
-        self.low, self.high, self.centre, self.octaves = low, high, centre, octaves
-
-    def logpdf(self, bpm: np.ndarray) -> np.ndarray:
-        bpm = np.asarray(bpm, dtype=np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out = -0.5 * ((np.log2(bpm) - np.log2(self.centre)) / self.octaves) ** 2
-        return np.where((bpm >= self.low) & (bpm <= self.high) & np.isfinite(bpm), out, -np.inf)
 
 
 def _as_numpy(waveform) -> np.ndarray:
@@ -69,24 +55,11 @@ def _as_numpy(waveform) -> np.ndarray:
     return wave
 
 
-def track_beats(waveform, sample_rate: int, *, min_bpm: float = 30.0, max_bpm: float = 240.0,
-                hop_seconds: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """Ellis DP beat tracking with a time-varying tempo: (beat times in s, BPM at each beat)."""
-    import librosa
-
+def track_beats(waveform, sample_rate: int, *, min_bpm: float = 30.0,
+                max_bpm: float = 240.0) -> tuple[np.ndarray, np.ndarray]:
+    """(beat times in s, BPM at each beat) from the package's tracker (:mod:`muvi.data.beats`)."""
     wave = _as_numpy(waveform)
-    hop = max(1, int(round(hop_seconds * sample_rate)))
-    if wave.size < 4 * hop or not np.any(wave):
-        return np.zeros(0), np.zeros(0)
-    onset = librosa.onset.onset_strength(y=wave, sr=sample_rate, hop_length=hop)
-    if not np.any(onset > 0):
-        return np.zeros(0), np.zeros(0)
-    bpm = librosa.feature.tempo(onset_envelope=onset, sr=sample_rate, hop_length=hop, ac_size=8.0,
-                                max_tempo=max_bpm, aggregate=None, prior=_TempoPrior(min_bpm, max_bpm))
-    _, beats = librosa.beat.beat_track(onset_envelope=onset, sr=sample_rate, hop_length=hop, bpm=bpm,
-                                       units="frames")
-    beats = np.asarray(beats, dtype=np.int64)
-    return beats * hop / sample_rate, np.asarray(bpm)[beats]
+    return track_beats_and_tempo(wave, sample_rate, BeatTrackerConfig(min_bpm=min_bpm, max_bpm=max_bpm))
 
 
 def beat_cycle_frames(waveform, sample_rate: int, fps: float, *, min_beats: int = 3,

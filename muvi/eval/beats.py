@@ -1,18 +1,7 @@
-"""Beat tracking and beat-synchronisation metrics (BCS, BHS, and a robust P/R/F1 mode).
+"""Beat-synchronisation metrics (BCS, BHS, and a robust P/R/F1 mode) and the tracker check.
 
-Beat tracker (paper, section 4.1): Ellis (2007) dynamic-programming beat tracking with a
-time-varying tempo, "sliding window 8 s, stride 512 frames, BPM range 30-240". In librosa 0.11
-terms (our reading, :class:`BeatTrackerConfig`):
-
-- audio is resampled to 22 050 Hz (librosa's default rate, which the paper's librosa-based
-  evaluation most likely used) and the onset-strength envelope is computed with a hop of 512
-  samples: "stride 512" is the hop between onset/tempo frames (about 23 ms);
-- ``librosa.feature.tempo(aggregate=None, ac_size=8.0)`` gives one tempo per onset frame from
-  an 8 s autocorrelation window centred on it ("sliding window 8 s");
-- the tempo prior is librosa's default log-normal (centre 120 BPM, one octave deviation) set to
-  zero probability outside 30-240 BPM, so no tempo outside the paper's range can be chosen;
-- ``librosa.beat.beat_track(bpm=<per-frame tempo>)`` runs the DP with that time-varying tempo
-  (tightness 100, weak leading/trailing beats trimmed, both librosa defaults).
+The beat tracker itself lives in :mod:`muvi.data.beats` (one tracker for the negatives, the
+corpus and these metrics) and is re-exported here.
 
 Metrics. Per clip, with a one-to-one matching of reference and generated beats within 100 ms
 (maximum bipartite matching, :func:`match_beats`):
@@ -29,85 +18,17 @@ Metrics. Per clip, with a one-to-one matching of reference and generated beats w
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Sequence
 
 import numpy as np
 
-from muvi.config import Config
+from muvi.data.beats import BeatTrackerConfig, track_beats
+
+__all__ = ["BeatTrackerConfig", "track_beats", "match_beats", "beat_counts", "f_measure",
+           "beat_metrics", "BEAT_METRICS", "check_tracker_on_midi"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class BeatTrackerConfig(Config):
-    """Settings of the Ellis DP beat tracker with a time-varying tempo (see module docstring)."""
-
-    analysis_sample_rate: int = 22050
-    hop_length: int = 512
-    window_seconds: float = 8.0
-    min_bpm: float = 30.0
-    max_bpm: float = 240.0
-    start_bpm: float = 120.0
-    std_bpm: float = 1.0
-    tightness: float = 100.0
-    trim: bool = True
-
-
-class _BoundedLogNormalPrior:
-    """librosa's default tempo prior restricted to [min_bpm, max_bpm]; librosa only calls ``logpdf``."""
-
-    def __init__(self, start_bpm: float, std_bpm: float, min_bpm: float, max_bpm: float):
-        self.start_bpm, self.std_bpm, self.min_bpm, self.max_bpm = start_bpm, std_bpm, min_bpm, max_bpm
-
-    def logpdf(self, bpm: np.ndarray) -> np.ndarray:
-        bpm = np.asarray(bpm, dtype=np.float64)
-        with np.errstate(divide="ignore"):
-            out = -0.5 * ((np.log2(bpm) - np.log2(self.start_bpm)) / self.std_bpm) ** 2
-        return np.where((bpm >= self.min_bpm) & (bpm <= self.max_bpm), out, -np.inf)
-
-
-def _analysis_signal(waveform: np.ndarray, sample_rate: int, config: BeatTrackerConfig) -> np.ndarray:
-    import librosa
-
-    y = np.asarray(waveform, dtype=np.float32)
-    if y.ndim == 2:  # (channels, samples)
-        y = y.mean(axis=0)
-    if sample_rate != config.analysis_sample_rate:
-        y = librosa.resample(y, orig_sr=sample_rate, target_sr=config.analysis_sample_rate, res_type="soxr_hq")
-    return y
-
-
-def tempo_curve(waveform: np.ndarray, sample_rate: int,
-                config: BeatTrackerConfig | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Onset envelope, per-frame tempo (BPM) and frame times (s) used by :func:`track_beats`."""
-    import librosa
-
-    config = config or BeatTrackerConfig()
-    sr = config.analysis_sample_rate
-    y = _analysis_signal(waveform, sample_rate, config)
-    onset = librosa.onset.onset_strength(y=y, sr=sr, hop_length=config.hop_length, aggregate=np.median)
-    prior = _BoundedLogNormalPrior(config.start_bpm, config.std_bpm, config.min_bpm, config.max_bpm)
-    bpm = librosa.feature.tempo(onset_envelope=onset, sr=sr, hop_length=config.hop_length,
-                                ac_size=config.window_seconds, aggregate=None, max_tempo=None,
-                                prior=prior)
-    times = librosa.times_like(onset, sr=sr, hop_length=config.hop_length)
-    return onset, bpm, times
-
-
-def track_beats(waveform: np.ndarray, sample_rate: int, config: BeatTrackerConfig | None = None) -> np.ndarray:
-    """Beat times in seconds (float64, sorted) of a mono or ``(channels, samples)`` waveform."""
-    import librosa
-
-    config = config or BeatTrackerConfig()
-    onset, bpm, _ = tempo_curve(waveform, sample_rate, config)
-    if not onset.any():  # silence: librosa would report 0 BPM and no beats anyway
-        return np.zeros(0, dtype=np.float64)
-    _, beats = librosa.beat.beat_track(onset_envelope=onset, sr=config.analysis_sample_rate,
-                                       hop_length=config.hop_length, bpm=bpm,
-                                       tightness=config.tightness, trim=config.trim, units="time")
-    return np.asarray(beats, dtype=np.float64)
 
 
 def match_beats(reference: np.ndarray, estimated: np.ndarray, tolerance: float = 0.1) -> np.ndarray:
