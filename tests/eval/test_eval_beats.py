@@ -170,6 +170,7 @@ def test_tracker_config_reads_paper_settings():
     assert track_beats(silence, SR).size == 0
 
 
+@pytest.mark.slow  # ~40 s: music21 parses the drawn scores
 def test_check_tracker_recipe_reports_each_band(monkeypatch, capsys):
     import runpy
     from pathlib import Path
