@@ -53,7 +53,9 @@ def test_published_weights_through_muvis_loader_equal_the_package(synthesiser, m
         expected = synthesiser.vocoder(mel)[:, 0]
         got = ours(mel)
     assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # float32 rounding only: muvi runs the convolutions as oneDNN 2D channels-last kernels, the
+    # package as conv1d; measured 1.3e-5 at most on 3 s (-98 dB of full scale)
+    torch.testing.assert_close(got, expected, rtol=0, atol=5e-5)
 
 
 def test_published_vocoder_resynthesises_real_music(music_22k):
