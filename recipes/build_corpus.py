@@ -206,6 +206,31 @@ def draw_clip(sources: dict[str, list[Path]], cache: PieceCache, seconds: float,
     raise RuntimeError(f"no usable piece among {sum(map(len, sources.values()))} for a {seconds} s clip")
 
 
+def recording_sources(cfg: C.CorpusConfig) -> dict[str, list]:
+    """{split: [Recording]} of the unpacked music packages in ``cfg.recordings`` (split by
+    track, muvi.data.recordings.recording_split); empty lists when none is configured."""
+    out: dict[str, list] = {s: [] for s in SPLITS}
+    if cfg.recordings:
+        from muvi.data.recordings import find_recordings
+
+        for track in find_recordings(Path(cfg.recordings)):
+            if track.path.suffix.lower() != ".xm":  # tracker modules need a renderer FFmpeg lacks here
+                out[track.split].append(track)
+    return out
+
+
+def draw_recording(tracks: Sequence, seconds: float, cfg: C.CorpusConfig,
+                   rng: np.random.Generator) -> Optional[C.MusicClip]:
+    """A clip from a track drawn uniformly; None when 20 draws give no usable window."""
+    from muvi.data.recordings import recording_clip
+
+    for _ in range(20):
+        clip = recording_clip(tracks[int(rng.integers(len(tracks)))], seconds, cfg.sample_rate, rng)
+        if clip is not None:
+            return clip
+    return None
+
+
 def video_pools(cfg: C.CorpusConfig) -> tuple[list[footage.Shot], list[footage.Shot], list[dict]]:
     """Training and held-out shot pools, and the table of sources for SOURCES.md."""
     short = 2 * max(cfg.width, cfg.height)
@@ -273,7 +298,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _sources_md(cfg: C.CorpusConfig, usage: dict[str, dict[str, int]], video_table: list[dict],
-                skipped: dict) -> str:
+                skipped: dict, licences: Optional[dict[str, str]] = None) -> str:
     lines = ["# Sources of this corpus", "",
              f"Built by `recipes/build_corpus.py` with seed {cfg.seed}; every file below ships inside "
              "an installed Python package and was read from there (nothing downloaded).", "",
@@ -286,7 +311,8 @@ def _sources_md(cfg: C.CorpusConfig, usage: dict[str, dict[str, int]], video_tab
              "| file | embedded rights notice | music clips | training pairs | validation pairs | held-out pairs |",
              "| --- | --- | --- | --- | --- | --- |"]
     root = _package_dir("music21")
-    for piece in sorted(usage):
+    recorded = sorted(p for p in usage if p.startswith("debian:"))
+    for piece in sorted(set(usage) - set(recorded)):
         notice = " ".join(_rights(root / piece.removeprefix("music21/")).split()).replace("|", "/") or "none"
         u = usage[piece]
         lines.append(f"| `{piece}` | {notice} | {u.get('music', 0)} | {u.get('pairs', 0)} | "
@@ -295,7 +321,22 @@ def _sources_md(cfg: C.CorpusConfig, usage: dict[str, dict[str, int]], video_tab
               "TimGM6mb, shipped inside pretty_midi " + _version("pretty_midi") + " (MIT); distributed by "
               "MuseScore and Debian under GPL-2.0), synthesised with tinysoundfont " + _version("tinysoundfont") +
               " (MIT). Drum grooves, where a clip has one, are generated on the piece's own beat grid "
-              "(the corpus holds no percussion parts).", "", "## Video", "",
+              "(the corpus holds no percussion parts).", ""]
+    if recorded:
+        lines += ["## Recorded music", "",
+                  "Real recordings from Debian's game-music packages (`apt-get download` + `dpkg -x`, "
+                  "not installed), each track in one split by a hash of its name; beats from the "
+                  "tracker (`muvi.data.beats`), not from a score. Licences as the package's "
+                  "`usr/share/doc/<package>/copyright` gives them.", "",
+                  "| track | licence | music clips | training pairs | validation pairs | held-out pairs |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for piece in recorded:
+            u = usage[piece]
+            lines.append(f"| `{piece.removeprefix('debian:')}` | {(licences or {}).get(piece, '?')} | "
+                         f"{u.get('music', 0)} | {u.get('pairs', 0)} | {u.get('validation', 0)} | "
+                         f"{u.get('heldout', 0)} |")
+        lines.append("")
+    lines += ["## Video", "",
               "| file | licence | use |", "| --- | --- | --- |"]
     for row in video_table:
         version = _version(DISTRIBUTIONS[row["package"]])
@@ -327,6 +368,7 @@ def build_corpus(cfg: C.CorpusConfig, out: Path, *, progress: bool = True, force
             raise RuntimeError(f"no {split} pieces among composers {list(cfg.composers)}")
     train_pool, heldout_pool, video_table = video_pools(cfg)
     cache = PieceCache()
+    recorded, licences = recording_sources(cfg), {}
     usage: dict[str, dict[str, int]] = {}
     items: dict[str, list[dict]] = {s: [] for s in (*SPLITS, "validation")}
     # Validation pairs are the training split's next indices: what a bigger build would train on.
@@ -336,7 +378,13 @@ def build_corpus(cfg: C.CorpusConfig, out: Path, *, progress: bool = True, force
     for split, index, role in tqdm(jobs, desc="corpus", unit="clip", disable=not progress):
         rng = np.random.default_rng([cfg.seed, SPLITS[split], index])
         seconds = round((cfg.music_seconds if split == "music" else cfg.pair_seconds) * cfg.fps) / cfg.fps
-        clip = draw_clip(sources[split], cache, seconds, cfg, rng, root)
+        clip = None
+        if recorded[split] and rng.random() < cfg.recording_share:  # no draw without recordings
+            clip = draw_recording(recorded[split], seconds, cfg, rng)
+        if clip is None:
+            clip = draw_clip(sources[split], cache, seconds, cfg, rng, root)
+        if "licence" in clip.info:
+            licences[clip.info["piece"]] = clip.info["licence"]
         usage.setdefault(clip.info["piece"], {}).setdefault(role, 0)
         usage[clip.info["piece"]][role] += 1
         if split == "music":
@@ -361,7 +409,7 @@ def build_corpus(cfg: C.CorpusConfig, out: Path, *, progress: bool = True, force
             writer.writerow(["video", "audio"])
             for item in items[split]:
                 writer.writerow([f"{folder}/{item['file']}", f"{folder}/{Path(item['file']).with_suffix('.wav')}"])
-    (out / "SOURCES.md").write_text(_sources_md(cfg, usage, video_table, skipped), encoding="utf-8")
+    (out / "SOURCES.md").write_text(_sources_md(cfg, usage, video_table, skipped, licences), encoding="utf-8")
     versions = {d: _version(d) for d in ("music21", "pretty_midi", "tinysoundfont", "av", "numpy",
                                          "pillow", "scikit-video", "scikit-image", "matplotlib", "torch")}
     manifest = {"config": cfg.to_dict(), "versions": versions, "items": items}
@@ -388,6 +436,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--allow-unknown-licence", action="store_true",
                         help="also use scikit-video's bikes and carphone clips (licence not stated)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other CorpusConfig fields")
+    parser.add_argument("--recordings", default=None, metavar="DIR",
+                        help="unpacked Debian game-music packages (muvi.data.recordings): draw "
+                             "clips from real recordings too (--set recording_share=0.5)")
     parser.add_argument("--force", action="store_true", help="rebuild into a non-empty --out")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -401,7 +452,8 @@ def make_config(args: argparse.Namespace) -> C.CorpusConfig:
     flags = {"seed": args.seed, "num_music": args.num_music, "num_pairs": args.num_pairs,
              "num_heldout": args.num_heldout, "num_validation": args.num_validation,
              "pair_seconds": args.seconds, "music_seconds": args.music_seconds,
-             "allow_unknown_licence": True if args.allow_unknown_licence else None}
+             "allow_unknown_licence": True if args.allow_unknown_licence else None,
+             "recordings": args.recordings}
     data.update({k: v for k, v in flags.items() if v is not None})
     for item in args.set:
         key, sep, value = item.partition("=")

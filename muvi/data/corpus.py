@@ -87,6 +87,10 @@ class CorpusConfig(Config):
     max_score_kb: int = 1500         # skip bigger scores (uncompressed): music21 parses them for minutes
     allow_unknown_licence: bool = False
     crf: int = 23
+    # real recorded music (muvi.data.recordings): a folder of unpacked Debian game-music packages;
+    # each clip is drawn from it with probability recording_share (its beats from the tracker)
+    recordings: str = ""
+    recording_share: float = 0.5
 
     PRESETS = {
         "demo": {"num_pairs": 120, "num_validation": 16},
