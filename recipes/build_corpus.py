@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -78,8 +77,6 @@ from muvi.training import setup_logging
 logger = logging.getLogger("build_corpus")
 
 SPLITS = {"music": 0, "pairs": 1, "heldout": 2}
-#: Share of pieces (by path hash) held out, and given to training pairs; the rest is music-only.
-PIECE_SHARES = (("heldout", 0.15), ("pairs", 0.25))
 RESTRICTED_RIGHTS = re.compile(r"licensing agreement|all rights reserved|ut ?orpheus", re.I)
 MUSIC21_LICENCE = ("composition in the public domain (published before 1929); encoding from the "
                    "music21 corpus (music21: BSD-3-Clause; corpus/license.txt: distributed with the "
@@ -141,12 +138,7 @@ def _rights(path: Path) -> str:
 
 def piece_split(relpath: str) -> str:
     """'heldout', 'pairs' or 'music' from a hash of the piece's path (seed-independent)."""
-    u = int(hashlib.sha256(relpath.encode()).hexdigest()[:8], 16) / 2 ** 32
-    for split, share in PIECE_SHARES:
-        if u < share:
-            return split
-        u -= share
-    return "music"
+    return C.hash_split(relpath)
 
 
 def music_sources(composers: Sequence[str], max_score_kb: int) -> tuple[dict[str, dict[str, list[Path]]], dict]:

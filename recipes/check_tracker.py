@@ -27,15 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from muvi.eval.beats import f_measure
+from muvi.eval.beats import f_measure, octave_f_measure
 
 logger = logging.getLogger("check_tracker")
 BANDS = ((0, 100), (100, 170), (170, 400))
-
-
-def octave_f(grid: np.ndarray, beats: np.ndarray, tolerance: float = 0.07) -> float:
-    doubled = np.sort(np.concatenate([grid, (grid[:-1] + grid[1:]) / 2]))
-    return max(f_measure(g, beats, tolerance) for g in (grid, doubled, grid[::2], grid[1::2]))
 
 
 def trackers() -> dict:
@@ -116,7 +111,7 @@ def main() -> None:
             scores = {}
             for tracker, track in chosen.items():
                 beats = np.asarray(track(wave, sr))
-                scores[tracker] = (f_measure(grid, beats), octave_f(grid, beats))
+                scores[tracker] = (f_measure(grid, beats), octave_f_measure(grid, beats))
             rows.append((bpm, scores))
             logger.info("%-40s %5.0f BPM  %s", name[:40], bpm,
                         "  ".join(f"{t}: {f:.2f} ({o:.2f})" for t, (f, o) in scores.items()))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -97,6 +98,23 @@ class CorpusConfig(Config):
         "tiny": {"num_music": 2, "num_pairs": 2, "num_heldout": 1, "music_seconds": 4.0,
                  "pair_seconds": 4.0, "composers": ("bach",)},
     }
+
+
+# ----------------------------------------------------------------------------- splits
+
+#: Share of pieces or tracks (by name hash) held out, and given to training pairs; the rest is music-only.
+SPLIT_SHARES = (("heldout", 0.15), ("pairs", 0.25))
+
+
+def hash_split(name: str, shares=SPLIT_SHARES) -> str:
+    """'heldout', 'pairs' or 'music' from a hash of ``name`` (a piece's path, a track's name):
+    independent of the seed and of the counts, so a piece never changes split."""
+    u = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 2 ** 32
+    for split, share in shares:
+        if u < share:
+            return split
+        u -= share
+    return "music"
 
 
 # ----------------------------------------------------------------------------- music

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import hashlib
+import functools
 import logging
 import re
 import shutil
@@ -57,8 +57,6 @@ DEBIAN_MUSIC = (
 #: the archives (zip files) whose .ogg members are taken out: package -> path under the root
 PK3 = {"nexuiz-music": "usr/share/games/nexuiz/data/music.pk3",
        "ufoai-music": "usr/share/games/ufoai/base/0music.pk3"}
-#: Share of tracks (by name hash) held out, and given to training pairs; the rest is music-only.
-TRACK_SHARES = (("heldout", 0.15), ("pairs", 0.25))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +74,10 @@ class Recording:
 
 
 def recording_split(track: str) -> str:
-    """'heldout', 'pairs' or 'music' from a hash of the track's name (independent of any seed)."""
-    u = int(hashlib.sha256(track.encode()).hexdigest()[:8], 16) / 2 ** 32
-    for split, share in TRACK_SHARES:
-        if u < share:
-            return split
-        u -= share
-    return "music"
+    """'heldout', 'pairs' or 'music' from a hash of the track's name (as pieces are split)."""
+    from muvi.data.corpus import hash_split
+
+    return hash_split(track)
 
 
 def unpack_debian_music(debs: Path, root: Path) -> list[str]:
@@ -107,6 +102,7 @@ def unpack_debian_music(debs: Path, root: Path) -> list[str]:
     return packages
 
 
+@functools.lru_cache(maxsize=None)
 def _dep5_licences(copyright_file: Path) -> list[tuple[list[str], str]]:
     """(file patterns, licence) of each ``Files:`` stanza of a DEP-5 copyright file, in order."""
     stanzas, text = [], copyright_file.read_text("utf8", "ignore")
@@ -161,7 +157,7 @@ def recording_clip(recording: Recording, seconds: float, sample_rate: int, rng,
     like the MIDI renders, its beats from the tracker. None when the window is near-silent or
     gives fewer than ``min_beats`` beats (the caller draws again)."""
     from muvi.data.audio_io import audio_duration, load_audio
-    from muvi.data.beats import track_beats_and_tempo
+    from muvi.data.beats import track_beats
     from muvi.data.corpus import MusicClip
 
     total = audio_duration(recording.path)
@@ -175,7 +171,7 @@ def recording_clip(recording: Recording, seconds: float, sample_rate: int, rng,
     if wave.shape[0] < count or float(np.sqrt(np.mean(wave ** 2))) < 1e-3:
         return None
     wave = (wave[:count] * (peak / float(np.abs(wave[:count]).max()))).astype(np.float32)
-    beats, bpm = track_beats_and_tempo(wave, sample_rate)
+    beats = track_beats(wave, sample_rate)
     if len(beats) < min_beats:
         return None
     info = {"piece": f"debian:{recording.package}/{recording.name}", "package": recording.package,
