@@ -85,7 +85,8 @@ def unpack_debian_music(debs: Path, root: Path) -> list[str]:
     the packages' ``.pk3`` archives out to ``root/pk3/<package>/``. Returns the packages."""
     if shutil.which("dpkg") is None:
         raise MissingFileError("dpkg is needed to unpack .deb files (Debian/Ubuntu)")
-    files = sorted(Path(debs).glob("*.deb"))
+    debs, root = Path(debs), Path(root)
+    files = sorted(debs.glob("*.deb"))
     if not files:
         raise MissingFileError(f"{debs}: no .deb files (apt-get download {' '.join(p.name for p in DEBIAN_MUSIC)})")
     root.mkdir(parents=True, exist_ok=True)
