@@ -95,9 +95,12 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, source:
     logger.debug("loaded %d tensors from %s into %s", len(state), source, type(module).__name__)
 
 
-def save_weights(module: nn.Module, path: str | Path, config: Optional[Mapping[str, Any]] = None) -> Path:
+def save_weights(module: nn.Module, path: str | Path, config: Optional[Mapping[str, Any]] = None, *,
+                 dtype: Optional[torch.dtype] = None) -> Path:
     """``module``'s state as safetensors at ``path``, with ``config`` (default: the module's
-    own ``config.to_dict()``, when it has one) in the metadata for :func:`load_weights`."""
+    own ``config.to_dict()``, when it has one) in the metadata for :func:`load_weights`.
+    ``dtype``: store floating tensors in it (e.g. ``torch.float16`` to halve a release); they
+    load back into the module's own dtype (:func:`load_strict`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -109,8 +112,10 @@ def save_weights(module: nn.Module, path: str | Path, config: Optional[Mapping[s
     # Written beside and renamed over: a model loaded from ``path`` maps that file lazily
     # (load_strict's assign), and truncating it in place would pull the weights from under it.
     partial = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(partial),
-              metadata=metadata)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(partial), metadata=metadata)
     os.replace(partial, path)
     return path
 

@@ -112,10 +112,12 @@ def build(type_name: str, config: Union[Config, dict], *, source: str = "config"
 
 # ----------------------------------------------------------------------------- the format
 
-def save_component(module: nn.Module, folder: PathLike, name: str, *, source: Optional[str] = None) -> Path:
+def save_component(module: nn.Module, folder: PathLike, name: str, *, source: Optional[str] = None,
+                   dtype: Optional[torch.dtype] = None) -> Path:
     """Write ``module`` as the component ``name`` of ``folder`` (created if needed): its JSON and,
     unless it has no tensors or ``source`` (a :func:`load_encoder` spec of a packaged encoder)
-    says where to rebuild it from, its safetensors. Each file is written atomically. Returns
+    says where to rebuild it from, its safetensors (floating tensors stored in ``dtype`` when
+    given; they load back in the module's dtype). Each file is written atomically. Returns
     ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,7 +125,7 @@ def save_component(module: nn.Module, folder: PathLike, name: str, *, source: Op
     if source is not None:
         record["source"] = source
     if source is None and module.state_dict():
-        write_atomically(folder / f"{name}.safetensors", lambda tmp: save_weights(module, tmp))
+        write_atomically(folder / f"{name}.safetensors", lambda tmp: save_weights(module, tmp, dtype=dtype))
     else:  # weights of a component saved here before under this name would contradict the JSON
         (folder / f"{name}.safetensors").unlink(missing_ok=True)
     write_atomically(folder / f"{name}.json",

