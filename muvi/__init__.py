@@ -46,8 +46,9 @@ def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed
         num_steps: Euler steps from noise (t = 0) to music (t = 1).
         seed: makes the output repeatable (with a list of videos: one seed for each, or a list).
         prompt_audio: optional music (path, or waveform at ``prompt_sample_rate``, default
-            24 kHz) whose style the output follows; it is the clean context of in-context
-            generation and is not part of the output.
+            the model's own rate: 24 kHz at paper scale, 22.05 kHz for the bundled demo) whose
+            style the output follows; it is the clean context of in-context generation and is
+            not part of the output.
         duration: seconds of music from the start of the video (default: the whole video, of
             any length: past the model's ``window_seconds`` it is scored window by window,
             each window continuing the music before it; see :mod:`muvi.windows`).

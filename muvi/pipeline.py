@@ -4,7 +4,9 @@
 vocoder, and runs them in order (SPEC.md):
 
 video ─10 FPS─▶ encoder ─▶ adaptor ─▶ condition (10 Hz) ─▶ CFG Euler over the DiT ─▶ latent
-      ─▶ VAE decoder ─▶ mel (80 frames/s) ─▶ HiFi-GAN ─▶ 24 kHz waveform.
+      ─▶ VAE decoder ─▶ mel (80 frames/s) ─▶ HiFi-GAN ─▶ 24 kHz waveform
+(the paper's rates; a release may use another mel, e.g. the bundled demo's 22.05 kHz, hop 256,
+for the published HiFi-GAN: the latent and condition rate follow it).
 
 A release folder holds one :mod:`muvi.hub` component per stage (``<name>.json`` + ``<name>.safetensors``)
 and ``config.json`` (:class:`PipelineConfig`); every component is built from its config and its
@@ -256,7 +258,7 @@ class MuviPipeline(nn.Module):
         return self.flow.condition(tokens, lengths, cls=cls)
 
     def encode_audio(self, waveform: torch.Tensor) -> torch.Tensor:
-        """24 kHz waveform (N,) → normalised latent (1, T, C) (posterior mean)."""
+        """Waveform (N,) at the mel's sample rate → normalised latent (1, T, C) (posterior mean)."""
         mel = self.mel(waveform.to(self.device)[None])
         z = self.vae.encode(mel).mean
         return self.vae.normalize(z).transpose(1, 2)
