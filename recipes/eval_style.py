@@ -86,7 +86,8 @@ def choose(items: list[dict], count: int, min_gap: float) -> list[dict]:
     chosen = [int(np.argmax(dist.sum(1)))]
     while len(chosen) < count:
         ok = [i for i in range(len(items)) if i not in chosen
-              and all(not octave_close(items[i]["bpm"], items[j]["bpm"], min_gap) for j in chosen)]
+              and all(not (octave_close(items[i]["bpm"], items[j]["bpm"], min_gap)
+                           or octave_close(items[j]["bpm"], items[i]["bpm"], min_gap)) for j in chosen)]
         if not ok:
             raise SystemExit(f"no {count} held-out clips differ in tempo by more than {min_gap:.0%}")
         chosen.append(max(ok, key=lambda i: dist[i, chosen].min()))

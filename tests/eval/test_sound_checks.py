@@ -1,0 +1,60 @@
+"""The checks of ``recipes/eval_sound.py`` (the click-train line in the envelope's modulation
+spectrum) and ``recipes/eval_style.py`` (tempo up to an octave, choosing distinct prompts), on real
+music (a GM render of Mozart's K. 525) with and without a click train added."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import load_recipe
+
+
+@pytest.fixture(scope="module")
+def music(real_music_24k) -> np.ndarray:
+    import librosa
+
+    wave, sr = real_music_24k
+    return librosa.resample(wave, orig_sr=sr, target_sr=22050).astype(np.float32)
+
+
+def clicks(n: int, rate_hz: float, level: float) -> np.ndarray:
+    """Single-sample clicks every 1/rate_hz s: the artefact of a vocoder buzzing at its frame rate."""
+    out = np.zeros(n, np.float32)
+    out[(np.arange(0, n / 22050, 1 / rate_hz) * 22050).astype(int)] = level
+    return out
+
+
+def test_a_frame_rate_click_train_stands_out_of_music(music):
+    sound = load_recipe("eval_sound")
+    clean = sound.buzz_db(music)
+    assert clean < 8.0, clean  # music's envelope has no line at 30-300 Hz
+    for rate in (80.0, 86.13):  # the paper's and the 22.05 kHz mel's frame rates
+        buzzy = sound.buzz_db(music + clicks(len(music), rate, 0.3 * float(np.abs(music).max())))
+        assert buzzy > clean + 8.0, (rate, clean, buzzy)
+    stats = sound.clip_stats(music)
+    assert set(stats) == {"rms_dbfs", "flatness", "hf_share", "hf_peak_to_median_db", "hf_periodicity", "buzz_db"}
+    assert all(np.isfinite(v) for v in stats.values())
+    assert -30 < stats["rms_dbfs"] < 0 and 0 <= stats["flatness"] <= 1 and 0 <= stats["hf_share"] <= 1
+
+
+def test_matched_fd_compares_sets_at_one_size():
+    sound = load_recipe("eval_sound")
+    rng = np.random.default_rng(0)
+    reference, same, shifted = rng.normal(size=(60, 8)), rng.normal(size=(300, 8)), rng.normal(1.0, 1.0, (300, 8))
+    near = sound.matched_fd(reference, same, 60, 5, 0)
+    far = sound.matched_fd(reference, shifted, 60, 5, 0)
+    assert near < far and far > 8 * 0.8  # the mean shift alone is 8
+
+
+def test_style_tempo_counts_octaves_and_prompts_differ():
+    style = load_recipe("eval_style")
+    assert style.octave_close(121.0, 120.0, 0.1) and style.octave_close(236.0, 120.0, 0.1)
+    assert style.octave_close(62.0, 120.0, 0.1) and not style.octave_close(150.0, 120.0, 0.1)
+    rng = np.random.default_rng(0)
+    items = [{"bpm": bpm, "timbre": rng.normal(size=16)} for bpm in (90.0, 91.0, 180.0, 120.0, 150.0)]
+    chosen = style.choose(items, 3, 0.15)
+    bpms = [c["bpm"] for c in chosen]
+    assert len(chosen) == 3
+    assert all(not style.octave_close(a, b, 0.15) for a in bpms for b in bpms if a != b)
+    with pytest.raises(SystemExit, match="differ in tempo"):
+        style.choose(items[:3], 3, 0.15)  # 90, 91 and 180 are one tempo up to an octave
