@@ -211,7 +211,7 @@ def test_a_failed_save_leaves_the_old_component_and_no_temporary_file(tmp_path, 
     hub.save_component(old, tmp_path, "adaptor")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    def half_written(module, path, config=None):
+    def half_written(module, path, config=None, **kwargs):
         path.write_bytes(b"partial")
         raise OSError("disk full")
 
