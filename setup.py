@@ -21,7 +21,7 @@ setup(
     package_dir={"muvi.checkpoints": "checkpoints"},
     package_data={"muvi": ["assets/*.mp4", "assets/*.md"],
                   "muvi.checkpoints": ["README.md", "muvi-demo/*.json", "muvi-demo/*.safetensors", "muvi-demo/*.md",
-                                       "muvi-demo/sim/*.json", "muvi-demo/sim/*.safetensors"]},
+                                       "muvi-demo/*.png", "muvi-demo/sim/*.json", "muvi-demo/sim/*.safetensors"]},
     install_requires=[
         "torch>=2.3",
         "torchaudio>=2.3",
