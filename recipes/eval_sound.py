@@ -42,19 +42,9 @@ SAMPLE_RATE = 22050
 
 def real_clips(root: Path, per_track: int, seconds: float, seed: int = 0) -> tuple[list, list]:
     """(halves A and B of the held-out real clips: lists of (name, waveform at SAMPLE_RATE))."""
-    from muvi.data.audio_io import audio_duration
-    from muvi.data.recordings import find_recordings, recording_clip
+    from muvi.data.recordings import readable_recordings, recording_clip
 
-    tracks = []
-    for r in find_recordings(root):
-        if r.split != "heldout":
-            continue
-        try:
-            audio_duration(r.path)
-        except Exception as err:  # noqa: BLE001 - a format soundfile cannot read (tracker modules)
-            logger.info("skipping %s: %s", r.name, err)
-            continue
-        tracks.append(r)
+    tracks = readable_recordings(root, "heldout")
     halves: tuple[list, list] = ([], [])
     for t, track in enumerate(tracks):
         rng = np.random.default_rng([seed, t])

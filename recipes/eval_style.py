@@ -52,16 +52,10 @@ def octave_close(a: float, b: float, tolerance: float) -> bool:
 
 
 def candidates(root: Path, seconds: float, sample_rate: int, embedder, seed: int = 0) -> list[dict]:
-    from muvi.data.audio_io import audio_duration
-    from muvi.data.recordings import find_recordings, recording_clip
+    from muvi.data.recordings import readable_recordings, recording_clip
 
     out = []
-    for t, track in enumerate(r for r in find_recordings(root) if r.split == "heldout"):
-        try:
-            audio_duration(track.path)
-        except Exception as err:  # noqa: BLE001 - a format soundfile cannot read (tracker modules)
-            logger.info("skipping %s: %s", track.name, err)
-            continue
+    for t, track in enumerate(readable_recordings(root, "heldout")):
         rng = np.random.default_rng([seed, t])
         for _ in range(5):
             clip = recording_clip(track, seconds, sample_rate, rng)

@@ -151,6 +151,24 @@ def find_recordings(root: Path, packages: Optional[Sequence[str]] = None) -> lis
     return out
 
 
+def readable_recordings(root: Path, split: str) -> list[Recording]:
+    """The tracks of ``split`` under ``root`` whose audio header can be read (a tracker module
+    such as fb-music-high's ``.xm`` cannot: it is logged and left out)."""
+    from muvi.data.audio_io import audio_duration
+
+    out = []
+    for track in find_recordings(root):
+        if track.split != split:
+            continue
+        try:
+            audio_duration(track.path)
+        except Exception as err:  # noqa: BLE001 - any reader failure means: not usable here
+            logger.info("skipping %s: %s", track.name, err)
+            continue
+        out.append(track)
+    return out
+
+
 def recording_clip(recording: Recording, seconds: float, sample_rate: int, rng,
                    margin: float = 5.0, min_beats: int = 4, peak: float = 0.9):
     """A :class:`muvi.data.corpus.MusicClip` of ``seconds`` from a random point of

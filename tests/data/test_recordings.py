@@ -98,3 +98,12 @@ def test_corpus_draws_clips_and_beat_edited_pairs_from_recordings(unpacked, tmp_
         assert on and all(np.min(np.abs(beats - c["time"])) <= 0.5 / pair["fps"] + 1e-6 for c in on)
     sources = (out / "SOURCES.md").read_text()
     assert "## Recorded music" in sources and "usr/share/games/asc/music/" in sources and "GPL-2+" in sources
+
+
+def test_readable_recordings_are_one_split_and_skip_what_cannot_be_read(unpacked):
+    tracks = R.find_recordings(unpacked)
+    for split in ("music", "pairs", "heldout"):
+        assert R.readable_recordings(unpacked, split) == [t for t in tracks if t.split == split]
+    (unpacked / "usr/share/games/asc/music/broken.mp3").write_bytes(b"not audio")
+    broken = [t for t in R.find_recordings(unpacked) if t.name.endswith("broken.mp3")][0]
+    assert broken not in R.readable_recordings(unpacked, broken.split)
