@@ -33,7 +33,8 @@ def bundled_sample_video() -> Path:
 def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed: Optional[int] = None,
              prompt_audio=None, duration: Optional[float] = None, model=None, *,
              fps: Optional[float] = None, prompt_sample_rate: Optional[int] = None,
-             device: Optional[str] = None, method: str = "euler", progress: bool = True):
+             device: Optional[str] = None, method: str = "euler", prompt_scale: Optional[float] = None,
+             progress: bool = True):
     """Write music for ``video``.
 
     Args:
@@ -49,6 +50,10 @@ def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed
             the model's own rate: 24 kHz at paper scale, 22.05 kHz for the bundled demo) whose
             style the output follows; it is the clean context of in-context generation and is
             not part of the output.
+        prompt_scale: guidance on the style prompt ``p`` (used only with one): the new frames'
+            velocity gains ``prompt_scale · (v(c, p) − v(c, ∅))``, the pull of the prompt,
+            at the cost of one more (shorter) pass per step; 0 = the prompt as plain context.
+            Default: the release's ``default_prompt_scale``.
         duration: seconds of music from the start of the video (default: the whole video, of
             any length: past the model's ``window_seconds`` it is scored window by window,
             each window continuing the music before it; see :mod:`muvi.windows`).
@@ -94,7 +99,8 @@ def generate(video, cfg_scale: Optional[float] = None, num_steps: int = 25, seed
         raise InputError(f"seed: {len(seeds)} seeds for {len(videos)} videos")
     # Every argument and input file is checked before the model is loaded.
     requests = [check_request(v, cfg_scale=cfg_scale, num_steps=num_steps, seed=s, prompt_audio=prompt_audio,
-                              prompt_sample_rate=prompt_sample_rate, duration=duration, fps=fps,
+                              prompt_sample_rate=prompt_sample_rate, prompt_scale=prompt_scale,
+                              duration=duration, fps=fps,
                               device=device if pipe is None else str(pipe.device), method=method, limits=limits)
                 for v, s in zip(videos, seeds)]
     if pipe is None:

@@ -100,7 +100,8 @@ class Demo:
 #: how the page names the arguments in its messages
 PAGE_NAMES = {"video": "video", "cfg_scale": "cfg scale", "num_steps": "steps", "seed": "seed",
               "duration": "duration", "prompt_audio": "style prompt", "prompt_sample_rate": "prompt rate",
-              "fps": "fps", "device": "device", "method": "method", "model": "model"}
+              "prompt_scale": "prompt scale", "fps": "fps", "device": "device", "method": "method",
+              "model": "model"}
 
 
 def _number(value) -> Optional[float]:

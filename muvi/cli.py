@@ -1,7 +1,7 @@
 """The muvi command.
 
     muvi generate [VIDEO|FOLDER ...] [-o OUT|FOLDER] [--audio-out] [--cfg-scale 4] [--steps 25]
-                  [--seed N] [--duration S] [--prompt STYLE.wav] [--model DIR|OWNER/NAME]
+                  [--seed N] [--duration S] [--prompt STYLE.wav] [--prompt-scale S] [--model DIR|OWNER/NAME]
                   [--device cpu|cuda|cuda:N] [--method euler] [--overwrite] [-q]
 
     muvi demo [--model DIR] [--port 7860]          (the web page; see muvi demo --help)
@@ -41,7 +41,8 @@ from muvi.memory import return_large_blocks
 #: how this command spells the arguments of muvi.generate in its messages
 CLI_NAMES = {"video": "VIDEO", "cfg_scale": "--cfg-scale", "num_steps": "--steps", "seed": "--seed",
              "duration": "--duration", "prompt_audio": "--prompt", "prompt_sample_rate": "--prompt-rate",
-             "fps": "--fps", "device": "--device", "method": "--method", "model": "--model"}
+             "prompt_scale": "--prompt-scale", "fps": "--fps", "device": "--device", "method": "--method",
+             "model": "--model"}
 
 #: videos sampled together at most (muvi.pipeline.MuviPipeline.run_many)
 BATCH = 8
@@ -97,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", type=Path, default=None, metavar="STYLE",
                      help="music whose style to follow (an audio file); "
                      "it is the clean context of the first window, not part of the output")
+    gen.add_argument("--prompt-scale", metavar="S", help="guidance on the --prompt, 0 to 100: how hard the music "
+                     "is pulled toward the prompt's style; 0 = the prompt as plain context "
+                     "(default: the model's)")
     gen.add_argument("--model", default=None, metavar="MODEL",
                      help="release folder or Hugging Face Hub repo id OWNER/NAME "
                      "(downloaded once into the Hub cache; HF_HUB_OFFLINE=1: from the cache only) "
@@ -192,7 +196,8 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
         check_output(out, inputs=inputs, overwrite=args.overwrite, name="-o")
     numbers = dict(cfg_scale=_number(args.cfg_scale, "--cfg-scale", float),
                    num_steps=_number(args.steps, "--steps", int), seed=_number(args.seed, "--seed", int),
-                   duration=_number(args.duration, "--duration", float))
+                   duration=_number(args.duration, "--duration", float),
+                   prompt_scale=_number(args.prompt_scale, "--prompt-scale", float))
     if args.model:
         from muvi.release import locate
 

@@ -128,6 +128,39 @@ def guided_velocity(net: Callable[..., torch.Tensor], cond: torch.Tensor, null_c
     return velocity
 
 
+def prompt_guided_velocity(net: Callable[..., torch.Tensor], cond: torch.Tensor, null_cond: torch.Tensor,
+                           scale: float, prefix: int, prompt_scale: float,
+                           free_net: Optional[Callable[..., torch.Tensor]] = None) -> VelocityFn:
+    """Guidance on the condition and on an in-context prompt of ``prefix`` frames, in the way of
+    two-condition guidance (InstructPix2Pix): on the frames after the prompt
+
+        v = v(∅, p) + scale · (v(c, p) − v(∅, p)) + prompt_scale · (v(c, p) − v(c, ∅))
+
+    where ``v(c, ∅)`` runs the new frames alone with their condition, as the model runs
+    without a prompt (the ICL training keeps 20 % of items prompt-free for this). The prompt's
+    own frames keep ``v(∅, p)``'s value (the sampler holds them fixed). ``prompt_scale == 0``
+    is :func:`guided_velocity`. ``free_net`` (default ``net``) runs the prompt-free branch, so
+    that a caller can count guided evaluations once."""
+    guided = guided_velocity(net, cond, null_cond, scale)
+    if prompt_scale == 0.0 or prefix == 0:
+        return guided
+    free_net = net if free_net is None else free_net
+    both = torch.cat([cond, null_cond])
+    free_cond = cond[:, prefix:]
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if scale == 1.0:
+            v = v_cond = net(x, t, cond)
+        else:
+            v_cond, v_null = net(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            v = cfg_combine(v_cond, v_null, scale)
+        v_free = free_net(x[:, prefix:], t[:, prefix:], free_cond)
+        new = v[:, prefix:] + prompt_scale * (v_cond[:, prefix:] - v_free)
+        return torch.cat([v[:, :prefix], new], dim=1)
+
+    return velocity
+
+
 def sample(velocity: VelocityFn, x0: torch.Tensor, *, num_steps: int = 25, method: str = "euler",
            context: Optional[torch.Tensor] = None, context_latent: Optional[torch.Tensor] = None,
            rtol: float = 1e-5, atol: float = 1e-5, progress: bool = False) -> torch.Tensor:

@@ -32,7 +32,7 @@ PathLike = Union[str, Path]
 
 #: how :func:`muvi.generate` spells its arguments in messages (``cfg_scale=nan``)
 API_NAMES = {k: k for k in ("video", "cfg_scale", "num_steps", "seed", "duration", "prompt_audio",
-                            "prompt_sample_rate", "fps", "device", "method", "model")}
+                            "prompt_sample_rate", "prompt_scale", "fps", "device", "method", "model")}
 
 MAX_CFG_SCALE = 100.0   # far past any useful guidance; larger values only blow the output up
 MAX_STEPS = 10_000
@@ -48,6 +48,7 @@ class ModelLimits:
     max_duration: Optional[float] = None  # None: any length (long videos are scored window by window)
     video_fps: float = 10.0
     default_cfg_scale: float = 4.0
+    default_prompt_scale: float = 0.0
 
     @classmethod
     def from_release(cls, folder: PathLike, name: str = "model") -> "ModelLimits":
@@ -69,7 +70,8 @@ class ModelLimits:
             return cls(sample_rate=int(mel.get("sample_rate", cls.sample_rate)),
                        max_duration=None if pipe.get("max_duration") is None else float(pipe["max_duration"]),
                        video_fps=float(pipe.get("video_fps", cls.video_fps)),
-                       default_cfg_scale=float(pipe.get("default_cfg_scale", cls.default_cfg_scale)))
+                       default_cfg_scale=float(pipe.get("default_cfg_scale", cls.default_cfg_scale)),
+                       default_prompt_scale=float(pipe.get("default_prompt_scale", cls.default_prompt_scale)))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             from muvi.config import ConfigError
 
@@ -91,11 +93,12 @@ class Request:
     fps: Optional[float] = None    # frames tensors only
     info: Optional[VideoInfo] = None
     prompt: Any = None             # float32 mono waveform at the model's rate, or None
+    prompt_scale: float = 0.0      # guidance on the prompt (used only with one)
 
 
 def check_request(video, *, cfg_scale=None, num_steps=25, seed=None, duration=None,
                   prompt_audio=None, prompt_sample_rate=None, fps=None, device=None,
-                  method: str = "euler", limits: ModelLimits = ModelLimits(),
+                  method: str = "euler", prompt_scale=None, limits: ModelLimits = ModelLimits(),
                   names: Mapping[str, str] = API_NAMES, check_device: bool = True) -> Request:
     """Check every argument of a generation call against ``limits`` and return the request.
 
@@ -105,6 +108,8 @@ def check_request(video, *, cfg_scale=None, num_steps=25, seed=None, duration=No
     """
     scale = limits.default_cfg_scale if cfg_scale is None else check_real(
         cfg_scale, names["cfg_scale"], low=0.0, high=MAX_CFG_SCALE)
+    prompt_scale = limits.default_prompt_scale if prompt_scale is None else check_real(
+        prompt_scale, names["prompt_scale"], low=0.0, high=MAX_CFG_SCALE)
     steps = check_int(num_steps, names["num_steps"], low=1, high=MAX_STEPS)
     seed = None if seed is None else check_int(seed, names["seed"], low=0, high=MAX_SEED)
     if duration is not None:
@@ -136,7 +141,7 @@ def check_request(video, *, cfg_scale=None, num_steps=25, seed=None, duration=No
                              _prompt_name(prompt_audio, names))
     return Request(video=Path(video) if info is not None else frames, source=source, duration=duration,
                    cfg_scale=scale, num_steps=steps, seed=seed, method=method, device=device,
-                   fps=None if info is not None else fps, info=info, prompt=prompt)
+                   fps=None if info is not None else fps, info=info, prompt=prompt, prompt_scale=prompt_scale)
 
 
 # ----------------------------------------------------------------------------- numbers

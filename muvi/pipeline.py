@@ -73,6 +73,7 @@ class PipelineConfig(Config):
     latent_rate: float = 10.0    # latent frames per second (80 mel frames/s ÷ 8)
     max_duration: Optional[float] = None  # longest output in seconds this release accepts (None: any)
     default_cfg_scale: float = 4.0
+    default_prompt_scale: float = 0.0  # guidance on a style prompt (muvi.flow.prompt_guided_velocity)
     window_seconds: float = 30.0     # the longest clip the DiT was trained on (paper: 30 s)
     context_seconds: float = 10.0    # prefix of each next window (paper's ICL: ≤ 14 s and ≤ 33 %)
     crossfade_seconds: float = 1.0   # overlap of two windows, joined with an equal-power crossfade
@@ -275,18 +276,21 @@ class MuviPipeline(nn.Module):
         from muvi.inputs import ModelLimits
 
         return ModelLimits(sample_rate=self.mel.config.sample_rate, max_duration=self.config.max_duration,
-                           video_fps=self.config.video_fps, default_cfg_scale=self.config.default_cfg_scale)
+                           video_fps=self.config.video_fps, default_cfg_scale=self.config.default_cfg_scale,
+                           default_prompt_scale=self.config.default_prompt_scale)
 
     def generate(self, video, *, fps: Optional[float] = None, cfg_scale: Optional[float] = None,
                  num_steps: int = 25, seed: Optional[int] = None, prompt_audio=None,
                  prompt_sample_rate: Optional[int] = None, duration: Optional[float] = None,
-                 method: str = "euler", progress: bool = True) -> GenerationOutput:
+                 method: str = "euler", prompt_scale: Optional[float] = None,
+                 progress: bool = True) -> GenerationOutput:
         """Music for ``video``: see :func:`muvi.generate` for the arguments."""
         from muvi.inputs import check_request
 
         request = check_request(video, fps=fps, cfg_scale=cfg_scale, num_steps=num_steps, seed=seed,
                                 prompt_audio=prompt_audio, prompt_sample_rate=prompt_sample_rate,
-                                duration=duration, method=method, limits=self.limits, check_device=False)
+                                duration=duration, method=method, prompt_scale=prompt_scale,
+                                limits=self.limits, check_device=False)
         return self.run(request, progress=progress)
 
     @torch.no_grad()
@@ -297,7 +301,8 @@ class MuviPipeline(nn.Module):
         window (:mod:`muvi.windows`), reading the video once as a stream and decoding each
         window's music as it is made, so memory does not grow with the video's length beyond
         the output waveform itself. The style prompt is the prefix of the first window; window
-        ``k`` uses seed ``seed + k``.
+        ``k`` uses seed ``seed + k``. With a prompt, ``request.prompt_scale`` guides every window
+        on its context (the prompt, then the music that carries it on).
 
         Raises :class:`~muvi.errors.GenerationError` when the waveform is not finite."""
         dtype = self.dtype
@@ -335,7 +340,8 @@ class MuviPipeline(nn.Module):
             context = prefix if w.index == 0 else latent[:, w.start - w.context:w.start]
             seed = request.seed if request.seed is None or w.index == 0 else (request.seed + w.index) % 2 ** 63
             fresh = self.sample_latent(cond, num_steps=request.num_steps, cfg_scale=request.cfg_scale, seed=seed,
-                                       prefix=context, method=request.method, callback=stages.step)
+                                       prefix=context, method=request.method, callback=stages.step,
+                                       prompt_scale=request.prompt_scale if prefix is not None else 0.0)
             self.stage_done(self.dit)
             stages.stage("decoding")
             if latent is None:
@@ -436,10 +442,10 @@ class MuviPipeline(nn.Module):
     def sample_latent(self, cond: torch.Tensor, *, num_steps: int = 25, cfg_scale: float = 4.0,
                       seed: Union[int, Sequence[int], None] = None, prefix: Optional[torch.Tensor] = None,
                       method: str = "euler", progress: bool = False,
-                      callback: Optional[Callable[[], object]] = None) -> torch.Tensor:
+                      callback: Optional[Callable[[], object]] = None, prompt_scale: float = 0.0) -> torch.Tensor:
         """Solve the flow ODE for a condition (B, T, D): :meth:`VideoToMusicFlow.sample`."""
         return self.flow.sample(cond, num_steps=num_steps, cfg_scale=cfg_scale, seed=seed, prefix=prefix,
-                                method=method, progress=progress, callback=callback)
+                                method=method, progress=progress, callback=callback, prompt_scale=prompt_scale)
 
 
 class _StageBar:

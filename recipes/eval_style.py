@@ -3,7 +3,11 @@ real recordings, each given to a release with the same videos and seeds; the out
 timbre are compared with every prompt's.
 
     python recipes/eval_style.py --release checkpoints/muvi-demo --recordings /tmp/music \\
-        --videos CORPUS/heldout.csv --out runs/style [--prompts 3] [--videos-used 3]
+        --videos CORPUS/heldout.csv --out runs/style [--prompts 3] [--videos-used 3] [--prompt-scale 0,2]
+
+Choosing a setting (``--prompt-scale``) is done on validation: ``--split pairs --videos
+CORPUS/validation.csv`` takes the prompts from the tracks the training pairs were cut from (not
+held out, but never the held-out ones) and the validation videos; report with the defaults.
 
 Prompts: one ``--clip-seconds`` clip of every held-out track (tracks no training item used;
 :func:`muvi.data.recordings.recording_clip`), its tempo from muvi's beat tracker over the whole
@@ -15,11 +19,12 @@ apart do not count as different) and are far apart in timbre. The prompt given i
 first ``--prompt-seconds``.
 
 For each video (the first ``--videos-used`` rows of the CSV) the release writes ``--seconds`` of
-music with each prompt and once without one, with the same seed. Per output: tempo (tracker,
+music with each prompt at each ``--prompt-scale`` (guidance on the prompt, comma-separated; default
+the release's) and once without one, with the same seed. Per output: tempo (tracker,
 median BPM), whether it is within ``--tempo-tolerance`` of its prompt's tempo or of its double or
 half, and the cosine distance of its timbre to every prompt's. Written: ``OUT/style.json``,
-``OUT/style.md`` (the distance table: rows the prompt given, columns the prompt compared), and
-the outputs as ``OUT/<video>_<prompt>.wav``.
+``OUT/style.md`` (per prompt scale, the distance table: rows the prompt given, columns the prompt
+compared), and the outputs as ``OUT/<video>_<prompt>[_s<scale>].wav``.
 """
 from __future__ import annotations
 
@@ -51,11 +56,12 @@ def octave_close(a: float, b: float, tolerance: float) -> bool:
     return any(abs(a / (b * k) - 1.0) <= tolerance for k in (1.0, 2.0, 0.5))
 
 
-def candidates(root: Path, seconds: float, sample_rate: int, embedder, seed: int = 0) -> list[dict]:
+def candidates(root: Path, seconds: float, sample_rate: int, embedder, seed: int = 0,
+               split: str = "heldout") -> list[dict]:
     from muvi.data.recordings import readable_recordings, recording_clip
 
     out = []
-    for t, track in enumerate(readable_recordings(root, "heldout")):
+    for t, track in enumerate(readable_recordings(root, split)):
         rng = np.random.default_rng([seed, t])
         for _ in range(5):
             clip = recording_clip(track, seconds, sample_rate, rng)
@@ -75,7 +81,7 @@ def choose(items: list[dict], count: int, min_gap: float) -> list[dict]:
     its nearest chosen timbre) among those whose tempo differs from every chosen one's by more
     than ``min_gap``, octaves included."""
     if len(items) < count:
-        raise SystemExit(f"only {len(items)} held-out clips with a tempo; need {count}")
+        raise SystemExit(f"only {len(items)} clips with a tempo; need {count}")
     dist = np.array([[cosine_distance(a["timbre"], b["timbre"]) for b in items] for a in items])
     chosen = [int(np.argmax(dist.sum(1)))]
     while len(chosen) < count:
@@ -83,18 +89,18 @@ def choose(items: list[dict], count: int, min_gap: float) -> list[dict]:
               and all(not (octave_close(items[i]["bpm"], items[j]["bpm"], min_gap)
                            or octave_close(items[j]["bpm"], items[i]["bpm"], min_gap)) for j in chosen)]
         if not ok:
-            raise SystemExit(f"no {count} held-out clips differ in tempo by more than {min_gap:.0%}")
+            raise SystemExit(f"no {count} clips differ in tempo by more than {min_gap:.0%}")
         chosen.append(max(ok, key=lambda i: dist[i, chosen].min()))
     return [items[i] for i in chosen]
 
 
-def table(result: dict) -> str:
+def table(result: dict, scale: float) -> str:
     prompts = result["prompts"]
     names = [p["name"] for p in prompts]
     head = "| prompt given (BPM) | " + " | ".join(f"to {n}" for n in names) + " | nearest own | output BPM | tempo ok |"
-    lines = [head, "|---|" + "---|" * (len(names) + 3)]
+    lines = [f"prompt scale {scale:g}", "", head, "|---|" + "---|" * (len(names) + 3)]
     for given in [*names, None]:
-        rows = [o for o in result["outputs"] if o["prompt"] == given]
+        rows = [o for o in result["outputs"] if o["prompt"] == given and (given is None or o["prompt_scale"] == scale)]
         d = np.array([o["distances"] for o in rows]).mean(0)
         label = "none" if given is None else f"{given} ({prompts[names.index(given)]['bpm']:.0f})"
         own = "" if given is None else f"{sum(o['nearest_own'] for o in rows)}/{len(rows)}"
@@ -120,6 +126,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--cfg-scale", type=float, default=None)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompt-scale", default=None, help="guidance on the prompt: one value or a comma-separated "
+                        "list (default: the release's default_prompt_scale)")
+    parser.add_argument("--split", default="heldout", choices=("heldout", "pairs", "music"),
+                        help="the recordings the prompts come from (heldout to report; pairs to choose settings)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%X")
     import soundfile as sf
@@ -131,9 +141,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         rows = [r for r in csv.reader(f) if r and r[0] != "video"]
     videos = [args.videos.parent / r[0] for r in rows[:args.videos_used]]
     pipe = MuviPipeline.from_pretrained(args.release, device="cpu")
+    scales = ([pipe.config.default_prompt_scale] if args.prompt_scale is None
+              else [float(x) for x in str(args.prompt_scale).split(",")])
     rate = pipe.mel.config.sample_rate
     embedder = MusicnnEmbedder.from_package()
-    pool = candidates(args.recordings, args.clip_seconds, rate, embedder, args.seed)
+    pool = candidates(args.recordings, args.clip_seconds, rate, embedder, args.seed, args.split)
     stack = np.stack([c["timbre"] for c in pool])
     mean, std = stack.mean(0), stack.std(0) + 1e-6
     standard = lambda e: (e - mean) / std  # noqa: E731
@@ -142,34 +154,42 @@ def main(argv: Optional[list[str]] = None) -> dict:
     prompts = choose(pool, args.prompts, args.min_tempo_gap)
     args.out.mkdir(parents=True, exist_ok=True)
     outputs = []
+    names = [p["name"] for p in prompts]
+    runs = [(prompt, scale) for prompt in prompts for scale in scales] + [(None, 0.0)]
     for video in videos:
-        for prompt in [*prompts, None]:
+        for prompt, scale in runs:
             audio = None if prompt is None else prompt["wave"][: int(round(args.prompt_seconds * rate))]
             out = pipe.generate(str(video), prompt_audio=audio, prompt_sample_rate=rate, duration=args.seconds,
-                                seed=args.seed, num_steps=args.steps, cfg_scale=args.cfg_scale, progress=False)
+                                seed=args.seed, num_steps=args.steps, cfg_scale=args.cfg_scale,
+                                prompt_scale=scale, progress=False)
             wave = out.numpy()
-            tag = "none" if prompt is None else prompt["name"].replace("/", "_")
+            tag = "none" if prompt is None else prompt["name"].replace("/", "_") + (
+                f"_s{scale:g}" if len(scales) > 1 else "")
             sf.write(args.out / f"{video.stem}_{tag}.wav", wave, rate)
             timbre = standard(embedder.embed(wave, rate).mean(0))
             distances = [cosine_distance(timbre, p["timbre"]) for p in prompts]
             bpm = tempo_of(wave, rate)
-            record = {"video": video.name, "prompt": None if prompt is None else prompt["name"], "bpm": bpm,
-                      "distances": distances}
+            record = {"video": video.name, "prompt": None if prompt is None else prompt["name"],
+                      "prompt_scale": scale, "bpm": bpm, "distances": distances}
             if prompt is not None:
                 own = prompts.index(prompt)
                 record["nearest_own"] = bool(int(np.argmin(distances)) == own)
                 record["tempo_ok"] = bool(np.isfinite(bpm) and octave_close(bpm, prompt["bpm"], args.tempo_tolerance))
             outputs.append(record)
-            logger.info("%s with %s: %.0f BPM, distances %s", video.name, record["prompt"], bpm,
+            logger.info("%s with %s (scale %g): %.0f BPM, distances %s", video.name, record["prompt"], scale, bpm,
                         " ".join(f"{d:.3f}" for d in distances))
     result = {"release": str(args.release), "settings": {k: str(v) for k, v in vars(args).items()},
               "prompts": [{k: v for k, v in p.items() if k not in ("wave", "timbre")} for p in prompts],
               "outputs": outputs}
-    given = [o for o in outputs if o["prompt"] is not None]
-    result["summary"] = {"nearest_own": sum(o["nearest_own"] for o in given),
-                         "tempo_ok": sum(o["tempo_ok"] for o in given), "outputs": len(given)}
+    result["summary"] = {}
+    for scale in scales:
+        given = [o for o in outputs if o["prompt"] is not None and o["prompt_scale"] == scale]
+        result["summary"][f"{scale:g}"] = {"nearest_own": sum(o["nearest_own"] for o in given),
+                                           "tempo_ok": sum(o["tempo_ok"] for o in given), "outputs": len(given),
+                                           "own_distance": float(np.mean([o["distances"][names.index(o["prompt"])]
+                                                                          for o in given]))}
     (args.out / "style.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    md = table(result)
+    md = "\n".join(table(result, scale) for scale in scales)
     (args.out / "style.md").write_text(md, encoding="utf-8")
     print(md)
     return result

@@ -95,6 +95,26 @@ def test_cfg_scale_one_is_the_conditional_prediction_and_zero_the_null():
                                    v_null + 4.0 * (v_cond - v_null), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_prompt_guidance_adds_the_pull_of_the_prompt_on_the_new_frames(scale):
+    """v = v(∅,p) + s·(v(c,p) − v(∅,p)) + s_p·(v(c,p) − v(c,∅)), where v(c,∅) is the new frames run
+    alone (the model without a prompt); the prompt frames keep the plain guided value; s_p = 0 is
+    plain guidance."""
+    net = tiny_dit()
+    b, n, p = 2, 9, 3
+    x, t, cond = torch.randn(b, n, 8), torch.rand(b, n), torch.randn(b, n, 64)
+    t[:, :p] = 1.0
+    null = net.null_condition(b, n)
+    with torch.no_grad():
+        plain = flow.guided_velocity(net, cond, null, scale)(x, t)
+        torch.testing.assert_close(flow.prompt_guided_velocity(net, cond, null, scale, p, 0.0)(x, t), plain)
+        v_cond, v_free = net(x, t, cond), net(x[:, p:], t[:, p:], cond[:, p:])
+        got = flow.prompt_guided_velocity(net, cond, null, scale, p, 2.5)(x, t)
+    torch.testing.assert_close(got[:, :p], plain[:, :p])
+    torch.testing.assert_close(got[:, p:], plain[:, p:] + 2.5 * (v_cond[:, p:] - v_free), rtol=1e-5, atol=1e-5)
+    assert (v_cond[:, p:] - v_free).abs().max() > 1e-3  # the prompt does change the new frames
+
+
 @pytest.mark.parametrize("method", ["euler", "dopri5"])
 def test_context_prefix_is_kept_exactly(method):
     net = tiny_dit()

@@ -108,6 +108,29 @@ def test_style_prompt_is_context_not_output(pipe, real_music_24k):
     assert other.waveform.shape == plain.waveform.shape
 
 
+def test_prompt_scale_defaults_to_the_release_setting_and_needs_a_prompt(pipe, real_music_24k, monkeypatch):
+    # The tiny random decoder hardly depends on its latent, so the sampled latents are compared.
+    latents = []
+    sample = MuviPipeline.sample_latent
+
+    def spy(self, *args, **kwargs):
+        latents.append((kwargs["prompt_scale"], sample(self, *args, **kwargs)))
+        return latents[-1][1]
+
+    monkeypatch.setattr(MuviPipeline, "sample_latent", spy)
+    wave, sr = real_music_24k
+    kw = dict(duration=2.0, seed=0, prompt_audio=torch.from_numpy(wave[: sr]), prompt_sample_rate=sr)
+    assert pipe.config.default_prompt_scale == 0.0
+    run(pipe, sample_clip(), **kw)
+    run(pipe, sample_clip(), prompt_scale=3.0, **kw)
+    monkeypatch.setattr(pipe.config, "default_prompt_scale", 3.0)
+    run(pipe, sample_clip(), **kw)
+    run(pipe, sample_clip(), duration=2.0, seed=0)  # no prompt: nothing to guide on
+    (s0, context), (s1, guided), (s2, auto), (s3, _) = latents
+    assert (s0, s1, s2, s3) == (0.0, 3.0, 3.0, 0.0)
+    assert (context - guided).abs().max() > 1e-2 and torch.equal(auto, guided)
+
+
 def test_prompt_latent_is_kept_through_sampling(pipe, real_music_24k):
     wave, _ = real_music_24k
     prefix = pipe.encode_audio(torch.from_numpy(wave[:24000]))

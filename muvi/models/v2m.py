@@ -108,12 +108,14 @@ class VideoToMusicFlow(nn.Module):
     def sample(self, cond: torch.Tensor, *, num_steps: int = 25, cfg_scale: float = 4.0,
                seed: Union[int, Sequence[int], None] = None, prefix: Optional[torch.Tensor] = None,
                method: str = "euler", progress: bool = False,
-               callback: Optional[Callable[[], object]] = None) -> torch.Tensor:
+               callback: Optional[Callable[[], object]] = None, prompt_scale: float = 0.0) -> torch.Tensor:
         """Solve the guided flow ODE for a condition (B, T, D) → latent (B, T, C). With ``prefix``
         (B, P, C) the prompt is prepended as clean context (null condition there, as in training)
-        and cut off the result. The noise is drawn on the CPU from ``seed``, so a seed gives the
-        same music on every device; a list of seeds gives each item of the batch its own noise,
-        so that a batch makes the music each item would make alone. ``callback()`` runs after
+        and cut off the result; ``prompt_scale`` > 0 adds guidance on the prompt
+        (:func:`muvi.flow.prompt_guided_velocity`: one more pass, of the new frames alone).
+        The noise is drawn on the CPU from ``seed``, so a seed gives the same music on every
+        device; a list of seeds gives each item of the batch its own noise, so that a batch makes
+        the music each item would make alone. ``callback()`` runs after
         each (guided) velocity evaluation (:func:`muvi.flow.evaluations` says how many)."""
         device = cond.device
         b, t, _ = cond.shape
@@ -132,14 +134,17 @@ class VideoToMusicFlow(nn.Module):
         half = weights if weights != torch.float32 else torch.bfloat16
         enabled = weights != torch.float32 or device.type == "cuda"
 
-        def net(x: torch.Tensor, time: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        def free_net(x: torch.Tensor, time: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device.type, dtype=half, enabled=enabled):
-                v = self._velocity(x, time, c).float()
+                return self._velocity(x, time, c).float()
+
+        def net(x: torch.Tensor, time: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            v = free_net(x, time, c)
             if callback is not None:
                 callback()
             return v
 
-        velocity = flow.guided_velocity(net, cond, null, cfg_scale)
+        velocity = flow.prompt_guided_velocity(net, cond, null, cfg_scale, p, prompt_scale, free_net)
         latent = flow.sample(velocity, x0, num_steps=num_steps, method=method, context=context,
                              context_latent=context_latent, progress=progress)
         return latent[:, p:]

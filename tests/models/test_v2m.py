@@ -92,6 +92,20 @@ def test_sampling_keeps_the_prompt_and_cuts_it_off():
     assert torch.equal(model.sample(cond, num_steps=3, seed=2), plain)  # the seed fixes the noise
 
 
+def test_prompt_guidance_moves_only_prompted_sampling_and_counts_evaluations_once():
+    model = tiny()
+    cond = torch.randn(1, 10, 64)
+    prompt = torch.randn(1, 4, 8)
+    calls = []
+    prompted = model.sample(cond, num_steps=3, seed=2, prefix=prompt)
+    guided = model.sample(cond, num_steps=3, seed=2, prefix=prompt, prompt_scale=2.0,
+                          callback=lambda: calls.append(1))
+    assert len(calls) == 3  # one per guided evaluation, as the progress bar expects
+    assert guided.shape == prompted.shape and not torch.allclose(guided, prompted)
+    assert torch.equal(model.sample(cond, num_steps=3, seed=2, prompt_scale=2.0),
+                       model.sample(cond, num_steps=3, seed=2))  # no prompt: nothing to guide on
+
+
 def test_adaptor_width_must_match_the_dit():
     dit = DiT(DiTConfig.preset("tiny"))
     with pytest.raises(ValueError, match="condition width"):
