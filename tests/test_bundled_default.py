@@ -57,7 +57,7 @@ def test_bundled_sim_model_rebuilds_its_encoders_from_packages():
 def test_bundled_output_is_the_one_recorded_at_release():
     """The bundled model's output, recorded when the release was made (issue 12's retrained
     demo), on the vocoder's conv1d path; the default path (issue 15: the vocoder's convs as
-    channels-last 2D ones) sums in another order, so there it agrees to float32 rounding. A
+    channels-last 2D ones) sums in another order, so there it agrees to a looser rounding. A
     change anywhere between the video and the waveform shows here."""
     from pathlib import Path
 
@@ -75,7 +75,9 @@ def test_bundled_output_is_the_one_recorded_at_release():
                                progress=False).waveform.numpy()
     finally:
         torch.set_num_threads(threads)
-    assert np.array_equal(conv1d, recorded)
+    # Not bit for bit: oneDNN/MKL pick kernels by buffer alignment too, so one run differed by
+    # 1.5e-6 from the recording (fresh-clone CI, same machine); any real change is >= 1e-3.
+    np.testing.assert_allclose(conv1d, recorded, rtol=0, atol=2e-5)
     # the published generator's 512-channel convs: 7.5e-5 at most measured (-83 dB of full scale)
     np.testing.assert_allclose(default, recorded, rtol=0, atol=2e-4)
 

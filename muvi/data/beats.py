@@ -104,12 +104,15 @@ def onset_envelope(waveform, sample_rate: int, config: BeatTrackerConfig | None 
 
 
 def _refine(curve: np.ndarray, k: int) -> float:
-    """The peak position of ``curve`` near index ``k``, by a parabola through three points."""
+    """The peak position of ``curve`` near index ``k``, by a parabola through three points,
+    kept within half a bin of ``k``: where ``k`` is not a local maximum of ``curve`` (the
+    prior chose it) the vertex can lie anywhere (a period of -776 frames was seen on a
+    generated clip, and the beat search then divided by zero)."""
     if 1 <= k < len(curve) - 1:
         a, b, c = curve[k - 1], curve[k], curve[k + 1]
         d = a - 2 * b + c
         if d < 0:
-            return k + 0.5 * (a - c) / d
+            return k + float(np.clip(0.5 * (a - c) / d, -0.5, 0.5))
     return float(k)
 
 

@@ -181,3 +181,15 @@ def test_check_tracker_recipe_reports_each_band(monkeypatch, capsys):
     runpy.run_path(str(recipe), run_name="__main__")
     out = capsys.readouterr().out
     assert "MIDI renders: 2 windows" in out and "muvi:" in out and "all " in out
+
+
+def test_refined_period_stays_within_half_a_bin_of_the_chosen_lag():
+    """The prior can choose a lag that is not a local maximum of the tempogram; a parabola
+    through a nearly straight run of three points then puts its vertex far away (a period of
+    -776 frames on a generated clip, and the beat search divided by zero)."""
+    from muvi.data.beats import _refine
+
+    rising = np.array([0.0, 1.0, 2.0 - 1e-9, 3.0])  # k = 1: d = -1e-9, vertex at ~5e8
+    assert 0.5 <= _refine(rising, 1) <= 1.5
+    peak = np.array([0.0, 2.0, 3.0, 1.0])            # a true maximum at k = 2: vertex inside
+    assert _refine(peak, 2) == pytest.approx(2.0 + 0.5 * (2.0 - 1.0) / (2.0 - 6.0 + 1.0))
