@@ -136,7 +136,8 @@ Semantic Alignment and Rhythmic Synchronization* (Li et al.). Video frames at
 {pipeline.get('video_fps', 10):g} FPS go through the frozen video encoder and the visual adaptor
 into a condition at {pipeline.get('latent_rate', 10):g} latent frames per second; the DiT samples
 a latent by rectified flow with classifier-free guidance (default scale
-{pipeline.get('default_cfg_scale', 4):g}); the VAE decodes it to a mel spectrogram and the
+{pipeline.get('default_cfg_scale', 4):g}; on a style prompt {pipeline.get('default_prompt_scale', 0):g});
+the VAE decodes it to a mel spectrogram and the
 HiFi-GAN vocoder to a waveform. Videos of {'any length' if longest is None else f'up to {longest:g} s'} are
 scored in {windows}.
 

@@ -34,8 +34,13 @@ generator being trained on that folder's fixed windows is logged as ``heldout_lo
 held-out file (else of the first training file) from its mel, written to
 ``RUN/samples/step_XXXXXXXX_vocoder.wav`` beside the clip itself (``samples/reference.wav``).
 
-Input mels are the ground truth's. Fine-tuning on the VAE's reconstructions (or the DiT's
-samples decoded by the VAE), as HiFi-GAN fine-tunes on TTS outputs, is left for later.
+Input mels are the ground truth's, or with ``input_vae`` (a folder holding a ``vae`` component
+on the same mel) the VAE's reconstruction of them (posterior mean, decoded): the mels the
+generator is given at inference are VAE-decoded, and their frame-to-frame texture differs from
+a true mel's, so the generator is fine-tuned on them against the real waveform, as HiFi-GAN
+fine-tunes on a TTS model's teacher-forced outputs. ``init`` (a folder holding a ``vocoder``
+component, e.g. a release with the published generator) starts the generator from those
+weights instead of at random; the discriminators always start fresh.
 The final weights (components ``vocoder`` and ``mel`` in ``RUN/final/``) are the
 EMA generator with weight norm folded into plain convolutions (``ema_decay 0`` gives the raw
 weights, as the release has no EMA). The logged ``tokens_per_s`` counts waveform samples: divide
@@ -94,6 +99,8 @@ class VocoderTrainConfig(Config):
     mel: dict = dataclasses.field(default_factory=dict)
     disc_preset: str = "v1"
     disc: dict = dataclasses.field(default_factory=dict)
+    init: str = ""                 # a folder with a `vocoder` component to start the generator from
+    input_vae: str = ""            # a folder with a `vae` component: train on its reconstructed mels
     # objective (HiFi-GAN)
     mel_weight: float = 45.0
     fm_weight: float = 2.0
@@ -135,14 +142,22 @@ def crop_segments(music: torch.Tensor, mel: torch.Tensor, valid: torch.Tensor, f
     return window, music.gather(1, samples)
 
 
+def reconstruct(vae, mel: torch.Tensor) -> torch.Tensor:
+    """The VAE's reconstruction (posterior mean, decoded) of mel (B, M, T), cut to T frames."""
+    return vae.decode(vae.encode(mel).mean)[..., :mel.shape[-1]]
+
+
 def vocode(generator: HiFiGANGenerator, melspec: MelSpectrogram, batch: dict, frames: int,
-           gen: torch.Generator, autocast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           gen: torch.Generator, autocast, vae=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(waveform window y, generated ŷ, mel of y) of a batch: the one generator pass of training
-    and of the held-out loss."""
+    and of the held-out loss. With ``vae`` the generator is given its reconstruction of the mel."""
     device, cfg = melspec.mel_basis.device, melspec.config
     music = batch["music"].to(device, non_blocking=True)
     with torch.no_grad():
-        mel_in, y = crop_segments(music, melspec(music), (batch["music_lengths"] // cfg.hop_length).to(device),
+        mel = melspec(music)
+        if vae is not None:
+            mel = reconstruct(vae, mel)
+        mel_in, y = crop_segments(music, mel, (batch["music_lengths"] // cfg.hop_length).to(device),
                                   frames, cfg.hop_length, gen, math.log(cfg.log_clamp))
         mel_y = melspec(y)
     with autocast():
@@ -170,8 +185,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     frames = cfg.segment_size // hop
     melspec = MelSpectrogram(mel_cfg).to(device)
 
+    vae = None
+    if cfg.input_vae:
+        vae = hub.load_component(cfg.input_vae, "vae", frozen=True, device=device)
+        vae_mel = hub.load_component(cfg.input_vae, "mel").config
+        if vae_mel != mel_cfg:
+            raise ConfigError(f"input_vae {cfg.input_vae}: its VAE was trained on another mel ({vae_mel}) "
+                              f"than this run's ({mel_cfg})")
+
     torch.manual_seed(cfg.seed)
     generator = HiFiGANGenerator(gen_cfg)
+    if cfg.init:
+        hub.load_init(generator, cfg.init, ("vocoder",))
+        logger.info("generator initialised from %s", cfg.init)
     generator.apply_weight_norm()
     mpd, msd = MultiPeriodDiscriminator(disc_cfg), MultiScaleDiscriminator(disc_cfg)
     ema = EMA(generator, cfg.ema_decay)
@@ -207,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                 len(dataset), cfg.segment_size)
 
     def heldout_loss(batch: dict, gen: torch.Generator) -> torch.Tensor:
-        _, y_hat, mel_y = vocode(gen_inner, melspec, batch, frames, gen, acc.autocast)
+        _, y_hat, mel_y = vocode(gen_inner, melspec, batch, frames, gen, acc.autocast, vae)
         return torch.nn.functional.l1_loss(melspec(y_hat), mel_y)
 
     stream = training.batch_stream(loader, sampler)
@@ -227,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             lr = sched_g.get_last_lr()[0]  # this step's rate, for the log
             micro += 1
             with acc.accumulate(generator, mpd, msd):  # gradient all-reduce on a step's last micro-batch only
-                y, y_hat, mel_y = vocode(generator, melspec, batch, frames, gen, acc.autocast)
+                y, y_hat, mel_y = vocode(generator, melspec, batch, frames, gen, acc.autocast, vae)
                 with acc.autocast():
                     # Discriminators on real and (detached) generated audio in one pass.
                     both = torch.cat([y, y_hat.detach()])
@@ -271,7 +297,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                 with log.paused(), torch.no_grad():
                     if not log.sample_path(None, "reference").is_file():
                         log.audio(None, "reference", clip, mel_cfg.sample_rate)
-                    log.audio(step, "vocoder", ema.shadow(melspec(clip[None]))[0], mel_cfg.sample_rate)
+                    mel = melspec(clip[None])
+                    log.audio(step, "vocoder", ema.shadow(mel if vae is None else reconstruct(vae, mel))[0],
+                              mel_cfg.sample_rate)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 if acc.is_main_process:
                     save_checkpoint(run_dir, step, training.checkpoint_state(

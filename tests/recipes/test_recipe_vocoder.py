@@ -146,3 +146,56 @@ def test_audio_samples_and_tensorboard_leave_training_as_it_was(full_run, music_
     straight, sampled = (load_checkpoint(d / "checkpoints" / "step_00000004") for d in (full_run, tmp_path))
     assert straight.pop("config")["sample_every"] == 0 and sampled.pop("config")["sample_every"] == 2
     assert_same(straight, sampled)
+
+
+@pytest.fixture(scope="module")
+def release_parts(tmp_path_factory) -> Path:
+    """A folder with a vocoder (the tiny preset, random) and a VAE on the run's mel, as a
+    release holds them."""
+    from muvi.hub import save_component
+    from muvi.models.mel import MelSpectrogram
+    from muvi.models.vae import MelVAE, VAEConfig
+
+    folder = tmp_path_factory.mktemp("release")
+    torch.manual_seed(3)
+    save_component(HiFiGANGenerator(HiFiGANConfig.preset("tiny")), folder, "vocoder")
+    save_component(MelVAE(VAEConfig.preset("tiny")), folder, "vae")
+    save_component(MelSpectrogram(MelConfig()), folder, "mel")
+    return folder
+
+
+def test_fine_tune_starts_from_the_given_vocoder_and_hears_the_vae_reconstruction(
+        music_dir, release_parts, tmp_path, monkeypatch):
+    """``init``: the generator starts from the folder's vocoder (with a zero learning rate the
+    export is those weights); ``input_vae``: every generator pass is given the VAE's
+    reconstruction of the mel, which is not the mel itself."""
+    seen = []
+    real = recipe.reconstruct
+
+    def spy(vae, mel):
+        out = real(vae, mel)
+        seen.append((mel.shape, out.shape, (out - mel).abs().mean().item()))
+        return out
+
+    monkeypatch.setattr(recipe, "reconstruct", spy)
+    final = run(tmp_path, music_dir, f"init={release_parts}", f"input_vae={release_parts}", "steps=2",
+                "optim.lr=0.0", "ema_decay=0.0")
+    assert len(seen) == 2 and all(a == b for a, b, _ in seen) and all(d > 0.1 for *_, d in seen)
+    start = read_state_dict(release_parts / "vocoder.safetensors")
+    tuned = read_state_dict(final / "vocoder.safetensors")
+    assert start.keys() == tuned.keys()
+    for k in start:
+        torch.testing.assert_close(tuned[k], start[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fine_tune_refuses_a_vae_on_another_mel(music_dir, tmp_path):
+    from muvi.config import ConfigError
+    from muvi.hub import save_component
+    from muvi.models.mel import MelSpectrogram
+    from muvi.models.vae import MelVAE, VAEConfig
+
+    other = tmp_path / "other"
+    save_component(MelVAE(VAEConfig.preset("tiny", mel_channels=80)), other, "vae")
+    save_component(MelSpectrogram(MelConfig(n_mels=80)), other, "mel")
+    with pytest.raises(ConfigError, match="another mel"):
+        run(tmp_path / "run", music_dir, f"input_vae={other}")

@@ -1,0 +1,126 @@
+"""Which vocoder should a release speak through? Each candidate vocoder in a release's place, on
+real music and on the release's own generated music.
+
+    python recipes/eval_vocoder.py --release checkpoints/muvi-demo --pairs CORPUS/validation.csv \\
+        --vocoder tuned=runs/vocoder_ft/final --out runs/vocoders [--seconds 6]
+
+``--vocoder NAME=FOLDER`` (repeatable) names a folder holding a ``vocoder`` component on the
+release's mel; the release's own vocoder is always the first row. Per vocoder, over the
+soundtracks of the ``--pairs`` CSV (real music: recordings and renders; validation pairs to
+choose, held-out pairs to report):
+
+* ``mel_err_db``: mean absolute log-mel error (dB) of the vocoder's resynthesis from the true mel
+  of the first ``--seconds`` of each soundtrack (the vocoder alone);
+* ``vae_mel_err_db``: the same from the release VAE's reconstruction of that mel (posterior
+  mean, decoded): the path every generated mel takes;
+* ``vae_buzz_db``: :func:`eval_sound.buzz_db` of that VAE → vocoder resynthesis (median): a
+  frame-rate line that the VAE's mels make the vocoder draw shows here on real music;
+* ``gen_buzz_db`` and ``gen_rms_dbfs``: the medians over the release's music for each video of
+  the CSV (seed = row index, 25 steps, the release's guidance), the same latents decoded by each
+  vocoder.
+
+Writes ``OUT/vocoders.json`` and ``OUT/vocoders.md`` and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("eval_vocoder")
+
+
+def _sibling(name: str):
+    """The recipe ``name`` beside this file, as a module (recipes are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def log_mel_error_db(melspec, wave: torch.Tensor, mel: torch.Tensor) -> float:
+    """Mean |log-mel(wave) − mel| in dB over the frames both have (natural-log mels)."""
+    got = melspec(wave[None])[0]
+    t = min(got.shape[-1], mel.shape[-1])
+    return float((got[..., :t] - mel[..., :t]).abs().mean() * 20.0 / np.log(10.0))
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--release", required=True)
+    parser.add_argument("--pairs", type=Path, required=True, help="CSV of video,audio rows")
+    parser.add_argument("--vocoder", action="append", default=[], metavar="NAME=FOLDER")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%X")
+    buzz_db = _sibling("eval_sound").buzz_db
+
+    from muvi import hub
+    from muvi.data.audio_io import load_audio
+    from muvi.pipeline import MuviPipeline
+
+    pipe = MuviPipeline.from_pretrained(args.release, device="cpu")
+    rate, hop = pipe.mel.config.sample_rate, pipe.mel.config.hop_length
+    vocoders = {"release": pipe.vocoder}
+    for spec in args.vocoder:
+        name, _, folder = spec.partition("=")
+        if not folder:
+            raise SystemExit(f"--vocoder {spec}: give NAME=FOLDER")
+        if hub.load_component(folder, "mel").config != pipe.mel.config:
+            raise SystemExit(f"--vocoder {spec}: trained on another mel than the release's")
+        vocoders[name] = hub.load_component(folder, "vocoder", frozen=True)
+    with open(args.pairs, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r and r[0] != "video"]
+
+    results = {name: {"mel_err_db": [], "vae_mel_err_db": [], "vae_buzz_db": [], "gen_buzz_db": [],
+                      "gen_rms_dbfs": []} for name in vocoders}
+    frames = int(args.seconds * rate) // hop
+    with torch.inference_mode():
+        for _, audio in rows:
+            wave = load_audio(args.pairs.parent / audio, rate)[: frames * hop]
+            mel = pipe.mel(wave[None])
+            recon = pipe.vae.decode(pipe.vae.encode(mel).mean)[..., :mel.shape[-1]]
+            for name, vocoder in vocoders.items():
+                r = results[name]
+                r["mel_err_db"].append(log_mel_error_db(pipe.mel, vocoder(mel)[0], mel[0]))
+                resynth = vocoder(recon)[0]
+                r["vae_mel_err_db"].append(log_mel_error_db(pipe.mel, resynth, mel[0]))
+                r["vae_buzz_db"].append(buzz_db(resynth.numpy()))
+        for i, (video, _) in enumerate(rows):
+            for name, vocoder in vocoders.items():  # the same seed: the same latents, decoded by each
+                pipe.vocoder = vocoder
+                wave = pipe.generate(str(args.pairs.parent / video), seed=i, num_steps=args.steps,
+                                     progress=False).numpy()
+                results[name]["gen_buzz_db"].append(buzz_db(wave))
+                results[name]["gen_rms_dbfs"].append(float(10 * np.log10(np.mean(wave.astype(np.float64) ** 2)
+                                                                          + 1e-20)))
+            logger.info("%s: %s", video, ", ".join(f"{n} buzz {r['gen_buzz_db'][-1]:.1f}" for n, r in results.items()))
+    summary = {name: {**{k: float(np.mean(r[k])) for k in ("mel_err_db", "vae_mel_err_db")},
+                      **{k: float(np.median(r[k])) for k in ("vae_buzz_db", "gen_buzz_db", "gen_rms_dbfs")}}
+               for name, r in results.items()}
+    lines = ["| vocoder | mel_err_db (true mel) | vae_mel_err_db | vae_buzz_db | gen_buzz_db | gen_rms_dbfs |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {s['mel_err_db']:.2f} | {s['vae_mel_err_db']:.2f} | {s['vae_buzz_db']:.1f} | "
+              f"{s['gen_buzz_db']:.1f} | {s['gen_rms_dbfs']:.1f} |" for n, s in summary.items()]
+    md = "\n".join(lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"release": args.release, "pairs": str(args.pairs), "clips": len(rows), "summary": summary,
+              "per_clip": results}
+    (args.out / "vocoders.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (args.out / "vocoders.md").write_text(md, encoding="utf-8")
+    print(md)
+    return report
+
+
+if __name__ == "__main__":
+    main()
