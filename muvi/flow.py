@@ -119,13 +119,17 @@ def guided_velocity(net: Callable[..., torch.Tensor], cond: torch.Tensor, null_c
     if scale == 1.0:
         return lambda x, t: net(x, t, cond)
     both = torch.cat([cond, null_cond])
+    return lambda x, t: _guided_pass(net, x, t, cond, both, scale)[1]
 
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v = net(torch.cat([x, x]), torch.cat([t, t]), both)
-        v_cond, v_null = v.chunk(2)
-        return cfg_combine(v_cond, v_null, scale)
 
-    return velocity
+def _guided_pass(net: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                 both: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditional velocity, guided velocity) from one batched pass (``both``: cond and null)."""
+    if scale == 1.0:
+        v = net(x, t, cond)
+        return v, v
+    v_cond, v_null = net(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+    return v_cond, cfg_combine(v_cond, v_null, scale)
 
 
 def prompt_guided_velocity(net: Callable[..., torch.Tensor], cond: torch.Tensor, null_cond: torch.Tensor,
@@ -141,19 +145,14 @@ def prompt_guided_velocity(net: Callable[..., torch.Tensor], cond: torch.Tensor,
     own frames keep ``v(∅, p)``'s value (the sampler holds them fixed). ``prompt_scale == 0``
     is :func:`guided_velocity`. ``free_net`` (default ``net``) runs the prompt-free branch, so
     that a caller can count guided evaluations once."""
-    guided = guided_velocity(net, cond, null_cond, scale)
     if prompt_scale == 0.0 or prefix == 0:
-        return guided
+        return guided_velocity(net, cond, null_cond, scale)
     free_net = net if free_net is None else free_net
     both = torch.cat([cond, null_cond])
     free_cond = cond[:, prefix:]
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if scale == 1.0:
-            v = v_cond = net(x, t, cond)
-        else:
-            v_cond, v_null = net(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-            v = cfg_combine(v_cond, v_null, scale)
+        v_cond, v = _guided_pass(net, x, t, cond, both, scale)
         v_free = free_net(x[:, prefix:], t[:, prefix:], free_cond)
         new = v[:, prefix:] + prompt_scale * (v_cond[:, prefix:] - v_free)
         return torch.cat([v[:, :prefix], new], dim=1)

@@ -341,7 +341,7 @@ class MuviPipeline(nn.Module):
             seed = request.seed if request.seed is None or w.index == 0 else (request.seed + w.index) % 2 ** 63
             fresh = self.sample_latent(cond, num_steps=request.num_steps, cfg_scale=request.cfg_scale, seed=seed,
                                        prefix=context, method=request.method, callback=stages.step,
-                                       prompt_scale=request.prompt_scale if prefix is not None else 0.0)
+                                       prompt_scale=request.prompt_scale if request.prompt is not None else 0.0)
             self.stage_done(self.dit)
             stages.stage("decoding")
             if latent is None:
