@@ -99,7 +99,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for _, audio in rows:
             wave = load_audio(args.pairs.parent / audio, rate)[: frames * hop]
             mel = pipe.mel(wave[None])
-            recon = pipe.vae.decode(pipe.vae.encode(mel).mean)[..., :mel.shape[-1]]
+            recon = pipe.vae.reconstruct(mel)
             original.append(buzz_db(wave.numpy()))
             for name, vocoder in vocoders.items():
                 r = results[name]

@@ -142,11 +142,6 @@ def crop_segments(music: torch.Tensor, mel: torch.Tensor, valid: torch.Tensor, f
     return window, music.gather(1, samples)
 
 
-def reconstruct(vae, mel: torch.Tensor) -> torch.Tensor:
-    """The VAE's reconstruction (posterior mean, decoded) of mel (B, M, T), cut to T frames."""
-    return vae.decode(vae.encode(mel).mean)[..., :mel.shape[-1]]
-
-
 def vocode(generator: HiFiGANGenerator, melspec: MelSpectrogram, batch: dict, frames: int,
            gen: torch.Generator, autocast, vae=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(waveform window y, generated ŷ, mel of y) of a batch: the one generator pass of training
@@ -156,7 +151,7 @@ def vocode(generator: HiFiGANGenerator, melspec: MelSpectrogram, batch: dict, fr
     with torch.no_grad():
         mel = melspec(music)
         if vae is not None:
-            mel = reconstruct(vae, mel)
+            mel = vae.reconstruct(mel)
         mel_in, y = crop_segments(music, mel, (batch["music_lengths"] // cfg.hop_length).to(device),
                                   frames, cfg.hop_length, gen, math.log(cfg.log_clamp))
         mel_y = melspec(y)
@@ -298,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                     if not log.sample_path(None, "reference").is_file():
                         log.audio(None, "reference", clip, mel_cfg.sample_rate)
                     mel = melspec(clip[None])
-                    log.audio(step, "vocoder", ema.shadow(mel if vae is None else reconstruct(vae, mel))[0],
+                    log.audio(step, "vocoder", ema.shadow(mel if vae is None else vae.reconstruct(mel))[0],
                               mel_cfg.sample_rate)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 if acc.is_main_process:

@@ -245,6 +245,10 @@ class MelVAE(nn.Module):
             raise ValueError(f"expected latent (B, {self.config.latent_channels}, L), got {tuple(z.shape)}")
         return self.decoder(z)
 
+    def reconstruct(self, mel: torch.Tensor) -> torch.Tensor:
+        """The deterministic reconstruction of mel (B, M, T): the posterior mean decoded, cut to T."""
+        return self.decode(self.encode(mel).mean)[..., : mel.shape[-1]]
+
     def forward(self, mel: torch.Tensor, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, DiagonalGaussian]:
         """Training pass: (reconstruction (B, M, T), posterior), decoding a posterior sample."""
