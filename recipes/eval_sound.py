@@ -6,8 +6,10 @@ recordings (tracks no training item used), beside the distance between two halve
 
 The real set: ``--clips-per-track`` clips of ``--seconds`` from every held-out track
 (:func:`muvi.data.recordings.recording_clip`, split by a hash of the track's name: the tracks
-that no training clip or pair uses), in two halves by track (alternate tracks, so the halves
-share no track). Measured for the second half and for every generated set against the first:
+that no training clip or pair uses; ``--split pairs`` for the tracks the training and
+validation pairs come from, to choose settings on validation outputs), in two halves by track
+(alternate tracks, so the halves share no track). Measured for the second half and for every
+generated set against the first:
 
 * Fréchet distance (musicnn penultimate embeddings, one per 3 s patch, as the evaluation suite
   pools them). FD is biased upwards by small sets, so every set is compared at the same number
@@ -40,11 +42,12 @@ logger = logging.getLogger("eval_sound")
 SAMPLE_RATE = 22050
 
 
-def real_clips(root: Path, per_track: int, seconds: float, seed: int = 0) -> tuple[list, list]:
-    """(halves A and B of the held-out real clips: lists of (name, waveform at SAMPLE_RATE))."""
+def real_clips(root: Path, per_track: int, seconds: float, seed: int = 0,
+               split: str = "heldout") -> tuple[list, list]:
+    """(halves A and B of the real clips of ``split``: lists of (name, waveform at SAMPLE_RATE))."""
     from muvi.data.recordings import readable_recordings, recording_clip
 
-    tracks = readable_recordings(root, "heldout")
+    tracks = readable_recordings(root, split)
     halves: tuple[list, list] = ([], [])
     for t, track in enumerate(tracks):
         rng = np.random.default_rng([seed, t])
@@ -56,7 +59,7 @@ def real_clips(root: Path, per_track: int, seconds: float, seed: int = 0) -> tup
                 clips.append((f"{track.package}/{Path(track.name).name}@{clip.info['offset']:.1f}", clip.waveform))
         halves[t % 2].extend(clips)
     if not halves[1]:
-        raise SystemExit(f"{root}: fewer than two held-out tracks readable; unpack the packages first")
+        raise SystemExit(f"{root}: fewer than two {split} tracks readable; unpack the packages first")
     return halves
 
 
@@ -179,6 +182,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--draws", type=int, default=20, help="random equal-size subsets per FD")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", choices=("heldout", "pairs", "music"), default="heldout",
+                        help="the real tracks compared against (heldout to report; pairs, the tracks the "
+                             "validation pairs come from, to choose settings)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%X")
     sets = {}
@@ -189,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         sets[name] = Path(folder)
     from muvi.encoders.musicnn import MusicnnEmbedder
 
-    half_a, half_b = real_clips(args.recordings, args.clips_per_track, args.seconds, args.seed)
+    half_a, half_b = real_clips(args.recordings, args.clips_per_track, args.seconds, args.seed, args.split)
     clips = {"real half B": half_b, **{name: generated_clips(folder) for name, folder in sets.items()}}
     embedder = MusicnnEmbedder.from_package()
     reference = np.concatenate(embeddings(embedder, half_a))
@@ -203,12 +209,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     results = {"real half A (reference)": {"fd": 0.0, "patches": len(reference),
                                            "clips": [{"name": n, **clip_stats(w)} for n, w in half_a]}, **results}
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"reference_patches": len(reference), "matched_patches": size, "seconds": args.seconds,
-              "sets": {k: str(v) for k, v in sets.items()}, "results": results}
+    report = {"split": args.split, "reference_patches": len(reference), "matched_patches": size,
+              "seconds": args.seconds, "sets": {k: str(v) for k, v in sets.items()}, "results": results}
     (args.out / "sound.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     md = table(results)
     (args.out / "sound.md").write_text(md, encoding="utf-8")
-    shown = {"real (held-out)": half_a[0], **{name: items[0] for name, items in clips.items() if name in sets}}
+    shown = {f"real ({args.split})": half_a[0], **{name: items[0] for name, items in clips.items() if name in sets}}
     count = int(args.seconds * SAMPLE_RATE)
     shown = {name: (clip_name, wave[:count]) for name, (clip_name, wave) in shown.items()}
     spectrogram_figure(shown, args.out / "spectrograms.png")

@@ -49,6 +49,20 @@ def test_a_clip_is_real_music_with_tracked_beats(unpacked):
     np.testing.assert_array_equal(again.waveform, clip.waveform)  # same seed, same clip
 
 
+def test_eval_sound_compares_against_the_tracks_of_one_split(unpacked):
+    """``eval_sound --split``: held-out to report, pairs to choose settings; the real halves hold
+    only that split's tracks, one track per half here (asc's two pairs tracks)."""
+    from conftest import load_recipe
+
+    sound = load_recipe("eval_sound")
+    half_a, half_b = sound.real_clips(unpacked, 1, 4.0, split="pairs")
+    names = [name.split("@")[0] for name, _ in half_a + half_b]
+    assert names == ["asc-music/frontiers.mp3", "asc-music/time_to_strike.mp3"]
+    assert all(wave.shape == (4 * sound.SAMPLE_RATE,) for _, wave in half_a + half_b)
+    with pytest.raises(SystemExit, match="fewer than two heldout tracks"):
+        sound.real_clips(unpacked, 1, 4.0, split="heldout")  # asc has no held-out track
+
+
 def test_dep5_stanzas_give_per_file_licences(tmp_path):
     doc = tmp_path / "usr/share/doc/ufoai-music"
     doc.mkdir(parents=True)
