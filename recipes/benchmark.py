@@ -10,8 +10,8 @@ process during the stage, beside this machine's measured dense matmul rate. ``fl
 stage's time over its FLOPs at that rate: 1.00 would mean every operation ran as fast as the
 best large matrix product. ``--profile N`` adds a ``torch.profiler`` table of the N most
 expensive operators of each stage; ``--plain`` runs the plain layouts the optimised paths are
-tested against (conv1d vocoder), for a before/after figure. Weights are random (a preset),
-which does not change speed.
+tested against (conv1d vocoder, unpacked DiT weights), for a before/after figure. Weights are
+random (a preset), which does not change speed.
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--no-flops", action="store_true", help="skip the second, FLOP-counting pass")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N most expensive operators of each stage (torch.profiler)")
-    parser.add_argument("--plain", action="store_true", help="the plain layouts (conv1d vocoder), for comparison")
+    parser.add_argument("--plain", action="store_true",
+                        help="the plain layouts (conv1d vocoder, unpacked DiT weights), for comparison")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--keep-weights", action="store_true",
                         help="keep each stage's weights resident after it (MuviPipeline.page_out_weights off)")
@@ -91,6 +92,7 @@ def main() -> None:
 def _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss) -> None:
     if args.plain:
         pipe.vocoder.channels_last, pipe.vocoder.chunk_frames = False, None
+        pipe.flow.pack_weights = False
     pipe.page_out_weights = not args.keep_weights
     # Timed with nothing watching (torch's FLOP counter costs Python time per operator: +5 s on
     # the DiT's 25 steps); FLOPs counted in a second pass, of the model's own arithmetic (the

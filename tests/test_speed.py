@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
+from muvi.models.layers import mkl_packing_available, packed_linears
 from muvi.pipeline import MuviPipeline
 from muvi.profiling import Stages, count_cpu_attention, peak_memory, reset_peak_memory
 
@@ -83,6 +84,56 @@ def test_chunked_vocoder_keeps_gradients_whole():
     mel = torch.randn(1, 20, 9, requires_grad=True)
     model(mel).sum().backward()
     assert mel.grad.abs().sum() > 0
+
+
+needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="torch built without MKL")
+
+
+@needs_mkl
+def test_sampling_with_packed_dit_weights_equals_plain(monkeypatch):
+    """25 guided Euler steps through MKL-packed weights give the plain products' latent, and the
+    DiT's layers are their plain selves again afterwards."""
+    packed_products = []
+    mkl_linear = torch.ops.mkl._mkl_linear
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", lambda *a: packed_products.append(a[-1]) or mkl_linear(*a))
+    from dataclasses import replace
+
+    from muvi.models.dit import DiT, DiTConfig
+    from muvi.models.v2m import VideoToMusicFlow
+
+    torch.manual_seed(0)
+    dit = DiT(replace(DiTConfig.preset("tiny"), width=256, depth=2, num_heads=4)).eval()
+    for m in dit.modules():
+        if isinstance(m, torch.nn.Linear):  # the zero-initialised output layer too
+            torch.nn.init.normal_(m.weight, 0.0, m.weight.shape[1] ** -0.5)
+    flow, cond = VideoToMusicFlow(dit).eval(), torch.randn(1, 50, 256)
+    outputs = []
+    for pack in (True, False):
+        flow.pack_weights = pack
+        outputs.append(flow.sample(cond, num_steps=25, cfg_scale=4.0, seed=0))
+    packed, plain = outputs
+    assert plain.abs().mean() > 0.5  # a latent the DiT moved, not the noise scaled
+    # every step: 5 products in each of 2 blocks, 5 around them (inputs, time MLP, output); CFG: 2 × 50 rows
+    assert len(packed_products) == 25 * (5 * 2 + 5) and set(packed_products) == {100}
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    assert all("forward" not in vars(m) for m in dit.modules())
+
+
+@needs_mkl
+def test_packed_linear_takes_the_plain_product_where_packing_does_not_apply():
+    linear = torch.nn.Linear(64, 96)
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad(), packed_linears(linear):
+        first = linear(x)  # packs for 20 rows
+        assert vars(linear)["forward"].rows == 20
+        torch.testing.assert_close(first, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-6)
+        other = linear(torch.randn(3, 64))  # another row count: plain
+        strided = linear(x.transpose(0, 1))  # not contiguous: plain
+        assert other.shape == (3, 96) and strided.shape == (10, 2, 96)
+        torch.testing.assert_close(strided, F.linear(x.transpose(0, 1), linear.weight, linear.bias))
+    with packed_linears(linear):  # gradients needed: the plain, differentiable product
+        linear(x).sum().backward()
+    assert linear.weight.grad is not None and "forward" not in vars(linear)
 
 
 def test_cpu_attention_flops_are_counted():

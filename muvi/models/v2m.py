@@ -24,6 +24,7 @@ from muvi import flow
 from muvi.config import Config
 from muvi.models.adaptor import VisualAdaptor, resample_time
 from muvi.models.dit import DiT
+from muvi.models.layers import packed_linears
 
 
 @dataclasses.dataclass
@@ -42,6 +43,10 @@ class VideoToMusicFlow(nn.Module):
     """``dit`` with, for video-to-music, ``adaptor`` (None: unconditional, the null embedding
     everywhere). ``forward`` is the training loss (so DDP sees one forward); :meth:`sample`
     solves the guided flow ODE."""
+
+    #: sample on the CPU with MKL-packed DiT weights (:func:`muvi.models.layers.packed_linears`);
+    #: False runs the plain products the packed ones are tested against.
+    pack_weights: bool = True
 
     def __init__(self, dit: DiT, adaptor: Optional[VisualAdaptor] = None,
                  objective: Optional[FlowObjective] = None):
@@ -145,8 +150,9 @@ class VideoToMusicFlow(nn.Module):
             return v
 
         velocity = flow.prompt_guided_velocity(net, cond, null, cfg_scale, p, prompt_scale, free_net)
-        latent = flow.sample(velocity, x0, num_steps=num_steps, method=method, context=context,
-                             context_latent=context_latent, progress=progress)
+        with packed_linears(self.dit, enabled=self.pack_weights):
+            latent = flow.sample(velocity, x0, num_steps=num_steps, method=method, context=context,
+                                 context_latent=context_latent, progress=progress)
         return latent[:, p:]
 
 
