@@ -43,6 +43,28 @@ def test_channels_last_vocoder_equals_conv1d():
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_onednn_vocoder_equals_separate_ops(monkeypatch):
+    """The oneDNN primitives with reordered weights and the sum / leaky ReLU fused in give the
+    channels-last path's separate conv2d, add and activation; the weights are plain afterwards."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    fused_calls = []
+    binary = torch.ops.mkldnn._convolution_pointwise.binary
+    monkeypatch.setattr(torch.ops.mkldnn._convolution_pointwise, "binary",
+                        lambda *a: fused_calls.append(a[8]) or binary(*a))
+    model, mel = vocoder(seed=3), torch.randn(1, 20, 29)
+    outputs = []
+    with torch.inference_mode():
+        for fused in (True, False):
+            model.fused = fused
+            outputs.append(model(mel))
+    # every residual unit's second conv added its input inside the primitive, in the fused run only
+    units = sum(len(block.convs2) for block in model.resblocks)
+    assert fused_calls == ["add"] * units
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    assert all("_onednn" not in vars(m) for m in model.modules())
+
+
 def test_channels_last_vocoder_trains_the_same():
     """Same gradients through the 2D path, with weight norm as the vocoder recipe trains it."""
     grads = []

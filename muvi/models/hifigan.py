@@ -22,10 +22,12 @@ new ``parametrizations.weight.original0/1`` names) into plain weights on load.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -103,27 +105,74 @@ class ResBlock1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv1, conv2 in zip(self.convs1, self.convs2):
-            h = _conv(conv1, F.leaky_relu(x, self.slope))
-            x = x + _conv(conv2, F.leaky_relu(h, self.slope))
+            h = _conv(conv1, F.leaky_relu(x, self.slope), slope=self.slope)  # lrelu(conv1(lrelu(x)))
+            x = _conv(conv2, h, residual=x)  # x + conv2(h)
         return x
 
 
-def _conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a ``Conv1d``/``ConvTranspose1d`` to ``x``: (B, C, N) as is, or (B, C, 1, N) as the
-    equal 2D convolution with a height-1 kernel (channels-last activations stay channels-last).
+def _conv(conv: nn.Module, x: torch.Tensor, *, slope: Optional[float] = None,
+          residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Apply a ``Conv1d``/``ConvTranspose1d`` to ``x``, then add ``residual`` and then a leaky
+    ReLU of ``slope``, where given: (B, C, N) as is, or (B, C, 1, N) as the equal 2D convolution
+    with a height-1 kernel (channels-last activations stay channels-last). A conv that
+    :func:`_onednn_weights` packed runs as one oneDNN primitive with the sum or the activation
+    fused into it (no extra pass over the activations).
 
     A conv with forward hooks (the old ``torch.nn.utils.weight_norm`` recomputes ``weight`` in
     one) is called as itself, so the hooks run; only plain convs take the 2D path."""
+    packing = vars(conv).get("_onednn")
+    if packing is not None and x.dim() == 4 and (slope is None or residual is None):
+        args = ([0, conv.padding[0]], [1, conv.stride[0]], [1, conv.dilation[0]], conv.groups)
+        if packing.weight is None:  # reordered for the first input's shape (a hint: any shape runs)
+            packing.weight = torch.ops.mkldnn._reorder_convolution_weight(conv.weight.unsqueeze(2), *args,
+                                                                          list(x.shape))
+        packed = packing.weight
+        if residual is not None:
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, conv.bias, *args,
+                                                                  "add", None, None, [], "")
+        attr, scalars = ("none", []) if slope is None else ("leaky_relu", [slope])
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, conv.bias, *args, attr, scalars, "")
     if x.dim() == 3:
-        return conv(x)
-    if conv._forward_pre_hooks or conv._forward_hooks:
-        return conv(x.squeeze(2)).unsqueeze(2).contiguous(memory_format=torch.channels_last)
-    weight = conv.weight.unsqueeze(2)
-    (stride,), (padding,), (dilation,) = conv.stride, conv.padding, conv.dilation
-    if isinstance(conv, nn.ConvTranspose1d):
-        return F.conv_transpose2d(x, weight, conv.bias, (1, stride), (0, padding),
-                                  (0, conv.output_padding[0]), conv.groups, (1, dilation))
-    return F.conv2d(x, weight, conv.bias, (1, stride), (0, padding), (1, dilation), conv.groups)
+        y = conv(x)
+    elif conv._forward_pre_hooks or conv._forward_hooks:
+        y = conv(x.squeeze(2)).unsqueeze(2).contiguous(memory_format=torch.channels_last)
+    else:
+        weight = conv.weight.unsqueeze(2)
+        (stride,), (padding,), (dilation,) = conv.stride, conv.padding, conv.dilation
+        if isinstance(conv, nn.ConvTranspose1d):
+            y = F.conv_transpose2d(x, weight, conv.bias, (1, stride), (0, padding),
+                                   (0, conv.output_padding[0]), conv.groups, (1, dilation))
+        else:
+            y = F.conv2d(x, weight, conv.bias, (1, stride), (0, padding), (1, dilation), conv.groups)
+    if residual is not None:
+        y = residual + y
+    return y if slope is None else F.leaky_relu(y, slope)
+
+
+@dataclasses.dataclass
+class _Reordered:
+    weight: Optional[torch.Tensor] = None
+
+
+@contextlib.contextmanager
+def _onednn_weights(model: nn.Module, x: torch.Tensor, enabled: bool) -> Iterator[None]:
+    """Within the block, the plain ``Conv1d`` layers of ``model`` keep their weights reordered
+    into oneDNN's blocked layout (once, at their first call), so that :func:`_conv` runs each as
+    a fused oneDNN primitive instead of reordering the weight inside every call. Only for the
+    channels-last input ``x`` (B, M, 1, T) at inference on the CPU in fp32; dropped on leaving."""
+    convs = []
+    if (enabled and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and torch.backends.mkldnn.is_available()):
+        convs = [m for m in model.modules() if type(m) is nn.Conv1d and not (m._forward_pre_hooks or m._forward_hooks)
+                 and not parametrize.is_parametrized(m) and m.weight.dtype == torch.float32]
+    for conv in convs:
+        conv._onednn = _Reordered()
+    try:
+        yield
+    finally:
+        for conv in convs:
+            del conv._onednn
 
 
 class HiFiGANGenerator(nn.Module):
@@ -147,6 +196,10 @@ class HiFiGANGenerator(nn.Module):
         #: :meth:`receptive_margin` frames of context on both sides (memory bounded by the
         #: chunk, the output equal to one pass to float32 rounding); None: one pass
         self.chunk_frames = chunk_frames
+        #: on the channels-last path at inference on the CPU, run the convolutions as oneDNN
+        #: primitives with pre-reordered weights and the residual sums and activations fused in
+        #: (:func:`_onednn_weights`); False: separate ``conv2d``, add and leaky ReLU
+        self.fused = True
         c0 = config.upsample_initial_channel
         self.num_kernels = len(config.resblock_kernel_sizes)
         self.conv_pre = nn.Conv1d(config.num_mels, c0, 7, padding=3)
@@ -199,12 +252,13 @@ class HiFiGANGenerator(nn.Module):
         num_samples = x.shape[-1] * self.hop_length
         if self.channels_last:
             x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (B, M, 1, T)
-        x = _conv(self.conv_pre, x)
-        for i, up in enumerate(self.ups):
-            x = _conv(up, F.leaky_relu(x, self.config.leaky_relu_slope))
-            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
-            x = sum(block(x) for block in blocks) / self.num_kernels
-        x = torch.tanh(_conv(self.conv_post, F.leaky_relu(x)))  # default slope 0.01, as released
+        with _onednn_weights(self, x, self.fused):
+            x = _conv(self.conv_pre, x)
+            for i, up in enumerate(self.ups):
+                x = _conv(up, F.leaky_relu(x, self.config.leaky_relu_slope))
+                blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+                x = sum(block(x) for block in blocks) / self.num_kernels
+            x = torch.tanh(_conv(self.conv_post, F.leaky_relu(x)))  # default slope 0.01, as released
         return x.flatten(1, -2)[:, 0, :num_samples]  # (B, N); drop the transposed convs' extra tail samples
 
     def _convs(self) -> list[nn.Module]:
