@@ -1,7 +1,7 @@
 """Time, count and profile each inference stage of muvi.
 
     python recipes/benchmark.py --preset base --duration 10 [--device cuda] [--video PATH]
-                                [--profile 12] [--plain] [--threads 2]
+                                [--profile 12] [--plain | --alternate] [--repeats 3] [--threads 2]
 
 Prints, per stage (decode, video encoder, adaptor, sampling, VAE decode, vocoder), the wall
 time, the floating-point operations counted by ``torch.utils.flop_counter`` (CPU attention
@@ -10,8 +10,8 @@ process during the stage, beside this machine's measured dense matmul rate. ``fl
 stage's time over its FLOPs at that rate: 1.00 would mean every operation ran as fast as the
 best large matrix product. ``--profile N`` adds a ``torch.profiler`` table of the N most
 expensive operators of each stage; ``--plain`` runs the plain layouts the optimised paths are
-tested against (conv1d vocoder, unpacked DiT weights), for a before/after figure. Weights are
-random (a preset), which does not change speed.
+tested against (conv1d vocoder, unpacked DiT weights), for a before/after figure, and
+``--alternate`` runs both in turns. Weights are random (a preset), which does not change speed.
 """
 from __future__ import annotations
 
@@ -59,6 +59,9 @@ def main() -> None:
                         help="print the N most expensive operators of each stage (torch.profiler)")
     parser.add_argument("--plain", action="store_true",
                         help="the plain layouts (conv1d vocoder, unpacked DiT weights), for comparison")
+    parser.add_argument("--alternate", action="store_true",
+                        help="time the plain and the optimised paths in turns, each --repeats times (a fair "
+                             "before/after on a machine whose speed drifts)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--keep-weights", action="store_true",
                         help="keep each stage's weights resident after it (MuviPipeline.page_out_weights off)")
@@ -89,27 +92,40 @@ def main() -> None:
         _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss)
 
 
+def _layouts(pipe, plain: bool, chunk) -> None:
+    """The optimised paths (channels-last fused vocoder in chunks, packed DiT weights) or the
+    plain ones they are tested against (conv1d vocoder in one pass, plain products)."""
+    pipe.vocoder.channels_last = pipe.vocoder.fused = pipe.flow.pack_weights = not plain
+    pipe.vocoder.chunk_frames = None if plain else chunk
+
+
 def _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss) -> None:
-    if args.plain:
-        pipe.vocoder.channels_last, pipe.vocoder.chunk_frames = False, None
-        pipe.flow.pack_weights = False
     pipe.page_out_weights = not args.keep_weights
+    chunk = pipe.vocoder.chunk_frames
     # Timed with nothing watching (torch's FLOP counter costs Python time per operator: +5 s on
     # the DiT's 25 steps); FLOPs counted in a second pass, of the model's own arithmetic (the
     # vocoder unchunked: the overlap of its chunks is a cost of this implementation, in the time).
-    stage = Stages(device, count_flops=False, profile_rows=args.profile)
-    wave = generation_stages(pipe, stage, video, args.duration, num_steps=args.num_steps, cfg_scale=args.cfg_scale)
-    for _ in range(args.repeats - 1):  # each stage's best time, as the matmul reference is a best
-        again = Stages(device, count_flops=False)
-        generation_stages(pipe, again, video, args.duration, num_steps=args.num_steps, cfg_scale=args.cfg_scale)
-        for row, other in zip(stage.rows, again.rows):
-            row.seconds = min(row.seconds, other.seconds)  # memory stays the first run's: one generation
+    # Each stage keeps its best time over the repeats, as the matmul reference is a best; with
+    # --alternate the plain and the optimised paths take turns, so both see the same machine.
+    best: dict[bool, Stages] = {}
+    for repeat in range(args.repeats):
+        for plain in ((True, False) if args.alternate else (args.plain,)):
+            _layouts(pipe, plain, chunk)
+            run = Stages(device, count_flops=False, profile_rows=args.profile if repeat == 0 else 0)
+            wave = generation_stages(pipe, run, video, args.duration, num_steps=args.num_steps,
+                                     cfg_scale=args.cfg_scale)
+            if plain not in best:
+                best[plain] = run
+            for row, other in zip(best[plain].rows, run.rows):
+                row.seconds = min(row.seconds, other.seconds)  # memory stays the first run's: one generation
+    stage = best[args.plain and not args.alternate]
     if not args.no_flops:
         counted = Stages(device, count_flops=True)
-        chunk, pipe.vocoder.chunk_frames = pipe.vocoder.chunk_frames, None
+        _layouts(pipe, False, None)
         generation_stages(pipe, counted, video, args.duration, num_steps=args.num_steps, cfg_scale=args.cfg_scale)
-        pipe.vocoder.chunk_frames = chunk
-        stage.take_flops(counted)
+        _layouts(pipe, args.plain and not args.alternate, chunk)
+        for run in best.values():
+            run.take_flops(counted)
     rate = max(rate_before, matmul_rate(device))
 
     sizes = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in pipe._components().items()}
@@ -123,7 +139,15 @@ def _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss) -
     for row in stage.rows:
         if row.profile:
             print(f"\n--- {row.name}: operators by self time ---\n{row.profile}")
+    if args.alternate:
+        print("plain layouts (conv1d vocoder in one pass, unpacked DiT weights), the same runs' turns:")
+        print(best[True].table(rate))
+        print("optimised paths (the default):")
     print(stage.table(rate))
+    if args.alternate:
+        plain_total = best[True].total_seconds
+        print(f"optimised {stage.total_seconds:.1f} s against plain {plain_total:.1f} s: "
+              f"{plain_total / stage.total_seconds:.2f}x faster")
     if stage.total_flops:
         print(f"floor: {stage.total_flops / 1e9:.0f} GFLOP / {rate / 1e9:.1f} GFLOP/s = "
               f"{stage.total_flops / rate:.1f} s; measured {stage.total_seconds:.1f} s = "

@@ -267,6 +267,15 @@ def _recipe(name: str, *args: str, capsys) -> str:
     return capsys.readouterr().out
 
 
+def test_benchmark_alternates_plain_and_optimised_paths(capsys):
+    out = _recipe("benchmark.py", "--preset", "tiny", "--duration", "1", "--num-steps", "2", "--alternate",
+                  "--threads", "2", capsys=capsys)
+    plain, optimised = out.split("plain layouts")[1].split("optimised paths (the default):")
+    for table in (plain, optimised):
+        assert all(name in table for name in ("video encoder", "sampling", "vocoder", "total"))
+    assert "x faster" in optimised and "x the floor" in optimised
+
+
 def test_gpu_benchmark_runs_on_cpu(tmp_path, capsys):
     out = _recipe("benchmark_gpu.py", "--device", "cpu", "--preset", "tiny", "--durations", "1.5",
                   "--num-steps", "2", "--batch", "2", "--train-seconds", "2", "--train-steps", "1",
