@@ -10,7 +10,7 @@ process during the stage, beside this machine's measured dense matmul rate. ``fl
 stage's time over its FLOPs at that rate: 1.00 would mean every operation ran as fast as the
 best large matrix product. ``--profile N`` adds a ``torch.profiler`` table of the N most
 expensive operators of each stage; ``--plain`` runs the plain layouts the optimised paths are
-tested against (conv1d vocoder, unpacked DiT weights), for a before/after figure, and
+tested against (conv1d vocoder, unpacked DiT weights, timm's MLP), for a before/after figure, and
 ``--alternate`` runs both in turns. Weights are random (a preset), which does not change speed.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N most expensive operators of each stage (torch.profiler)")
     parser.add_argument("--plain", action="store_true",
-                        help="the plain layouts (conv1d vocoder, unpacked DiT weights), for comparison")
+                        help="the plain layouts (conv1d vocoder, unpacked DiT weights, timm's MLP), for comparison")
     parser.add_argument("--alternate", action="store_true",
                         help="time the plain and the optimised paths in turns, each --repeats times (a fair "
                              "before/after on a machine whose speed drifts)")
@@ -93,9 +93,12 @@ def main() -> None:
 
 
 def _layouts(pipe, plain: bool, chunk) -> None:
-    """The optimised paths (channels-last fused vocoder in chunks, packed DiT weights) or the
-    plain ones they are tested against (conv1d vocoder in one pass, plain products)."""
+    """The optimised paths (channels-last fused vocoder in chunks, packed DiT weights, fused MLP
+    GELU in the encoder) or the plain ones they are tested against (conv1d vocoder in one pass,
+    plain products, timm's MLP)."""
     pipe.vocoder.channels_last = pipe.vocoder.fused = pipe.flow.pack_weights = not plain
+    if hasattr(pipe.video_encoder, "fuse_mlp"):
+        pipe.video_encoder.fuse_mlp = not plain
     pipe.vocoder.chunk_frames = None if plain else chunk
 
 
@@ -108,12 +111,14 @@ def _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss) -
     # Each stage keeps its best time over the repeats, as the matmul reference is a best; with
     # --alternate the plain and the optimised paths take turns, so both see the same machine.
     best: dict[bool, Stages] = {}
+    rates = [rate_before]
     for repeat in range(args.repeats):
         for plain in ((True, False) if args.alternate else (args.plain,)):
             _layouts(pipe, plain, chunk)
             run = Stages(device, count_flops=False, profile_rows=args.profile if repeat == 0 else 0)
             wave = generation_stages(pipe, run, video, args.duration, num_steps=args.num_steps,
                                      cfg_scale=args.cfg_scale)
+            rates.append(matmul_rate(device))  # the machine's speed drifts: its best moment is the reference
             if plain not in best:
                 best[plain] = run
             for row, other in zip(best[plain].rows, run.rows):
@@ -121,12 +126,12 @@ def _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss) -
     stage = best[args.plain and not args.alternate]
     if not args.no_flops:
         counted = Stages(device, count_flops=True)
-        _layouts(pipe, False, None)
+        _layouts(pipe, True, None)  # the counter knows aten's products, not MKL's packed or oneDNN's fused ones
         generation_stages(pipe, counted, video, args.duration, num_steps=args.num_steps, cfg_scale=args.cfg_scale)
         _layouts(pipe, args.plain and not args.alternate, chunk)
         for run in best.values():
             run.take_flops(counted)
-    rate = max(rate_before, matmul_rate(device))
+    rate = max(rates)
 
     sizes = {name: sum(p.numel() for p in m.parameters()) / 1e6 for name, m in pipe._components().items()}
     print(f"muvi benchmark: preset={args.preset} duration={args.duration:g}s steps={args.num_steps} "
@@ -134,13 +139,14 @@ def _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss) -
           f"best of {args.repeats} run{'s' if args.repeats > 1 else ''}"
           f"{' plain layouts' if args.plain else ''}")
     print("parameters (M): " + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()))
-    print(f"measured fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s (best 2048² product)")
+    print(f"measured fp32 matmul rate: {rate / 1e9:.1f} GFLOP/s (best 2048² product; measured before and "
+          f"after each run, lowest {min(rates) / 1e9:.1f})")
     print(f"load: {load_seconds:.1f} s, peak RSS {load_rss:.0f} MB")
     for row in stage.rows:
         if row.profile:
             print(f"\n--- {row.name}: operators by self time ---\n{row.profile}")
     if args.alternate:
-        print("plain layouts (conv1d vocoder in one pass, unpacked DiT weights), the same runs' turns:")
+        print("plain layouts (conv1d vocoder in one pass, unpacked DiT weights, timm's MLP), the same runs' turns:")
         print(best[True].table(rate))
         print("optimised paths (the default):")
     print(stage.table(rate))

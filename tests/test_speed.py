@@ -65,6 +65,32 @@ def test_fused_onednn_vocoder_equals_separate_ops(monkeypatch):
     assert all("_onednn" not in vars(m) for m in model.modules())
 
 
+def test_fused_gelu_mlp_encoder_equals_timm_mlp(monkeypatch):
+    """VideoMAE's encode with each MLP's first product and GELU as one oneDNN primitive gives
+    timm's MLP; the fused path is taken in every block, and the MLPs are timm's again after."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    from dataclasses import replace
+
+    from muvi.encoders.videomae import VideoMAEConfig, VideoMAEEncoder
+
+    fused_calls = []
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: fused_calls.append(a[3]) or pointwise(*a))
+    torch.manual_seed(0)
+    encoder = VideoMAEEncoder(replace(VideoMAEConfig.preset("tiny"), depth=3)).eval()
+    frames = torch.randn(1, 2 * encoder.config.num_frames + 3, 3, encoder.config.image_size, encoder.config.image_size)
+    outputs = []
+    with torch.inference_mode():
+        for fuse in (True, False):
+            encoder.fuse_mlp = fuse
+            outputs.append(encoder.encode(frames, max_batch=2))
+    assert fused_calls == ["gelu"] * 3 * 2  # 3 blocks x 2 batches of clips, the fused run only
+    assert outputs[1].abs().mean() > 0.1
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    assert all("forward" not in vars(m) for m in encoder.modules())
+
+
 def test_channels_last_vocoder_trains_the_same():
     """Same gradients through the 2D path, with weight norm as the vocoder recipe trains it."""
     grads = []

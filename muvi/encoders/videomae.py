@@ -37,7 +37,7 @@ from torch import nn
 
 from muvi.checkpoint import CheckpointError, load_strict, read_state_dict
 from muvi.config import Config
-from muvi.models.layers import sinusoid_table
+from muvi.models.layers import fused_gelu_mlps, sinusoid_table
 from muvi.video import standardize
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,10 @@ class PatchEmbed(nn.Module):
 class VideoMAEEncoder(nn.Module):
     """The VideoMAE (V2) ViT without its classification head; see the module docstring."""
 
+    #: :meth:`encode` on the CPU runs each MLP's first product and GELU as one oneDNN primitive
+    #: (:func:`muvi.models.layers.fused_gelu_mlps`); False: timm's own MLP, as ``forward`` always is
+    fuse_mlp: bool = True
+
     def __init__(self, config: VideoMAEConfig):
         from timm.models.vision_transformer import Block  # on use: timm imports torchvision (~2.5 s)
 
@@ -187,9 +191,10 @@ class VideoMAEEncoder(nn.Module):
         jobs = [(b, s) for b in range(batch) for s in starts]  # video-major, as stacked in appendix C
         chunk = max_batch or len(jobs)
         grids = []
-        for i in range(0, len(jobs), chunk):
-            clips = torch.stack([frames[b, s:s + clip] for b, s in jobs[i:i + chunk]])
-            grids.append(self(rearrange(clips, "n t c h w -> n c t h w")))
+        with fused_gelu_mlps(self, enabled=self.fuse_mlp):
+            for i in range(0, len(jobs), chunk):
+                clips = torch.stack([frames[b, s:s + clip] for b, s in jobs[i:i + chunk]])
+                grids.append(self(rearrange(clips, "n t c h w -> n c t h w")))
         grids = rearrange(torch.cat(grids), "(b n) s h w d -> b n s h w d", b=batch)
 
         tokens = rearrange(grids[:, :num_full], "b n s h w d -> b (n s) h w d")
