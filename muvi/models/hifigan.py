@@ -13,7 +13,10 @@ memory order (:func:`_conv`), which oneDNN runs without reordering activations i
 its blocked layout: on a 2-core AVX2 CPU the 75-channel, 240 000-sample convolutions of the last
 stage go from 26-45 to 52-64 GFLOP/s, the vocoder as a whole ~1.3x faster (recipes/benchmark.py).
 The weights stay ``Conv1d``/``ConvTranspose1d`` parameters (same keys, same training); the
-result equals the plain ``conv1d`` path (``channels_last=False``) to float32 rounding.
+result equals the plain ``conv1d`` path (``channels_last=False``) to float32 rounding. At
+inference on the CPU (``fused``) the convolutions run as oneDNN primitives with their weights
+reordered once per call and each residual unit's add and leaky ReLU fused in: ~10 % faster on
+an AVX-512 Xeon, ~0.2-0.3 GB more peak memory (oneDNN's primitive buffers).
 
 At inference the convolutions hold plain weights. Training wraps them in weight norm with
 :meth:`HiFiGANGenerator.apply_weight_norm` and folds it back with ``remove_weight_norm``;
@@ -172,7 +175,7 @@ def _onednn_weights(model: nn.Module, x: torch.Tensor, enabled: bool) -> Iterato
         yield
     finally:
         for conv in convs:
-            del conv._onednn
+            vars(conv).pop("_onednn", None)
 
 
 class HiFiGANGenerator(nn.Module):

@@ -137,7 +137,7 @@ def packed_linears(module: nn.Module, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         for m in linears:
-            del m.forward
+            vars(m).pop("forward", None)  # (another caller may have left first)
 
 
 class _FusedGeluMlp:
@@ -182,4 +182,4 @@ def fused_gelu_mlps(module: nn.Module, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         for m in mlps:
-            del m.forward
+            vars(m).pop("forward", None)  # (another caller may have left first)
