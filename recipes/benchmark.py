@@ -110,10 +110,11 @@ def _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss) -
     # vocoder unchunked: the overlap of its chunks is a cost of this implementation, in the time).
     # Each stage keeps its best time over the repeats, as the matmul reference is a best; with
     # --alternate the plain and the optimised paths take turns, so both see the same machine.
+    modes = (True, False) if args.alternate else (args.plain,)  # plain or not; the last is shown
     best: dict[bool, Stages] = {}
     rates = [rate_before]
     for repeat in range(args.repeats):
-        for plain in ((True, False) if args.alternate else (args.plain,)):
+        for plain in modes:
             _layouts(pipe, plain, chunk)
             run = Stages(device, count_flops=False, profile_rows=args.profile if repeat == 0 else 0)
             wave = generation_stages(pipe, run, video, args.duration, num_steps=args.num_steps,
@@ -123,12 +124,12 @@ def _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss) -
                 best[plain] = run
             for row, other in zip(best[plain].rows, run.rows):
                 row.seconds = min(row.seconds, other.seconds)  # memory stays the first run's: one generation
-    stage = best[args.plain and not args.alternate]
+    stage = best[modes[-1]]
     if not args.no_flops:
         counted = Stages(device, count_flops=True)
         _layouts(pipe, True, None)  # the counter knows aten's products, not MKL's packed or oneDNN's fused ones
         generation_stages(pipe, counted, video, args.duration, num_steps=args.num_steps, cfg_scale=args.cfg_scale)
-        _layouts(pipe, args.plain and not args.alternate, chunk)
+        _layouts(pipe, modes[-1], chunk)
         for run in best.values():
             run.take_flops(counted)
     rate = max(rates)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, dim % 2))
 
 
-
 def mkl_packing_available() -> bool:
     """Whether this torch can multiply by MKL-packed weights (x86 builds with MKL)."""
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
@@ -99,6 +98,19 @@ def _plain_only(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
             or torch.is_autocast_enabled("cpu")
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+@contextlib.contextmanager
+def _forwards_replaced(modules: list[nn.Module], make: Callable[[nn.Module], Callable]) -> Iterator[None]:
+    """Within the block, each of ``modules`` runs ``make(module)`` as its forward (an instance
+    attribute over the class's); its own forward again on leaving."""
+    for m in modules:
+        m.forward = make(m)
+    try:
+        yield
+    finally:
+        for m in modules:
+            vars(m).pop("forward", None)  # (another caller may have left first)
 
 
 class _PackedLinear:
@@ -131,13 +143,8 @@ def packed_linears(module: nn.Module, enabled: bool = True) -> Iterator[None]:
     if enabled and mkl_packing_available():
         linears = [m for m in module.modules() if type(m) is nn.Linear
                    and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    for m in linears:
-        m.forward = _PackedLinear(m)
-    try:
+    with _forwards_replaced(linears, _PackedLinear):
         yield
-    finally:
-        for m in linears:
-            vars(m).pop("forward", None)  # (another caller may have left first)
 
 
 class _FusedGeluMlp:
@@ -176,10 +183,5 @@ def fused_gelu_mlps(module: nn.Module, enabled: bool = True) -> Iterator[None]:
     mlps = []
     if enabled and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         mlps = [m for m in module.modules() if _is_gelu_mlp(m)]
-    for m in mlps:
-        m.forward = _FusedGeluMlp(m)
-    try:
+    with _forwards_replaced(mlps, _FusedGeluMlp):
         yield
-    finally:
-        for m in mlps:
-            vars(m).pop("forward", None)  # (another caller may have left first)
