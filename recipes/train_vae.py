@@ -34,6 +34,12 @@ destabilise early training, and the adaptive weight keeps it from dominating the
 ``adv_weight 0`` trains a plain KL-VAE (no discriminator is built). This choice follows
 LDM; it has not been ablated on music here.
 
+``init`` starts from a trained VAE (a run's ``final/`` or a release; its mel must be this
+run's), and ``freeze_encoder`` then trains the decoder alone: the encoder, hence every latent a
+DiT was trained on, and the latent statistics stay exactly the init's, so a decoder fine-tuned
+this way (e.g. adding the adversarial term to a VAE trained without it) drops into a release
+without retraining anything downstream (``recipes/configs/vae_decoder_gan_demo.json``).
+
 With ``heldout`` (music files kept out of training) and ``eval_every``, the held-out loss
 ``rec + kl_weight · kl`` of the model being trained (no adversarial term: it needs gradients)
 is logged every ``eval_every`` steps, over one pass of that folder's fixed segments and windows.
@@ -107,6 +113,11 @@ class VAETrainConfig(Config):
     kl_weight: float = 1e-6
     adv_weight: float = 0.5        # 0: no discriminator
     adv_start_step: int = 50001
+    # starting point: a folder with a `vae` component (a run's final/ or a release); with
+    # freeze_encoder only the decoder trains, so the latents and their statistics stay the init's
+    # (a DiT trained on them stays valid): e.g. an adversarial decoder fine-tune
+    init: str = ""
+    freeze_encoder: bool = False
     # optimisation (LDM: Adam with betas (0.5, 0.9) for both networks)
     steps: int = 350_000
     batch_size: int = 64           # clips per process and micro-batch; the paper's "640K" per batch
@@ -136,6 +147,8 @@ class VAETrainConfig(Config):
     def __post_init__(self) -> None:
         if self.recon_loss not in ("l1", "l1+l2"):
             raise ConfigError(f"recon_loss must be 'l1' or 'l1+l2', got {self.recon_loss!r}")
+        if self.freeze_encoder and not self.init:
+            raise ConfigError("freeze_encoder needs init: a folder with the `vae` whose encoder stays")
 
 
 def crop_windows(mel: torch.Tensor, valid: torch.Tensor, frames: int, gen: torch.Generator,
@@ -202,6 +215,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     torch.manual_seed(cfg.seed)
     vae = MelVAE(vae_cfg)
+    if cfg.init:
+        init_from(vae, cfg.init, mel_cfg)
+        vae.encoder.requires_grad_(not cfg.freeze_encoder)  # frozen: left out of the optimizer
     disc = (PatchDiscriminator(PatchDiscriminatorConfig.preset(cfg.disc_preset, **cfg.disc))
             if cfg.adv_weight > 0 else None)
     ema = EMA(vae, cfg.ema_decay)
@@ -323,16 +339,36 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     final = run_dir / "final"
     if acc.is_main_process:
-        export(ema.shadow, dataset, cfg, melspec, final)
+        export(ema.shadow, dataset, cfg, melspec, final, keep_stats=cfg.freeze_encoder)
     acc.wait_for_everyone()
     acc.end_training()
     return final
 
 
+def init_from(vae: MelVAE, folder: str, mel_cfg: MelConfig) -> None:
+    """``vae`` ← the ``vae`` component of ``folder`` (weights and latent statistics), which must
+    have been trained on this run's mel front end when the folder records one."""
+    if (Path(folder) / "mel.json").is_file():
+        stored = MelConfig.from_dict(hub.read_component(folder, "mel")["config"])
+        if stored != mel_cfg:
+            raise ConfigError(f"{folder}/mel.json: the init VAE was trained on the mel {stored.to_dict()}, "
+                              f"not this run's {mel_cfg.to_dict()}")
+    hub.load_init(vae, folder, ("vae",))
+
+
 @torch.no_grad()
 def export(model: MelVAE, dataset: MusicDataset, cfg: VAETrainConfig, melspec: MelSpectrogram,
-           out: Path) -> None:
-    """Latent statistics from whole segments (their own sampler stream), then the release files."""
+           out: Path, keep_stats: bool = False) -> None:
+    """Latent statistics from whole segments (their own sampler stream; ``keep_stats``: the
+    model's own, from its init, since its encoder did not train), then the release files."""
+    if not keep_stats:
+        estimate_stats(model, dataset, cfg, melspec)
+    hub.save_component(model, out, "vae")
+    hub.save_component(melspec, out, "mel")
+    logger.info("wrote %s", out / "vae.safetensors")
+
+
+def estimate_stats(model: MelVAE, dataset: MusicDataset, cfg: VAETrainConfig, melspec: MelSpectrogram) -> None:
     device, tc = melspec.mel_basis.device, model.time_compression
     sampler = DurationBalancedBatchSampler(dataset.durations, cfg.batch_size, seed=cfg.seed + 1,
                                            batches_per_epoch=cfg.stats_batches)
@@ -351,9 +387,6 @@ def export(model: MelVAE, dataset: MusicDataset, cfg: VAETrainConfig, melspec: M
     model.set_latent_stats(mean, std.clamp_min(1e-5))
     logger.info("latent mean %s, std %s", [round(v, 3) for v in mean.tolist()],
                 [round(v, 3) for v in std.tolist()])
-    hub.save_component(model, out, "vae")
-    hub.save_component(melspec, out, "mel")
-    logger.info("wrote %s", out / "vae.safetensors")
 
 
 if __name__ == "__main__":

@@ -203,3 +203,26 @@ def test_audio_samples_without_a_vocoder_are_griffin_lim(full_run, music_dir, tm
     straight, sampled = (load_checkpoint(d / "checkpoints" / "step_00000004") for d in (full_run, tmp_path))
     assert straight.pop("config")["sample_every"] == 0 and sampled.pop("config")["sample_every"] == 2
     assert_same(straight, sampled)
+
+
+def test_decoder_fine_tune_keeps_the_encoder_and_its_latent_statistics(full_run, music_dir, tmp_path):
+    """init + freeze_encoder (an adversarial decoder fine-tune): the latents a DiT was trained on
+    stay exactly the init's (encoder weights and latent statistics), the decoder moves."""
+    init = full_run / "final"
+    final = run(tmp_path, music_dir, f"init={init}", "freeze_encoder=true")
+    before, after = read_state_dict(init / "vae.safetensors"), read_state_dict(final / "vae.safetensors")
+    assert before.keys() == after.keys()
+    for k in before:
+        if k.startswith("encoder.") or k in ("latent_mean", "latent_std"):
+            assert torch.equal(before[k], after[k]), k
+    moved = [k for k in before if k.startswith("decoder.") and not torch.equal(before[k], after[k])]
+    assert "decoder.conv_out.weight" in moved and len(moved) > len([k for k in before if k.startswith("decoder.")]) // 2
+
+
+def test_decoder_fine_tune_refuses_a_missing_init_and_another_mel(full_run, music_dir, tmp_path):
+    from muvi.config import ConfigError
+
+    with pytest.raises(ConfigError, match="freeze_encoder needs init"):
+        run(tmp_path / "a", music_dir, "freeze_encoder=true")
+    with pytest.raises(ConfigError, match="mel.json: the init VAE was trained on the mel"):
+        run(tmp_path / "b", music_dir, f"init={full_run / 'final'}", 'mel={"n_fft": 512, "win_length": 512}')
