@@ -38,6 +38,8 @@ from typing import Optional
 
 import numpy as np
 
+from muvi.data.corpus import SPLITS
+
 logger = logging.getLogger("eval_sound")
 SAMPLE_RATE = 22050
 
@@ -182,7 +184,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--draws", type=int, default=20, help="random equal-size subsets per FD")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", choices=("heldout", "pairs", "music"), default="heldout",
+    parser.add_argument("--split", choices=SPLITS, default="heldout",
                         help="the real tracks compared against (heldout to report; pairs, the tracks the "
                              "validation pairs come from, to choose settings)")
     args = parser.parse_args(argv)

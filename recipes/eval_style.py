@@ -37,6 +37,8 @@ from typing import Optional
 
 import numpy as np
 
+from muvi.data.corpus import SPLITS
+
 logger = logging.getLogger("eval_style")
 
 
@@ -128,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt-scale", default=None, help="guidance on the prompt: one value or a comma-separated "
                         "list (default: the release's default_prompt_scale)")
-    parser.add_argument("--split", default="heldout", choices=("heldout", "pairs", "music"),
+    parser.add_argument("--split", default="heldout", choices=SPLITS,
                         help="the recordings the prompts come from (heldout to report; pairs to choose settings)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%X")

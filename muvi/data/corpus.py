@@ -104,6 +104,8 @@ class CorpusConfig(Config):
 
 #: Share of pieces or tracks (by name hash) held out, and given to training pairs; the rest is music-only.
 SPLIT_SHARES = (("heldout", 0.15), ("pairs", 0.25))
+#: every name :func:`hash_split` returns (the recipes' ``--split`` choices)
+SPLITS = (*(name for name, _ in SPLIT_SHARES), "music")
 
 
 def hash_split(name: str, shares=SPLIT_SHARES) -> str:
