@@ -348,11 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 def init_from(vae: MelVAE, folder: str, mel_cfg: MelConfig) -> None:
     """``vae`` ← the ``vae`` component of ``folder`` (weights and latent statistics), which must
     have been trained on this run's mel front end when the folder records one."""
-    if (Path(folder) / "mel.json").is_file():
-        stored = MelConfig.from_dict(hub.read_component(folder, "mel")["config"])
-        if stored != mel_cfg:
-            raise ConfigError(f"{folder}/mel.json: the init VAE was trained on the mel {stored.to_dict()}, "
-                              f"not this run's {mel_cfg.to_dict()}")
+    training.check_folder_mel(folder, mel_cfg, f"init {folder}")
     hub.load_init(vae, folder, ("vae",))
 
 

@@ -41,13 +41,13 @@ from muvi.training.checkpoints import (
 from muvi.training.data import batch_names, batch_stream, frozen, music_data, music_files, random_crop
 from muvi.training.logs import LossWindow, RunLog, flat_config, heldout_loss, trackers
 from muvi.training.optim import EMA, SCHEDULES, OptimizerConfig, lr_factor, make_optimizer, make_scheduler, param_groups
-from muvi.training.samples import griffin_lim, load_vocoder, mel_to_audio, music_clip, write_wav
+from muvi.training.samples import check_folder_mel, griffin_lim, load_vocoder, mel_to_audio, music_clip, write_wav
 from muvi.training.setup import load_config, make_accelerator, recipe_parser, setup_logging
 
 __all__ = [
     "EMA", "SCHEDULES", "LossWindow", "NonFiniteLoss", "OptimizerConfig", "ResumeError", "RunLog",
-    "batch_names", "batch_stream", "check_finite", "checkpoint_state", "flat_config", "frozen", "griffin_lim",
-    "heldout_loss", "latest_checkpoint", "load_checkpoint", "load_config", "load_vocoder", "lr_factor",
+    "batch_names", "batch_stream", "check_finite", "check_folder_mel", "checkpoint_state", "flat_config", "frozen",
+    "griffin_lim", "heldout_loss", "latest_checkpoint", "load_checkpoint", "load_config", "load_vocoder", "lr_factor",
     "make_accelerator", "make_optimizer", "make_scheduler", "mel_to_audio", "music_clip", "music_data",
     "music_files", "param_groups", "random_crop", "recipe_parser", "restore", "resume", "save_checkpoint",
     "seeded", "setup_logging", "sharding", "step_generator", "trackers", "unwrap_state", "write_wav",

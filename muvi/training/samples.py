@@ -67,6 +67,18 @@ def griffin_lim(logmel: torch.Tensor, melspec: MelSpectrogram, n_iter: int = 32)
     return torch.nn.functional.pad(wave, (0, cfg.hop_length))
 
 
+def check_folder_mel(folder: str | Path, mel_config: MelConfig, what: str) -> None:
+    """Refuse ``folder`` (a run's ``final/`` or a release) when its ``mel`` component, if it has
+    one, is not ``mel_config``: what it holds was trained on other log-mels."""
+    from muvi.hub import load_component
+
+    if (Path(folder) / "mel.json").is_file():
+        theirs = load_component(folder, "mel", types=("mel",)).config
+        if theirs != mel_config:
+            changed = sorted(k for k, v in mel_config.to_dict().items() if theirs.to_dict().get(k) != v)
+            raise ConfigError(f"{what}: trained on other mels than these (differs in {changed})")
+
+
 def load_vocoder(folder: str | Path, mel_config: MelConfig) -> nn.Module:
     """The ``vocoder`` component of ``folder`` (a vocoder run's ``final/`` or a release), for
     log-mels made with ``mel_config`` (checked against the folder's ``mel`` when it has one)."""
@@ -74,11 +86,7 @@ def load_vocoder(folder: str | Path, mel_config: MelConfig) -> nn.Module:
 
     folder = Path(folder)
     vocoder = load_component(folder, "vocoder", types=("hifigan",), frozen=True)
-    if (folder / "mel.json").is_file():
-        theirs = load_component(folder, "mel", types=("mel",)).config
-        if theirs != mel_config:
-            changed = sorted(k for k, v in mel_config.to_dict().items() if theirs.to_dict().get(k) != v)
-            raise ConfigError(f"sample_vocoder {folder}: trained on other mels than these (differs in {changed})")
+    check_folder_mel(folder, mel_config, f"sample_vocoder {folder}")
     if vocoder.config.num_mels != mel_config.n_mels:
         raise ConfigError(f"sample_vocoder {folder}: takes {vocoder.config.num_mels} mel bins, not {mel_config.n_mels}")
     return vocoder
