@@ -120,12 +120,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
             wave = load_audio(args.pairs.parent / audio, rate)[: frames * hop]
             mel = pipe.mel(wave[None])
             original.append(buzz_db(wave.numpy()))
+            # each vocoder's true-mel scores and each VAE's reconstruction once: paths share them
+            true_mel, recon = {}, {}
             for name, (vae, vocoder) in paths.items():
                 r = results[name]
-                plain = vocoder(mel)[0]
-                r["mel_err_db"].append(log_mel_error_db(pipe.mel, plain, mel[0]))
-                r["mel_buzz_db"].append(buzz_db(plain.numpy()))
-                resynth = vocoder(vae.reconstruct(mel))[0]
+                if id(vocoder) not in true_mel:
+                    plain = vocoder(mel)[0]
+                    true_mel[id(vocoder)] = (log_mel_error_db(pipe.mel, plain, mel[0]), buzz_db(plain.numpy()))
+                err, buzz = true_mel[id(vocoder)]
+                r["mel_err_db"].append(err)
+                r["mel_buzz_db"].append(buzz)
+                if id(vae) not in recon:
+                    recon[id(vae)] = vae.reconstruct(mel)
+                resynth = vocoder(recon[id(vae)])[0]
                 r["vae_mel_err_db"].append(log_mel_error_db(pipe.mel, resynth, mel[0]))
                 r["vae_buzz_db"].append(buzz_db(resynth.numpy()))
         for i, (video, _) in enumerate(rows):
