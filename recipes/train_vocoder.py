@@ -10,6 +10,7 @@ Each step (one update of both networks over ``grad_accum`` micro-batches):
     ŷ        = G(mel_in)                               (weight-normed HiFiGANGenerator)
     loss_D   = Σ_d LSGAN(D_d(y), D_d(ŷ.detach()))      MPD (periods 2,3,5,7,11) + MSD (3 scales)
     loss_G   = Σ_d LSGAN(D_d(ŷ)) + fm_weight · FM + mel_weight · L1(mel(ŷ), mel(y))
+               [+ stft_weight · MR-STFT(ŷ, y)]
 
 as in the HiFi-GAN release (mel ×45, feature matching ×2, AdamW(0.8, 0.99) at 2e-4 decayed by
 ``lr_decay`` every ``lr_decay_every`` steps; the release decays 0.999 per epoch of its data
@@ -27,6 +28,13 @@ update and gradient accumulation stays exact:
   parameters frozen, so their gradients never pick up the generator's objective.
 Real and generated audio share one discriminator pass (all sub-discriminators are per-example:
 no batch statistics).
+
+``stft_weight`` adds Parallel WaveGAN's multi-resolution STFT loss (spectral convergence +
+log-magnitude L1 at ``stft_resolutions``; ``muvi.models.discriminators.multi_resolution_stft_loss``),
+whose 240-sample windows see a pulse per mel frame that the mel loss's 1024-sample windows
+average away. ``adversarial: false`` trains the generator on the mel and STFT losses alone: no
+discriminator runs or steps (they are still built and checkpointed, so a run can be resumed
+with them on), and ``loss_d``, ``adv`` and ``fm`` are logged as 0.
 
 With ``heldout`` (music files kept out of training) and ``eval_every``, the mel L1 of the
 generator being trained on that folder's fixed windows is logged as ``heldout_loss``. Every
@@ -61,12 +69,14 @@ from muvi import hub, training
 from muvi.cli import run_script
 from muvi.config import Config, ConfigError
 from muvi.models.discriminators import (
+    STFT_RESOLUTIONS,
     HiFiGANDiscriminatorConfig,
     MultiPeriodDiscriminator,
     MultiScaleDiscriminator,
     feature_matching_loss,
     lsgan_discriminator_loss,
     lsgan_generator_loss,
+    multi_resolution_stft_loss,
 )
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
@@ -104,6 +114,9 @@ class VocoderTrainConfig(Config):
     # objective (HiFi-GAN)
     mel_weight: float = 45.0
     fm_weight: float = 2.0
+    adversarial: bool = True       # false: mel (+ STFT) losses only, the discriminators idle
+    stft_weight: float = 0.0       # Parallel WaveGAN's multi-resolution STFT loss; 0: off
+    stft_resolutions: list = dataclasses.field(default_factory=lambda: [list(r) for r in STFT_RESOLUTIONS])
     # optimisation (HiFi-GAN: AdamW(0.8, 0.99), lr 2e-4, ×0.999 per epoch, no clipping)
     steps: int = 520_000
     batch_size: int = 12           # 12 x 8400 = 100.8K samples per batch: the paper's "102.4K
@@ -175,6 +188,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     if gen_cfg.num_mels != mel_cfg.n_mels or gen_cfg.hop_length != hop:
         raise ConfigError(f"generator ({gen_cfg.num_mels} mels, hop {gen_cfg.hop_length}) does not "
                           f"match the mel front end ({mel_cfg.n_mels} mels, hop {hop})")
+    if cfg.stft_weight and not all(len(r) == 3 and r[2] <= r[0] for r in cfg.stft_resolutions):
+        raise ConfigError(f"stft_resolutions {cfg.stft_resolutions}: each must be [n_fft, hop, window] "
+                          "with window <= n_fft")
     if cfg.segment_size % hop:
         raise ConfigError(f"segment_size {cfg.segment_size} is not a multiple of the hop {hop}")
     frames = cfg.segment_size // hop
@@ -249,38 +265,46 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
             micro += 1
             with acc.accumulate(generator, mpd, msd):  # gradient all-reduce on a step's last micro-batch only
                 y, y_hat, mel_y = vocode(generator, melspec, batch, frames, gen, acc.autocast, vae)
-                with acc.autocast():
-                    # Discriminators on real and (detached) generated audio in one pass.
-                    both = torch.cat([y, y_hat.detach()])
-                    s_p, f_p = mpd(both)
-                    s_s, f_s = msd(both)
                 b = y.shape[0]
-                scores, fmaps = s_p + s_s, f_p + f_s
-                loss_d = lsgan_discriminator_loss([s[:b] for s in scores], [s[b:] for s in scores])
-                with training.frozen(mpd_inner, msd_inner), acc.autocast():
-                    g_p, gf_p = mpd_inner(y_hat)
-                    g_s, gf_s = msd_inner(y_hat)
-                adv = lsgan_generator_loss(g_p + g_s)
-                fm = feature_matching_loss([[f[:b] for f in fl] for fl in fmaps], gf_p + gf_s)
+                loss_d = adv = fm = y.new_zeros(())
+                if cfg.adversarial:
+                    with acc.autocast():
+                        # Discriminators on real and (detached) generated audio in one pass.
+                        both = torch.cat([y, y_hat.detach()])
+                        s_p, f_p = mpd(both)
+                        s_s, f_s = msd(both)
+                    scores, fmaps = s_p + s_s, f_p + f_s
+                    loss_d = lsgan_discriminator_loss([s[:b] for s in scores], [s[b:] for s in scores])
+                    with training.frozen(mpd_inner, msd_inner), acc.autocast():
+                        g_p, gf_p = mpd_inner(y_hat)
+                        g_s, gf_s = msd_inner(y_hat)
+                    adv = lsgan_generator_loss(g_p + g_s)
+                    fm = feature_matching_loss([[f[:b] for f in fl] for fl in fmaps], gf_p + gf_s)
                 mel_l1 = torch.nn.functional.l1_loss(melspec(y_hat), mel_y)
                 loss_g = adv + cfg.fm_weight * fm + cfg.mel_weight * mel_l1
+                stft = y.new_zeros(())
+                if cfg.stft_weight:
+                    stft = multi_resolution_stft_loss(y_hat, y, cfg.stft_resolutions)
+                    loss_g = loss_g + cfg.stft_weight * stft
                 names = training.batch_names(batch)
                 check_finite(loss_g, step + 1, names)
                 check_finite(loss_d, step + 1, names + " (discriminator)")
-                acc.backward(loss_d)
+                if cfg.adversarial:
+                    acc.backward(loss_d)
                 acc.backward(loss_g)
                 if acc.sync_gradients:
                     if cfg.optim.grad_clip:
                         acc.clip_grad_norm_(generator.parameters(), cfg.optim.grad_clip)
                     if cfg.disc_optim.grad_clip:
                         acc.clip_grad_norm_([p for m in (mpd, msd) for p in m.parameters()], cfg.disc_optim.grad_clip)
-                for o in (opt_d, opt_g):
+                for o in (opt_d, opt_g) if cfg.adversarial else (opt_g,):
                     o.step()  # a no-op until the last micro-batch (Accelerate)
                     o.zero_grad(set_to_none=True)
                 if acc.sync_gradients:
-                    sched_d.step()
+                    if cfg.adversarial:
+                        sched_d.step()
                     sched_g.step()
-            window.add({"loss_g": loss_g, "loss_d": loss_d, "mel": mel_l1, "fm": fm, "adv": adv})
+            window.add({"loss_g": loss_g, "loss_d": loss_d, "mel": mel_l1, "fm": fm, "adv": adv, "stft": stft})
             log.add(b * acc.num_processes, b * cfg.segment_size * acc.num_processes)
             if not acc.sync_gradients:
                 continue

@@ -19,6 +19,11 @@ the release's old-API keys (``weight_g``/``weight_v``, ``weight_orig``/``weight_
 so its discriminators can warm-start ours: they see waveforms, not mels, so the mel settings
 do not matter.
 
+:func:`multi_resolution_stft_loss` is Parallel WaveGAN's auxiliary loss (Yamamoto et al. 2020):
+spectral convergence plus log-magnitude L1 at several STFT resolutions, the short ones
+(240-sample windows, hop 50) fine enough in time to see a pulse per 256-sample mel frame,
+which the vocoder's own mel loss (1024-sample windows) averages away.
+
 Every discriminator returns ``(scores, feature_maps)``: per sub-discriminator a flattened score
 tensor (B, n) and the list of its layer outputs (the last is the score map before flattening),
 which the feature-matching loss compares between real and generated audio.
@@ -249,6 +254,31 @@ def feature_matching_loss(real: FeatureMaps, fake: FeatureMaps) -> torch.Tensor:
     """
     return sum(torch.mean(torch.abs(r.detach().float() - g.float()))
                for rd, gd in zip(real, fake) for r, g in zip(rd, gd))
+
+
+# Parallel WaveGAN's three resolutions (n_fft, hop, window), the auraloss default too.
+STFT_RESOLUTIONS = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))
+
+
+def multi_resolution_stft_loss(y_hat: torch.Tensor, y: torch.Tensor,
+                               resolutions: Sequence[Sequence[int]] = STFT_RESOLUTIONS,
+                               eps: float = 1e-8) -> torch.Tensor:
+    """Mean over resolutions of ‖|Y| − |Ŷ|‖_F / ‖|Y|‖_F + mean |log |Y| − log |Ŷ||.
+
+    ``y_hat``, ``y``: waveforms (B, N) or (B, 1, N); per resolution a periodic Hann window of
+    ``window`` samples centred in ``n_fft`` (``torch.stft``, centred frames, reflect padding),
+    magnitudes ``sqrt(max(re² + im², eps))``. The spectral-convergence norms run over the whole
+    batch, as in Parallel WaveGAN and auraloss (equal to ``auraloss.freq.MultiResolutionSTFTLoss``
+    with its defaults)."""
+    y_hat, y = y_hat.reshape(-1, y_hat.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
+    total = y_hat.new_zeros(())
+    for n_fft, hop, window in resolutions:
+        win = torch.hann_window(window, device=y.device)
+        mag_hat, mag = (torch.view_as_real(torch.stft(s, n_fft, hop, window, win, return_complex=True))
+                        .square().sum(-1).clamp(min=eps).sqrt() for s in (y_hat, y))
+        convergence = torch.linalg.norm(mag - mag_hat) / torch.linalg.norm(mag)
+        total = total + convergence + F.l1_loss(mag_hat.log(), mag.log())
+    return total / len(resolutions)
 
 
 def hinge_discriminator_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

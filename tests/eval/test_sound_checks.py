@@ -81,6 +81,9 @@ def test_eval_vocoder_scores_each_vocoder_in_the_release_s_place(tiny_release_di
                                                 "gen_buzz_db", "gen_rms_dbfs"}
     assert release["mel_err_db"] != release["vae_mel_err_db"] and np.isfinite(list(release.values())).all()
     assert (tmp_path / "out" / "vocoders.md").read_text().count("\n") == 5
+    for name in ("release", "copy"):  # each path's generated music, for eval_sound
+        music, rate = sf.read(tmp_path / "out" / name / "clip.wav")
+        assert rate == 24000 and 10 * np.log10(np.mean(music ** 2)) == pytest.approx(release["gen_rms_dbfs"], abs=1e-3)
 
 
 def test_eval_vocoder_scores_a_decoder_fine_tune_and_refuses_another_encoder(tiny_release_dir, real_music_24k,

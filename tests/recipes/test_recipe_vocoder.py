@@ -201,3 +201,23 @@ def test_fine_tune_refuses_a_vae_on_another_mel(music_dir, tmp_path):
     save_component(MelSpectrogram(MelConfig(n_mels=80)), other, "mel")
     with pytest.raises(ConfigError, match="another mel"):
         run(tmp_path / "run", music_dir, f"input_vae={other}")
+
+
+def test_stft_loss_without_discriminators(music_dir, tmp_path):
+    """``adversarial: false`` with ``stft_weight``: the generator's loss is exactly mel ×45 +
+    STFT × weight, and the discriminators and their optimizer never step (equal at steps 2 and 4)
+    while the generator does; a malformed resolution is refused before training."""
+    from muvi.config import ConfigError
+
+    run(tmp_path, music_dir, "adversarial=false", "stft_weight=2.5")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["loss_d"] == r["adv"] == r["fm"] == 0.0 and r["stft"] > 0
+        assert r["loss_g"] == pytest.approx(45 * r["mel"] + 2.5 * r["stft"], rel=1e-5)
+    early, late = (load_checkpoint(tmp_path / "checkpoints" / f"step_0000000{s}") for s in (2, 4))
+    assert_same(early["mpd"], late["mpd"])
+    assert_same(early["msd"], late["msd"])
+    assert not early["disc_optimizer"]["state"]
+    assert not torch.equal(early["model"]["conv_pre.bias"], late["model"]["conv_pre.bias"])
+    with pytest.raises(ConfigError, match="stft_resolutions"):
+        run(tmp_path / "bad", music_dir, "stft_weight=1", "stft_resolutions=[[256,64,512]]")
