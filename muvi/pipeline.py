@@ -36,7 +36,7 @@ from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
 from muvi.models.hifigan import HiFiGANConfig, HiFiGANGenerator
 from muvi.models.mel import MelConfig, MelSpectrogram
-from muvi.models.v2m import VideoToMusicFlow
+from muvi.models.v2m import VideoToMusicFlow, noise
 from muvi.models.vae import MelVAE, VAEConfig
 from muvi.output import GenerationOutput
 from muvi.windows import crossfade_into, plan_windows
@@ -77,6 +77,9 @@ class PipelineConfig(Config):
     window_seconds: float = 30.0     # the longest clip the DiT was trained on (paper: 30 s)
     context_seconds: float = 10.0    # prefix of each next window (paper's ICL: ≤ 14 s and ≤ 33 %)
     crossfade_seconds: float = 1.0   # overlap of two windows, joined with an equal-power crossfade
+    # a VAE with ``mel_noise`` decodes a draw of the mel, not its mean (MelVAE.sample_mel): its
+    # fitted std times this (0: the mean); a VAE without it decodes the mean whatever this is
+    mel_noise_scale: float = 1.0
 
     def window_frames(self) -> tuple[int, int, int]:
         """(window, context, crossfade) in latent frames, checked for :func:`muvi.windows.plan_windows`."""
@@ -264,9 +267,15 @@ class MuviPipeline(nn.Module):
         z = self.vae.encode(mel).mean
         return self.vae.normalize(z).transpose(1, 2)
 
-    def decode_latent(self, latent: torch.Tensor) -> torch.Tensor:
-        """Normalised latent (B, T, C) → waveform (B, T · samples per latent frame)."""
+    def decode_latent(self, latent: torch.Tensor, seed: Union[int, Sequence[int], None] = None) -> torch.Tensor:
+        """Normalised latent (B, T, C) → waveform (B, T · samples per latent frame). A VAE with
+        ``mel_noise`` decodes a draw of the mel (``mel_noise_scale``), its noise from ``seed``
+        (one per item, or one for the batch; None: the global generator) mixed so that it is not
+        the stream the sampler's initial noise came from."""
         mel = self.vae.decode(self.vae.denormalize(latent.transpose(1, 2)))
+        if self.vae.config.mel_noise and self.config.mel_noise_scale:
+            eps = noise(tuple(mel.shape), _mel_seed(seed)).to(mel.device, mel.dtype)
+            mel = self.vae.sample_mel(mel, eps, self.config.mel_noise_scale)
         self.stage_done(self.vae)  # before the vocoder's turn
         return self.vocoder(mel)
 
@@ -348,9 +357,9 @@ class MuviPipeline(nn.Module):
                 latent = fresh.new_zeros(1, total, fresh.shape[-1])
             latent[:, w.start:w.stop] = fresh
             if w.index == 0:  # the prompt is not part of the output: decode the window alone
-                wave = self.decode_latent(fresh)[0]
+                wave = self.decode_latent(fresh, seed)[0]
             else:  # decoded after its context, so the decoder sees the music it continues
-                wave = self.decode_latent(torch.cat([context, fresh], dim=1))[0, w.context * hop:]
+                wave = self.decode_latent(torch.cat([context, fresh], dim=1), seed)[0, w.context * hop:]
             crossfade_into(out, wave.float().cpu(), w.start * hop, w.overlap * hop)
             self.stage_done(self.vocoder)
             stages.step()
@@ -402,7 +411,7 @@ class MuviPipeline(nn.Module):
         fresh = self.sample_latent(cond, num_steps=first.num_steps, cfg_scale=first.cfg_scale,
                                    seed=[r.seed for r in requests], method=first.method)
         self.stage_done(self.dit)
-        waves = self.decode_latent(fresh).float().cpu()
+        waves = self.decode_latent(fresh, [r.seed for r in requests]).float().cpu()
         self.stage_done(self.vocoder)
         return [self._output(r, waves[i, :int(round(r.duration * rate))].clone()) for i, r in enumerate(requests)]
 
@@ -468,6 +477,15 @@ class _StageBar:
 
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d)
+
+
+def _mel_seed(seed: Union[int, Sequence[int], None]) -> Union[int, list, None]:
+    """The mel noise's seed for a sampling seed: one step of Knuth's 64-bit LCG (to 63 bits)."""
+    if seed is None:
+        return None
+    if not isinstance(seed, int):
+        return [_mel_seed(s) for s in seed]
+    return (seed * 6364136223846793005 + 1442695040888963407) % 2 ** 63
 
 
 def _input_as_weight(module: nn.Module, args: tuple):

@@ -17,7 +17,8 @@ choose, held-out pairs to report):
   alone), and that resynthesis's :func:`eval_sound.buzz_db` (median; the soundtracks' own is
   the first row, ``original``);
 * ``vae_mel_err_db``: the same from the (candidate or release) VAE's reconstruction of that mel (posterior
-  mean, decoded): the path every generated mel takes;
+  mean, decoded; a VAE with ``mel_noise`` then draws the mel around it as the pipeline does, noise
+  seeded by the row): the path every generated mel takes;
 * ``vae_buzz_db``: :func:`eval_sound.buzz_db` of that VAE → vocoder resynthesis (median): a
   frame-rate line that the VAE's mels make the vocoder draw shows here on real music;
 * ``gen_buzz_db`` and ``gen_rms_dbfs``: the medians over the release's music for each video of
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -62,10 +64,11 @@ def log_mel_error_db(melspec, wave: torch.Tensor, mel: torch.Tensor) -> float:
 
 def check_same_latents(release, candidate, what: str) -> None:
     """Refuse a VAE whose encoder or latent statistics differ from the release's: the release's
-    DiT's latents would mean something else to its decoder."""
+    DiT's latents would mean something else to its decoder. Whether it keeps a mel noise may differ."""
     ours, theirs = release.state_dict(), candidate.state_dict()
     keys = [k for k in ours if k.startswith("encoder.") or k in ("latent_mean", "latent_std")]
-    if candidate.config != release.config or any(not torch.equal(ours[k], theirs[k]) for k in keys):
+    same_shape = dataclasses.replace(candidate.config, mel_noise=release.config.mel_noise) == release.config
+    if not same_shape or any(not torch.equal(ours[k], theirs[k]) for k in keys):
         raise SystemExit(f"{what}: its encoder or latent statistics are not the release's "
                          "(train it with freeze_encoder from the release)")
 
@@ -92,6 +95,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     from muvi import hub
     from muvi.data.audio_io import load_audio
+    from muvi.models.v2m import noise
     from muvi.pipeline import MuviPipeline
 
     pipe = MuviPipeline.from_pretrained(args.release, device="cpu")
@@ -118,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     original = []
     frames = int(args.seconds * rate) // hop
     with torch.inference_mode():
-        for _, audio in rows:
+        for row, (_, audio) in enumerate(rows):
             wave = load_audio(args.pairs.parent / audio, rate)[: frames * hop]
             mel = pipe.mel(wave[None])
             original.append(buzz_db(wave.numpy()))
@@ -133,7 +137,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 r["mel_err_db"].append(err)
                 r["mel_buzz_db"].append(buzz)
                 if id(vae) not in recon:
-                    recon[id(vae)] = vae.reconstruct(mel)
+                    mean = vae.reconstruct(mel)
+                    eps = noise(tuple(mean.shape), row)
+                    recon[id(vae)] = vae.sample_mel(mean, eps, pipe.config.mel_noise_scale)
                 resynth = vocoder(recon[id(vae)])[0]
                 r["vae_mel_err_db"].append(log_mel_error_db(pipe.mel, resynth, mel[0]))
                 r["vae_buzz_db"].append(buzz_db(resynth.numpy()))

@@ -298,3 +298,53 @@ def test_encoder_without_cls_tokens(pipe):
     with pytest.raises(ConfigError, match="'cls' aggregation needs the video encoder's CLS tokens, "
                                           "and a VideoMAEEncoder has none"):  # caught when the release loads
         MuviPipeline(pipe.config, pipe.video_encoder, adaptor, pipe.dit, pipe.vae, pipe.vocoder, pipe.mel)
+
+
+class _HeardMels(torch.nn.Module):
+    """A vocoder that records the mels it is given (the tiny random vocoder barely hears them)."""
+
+    def __init__(self, vocoder):
+        super().__init__()
+        self.vocoder, self.mels = vocoder, []
+
+    def forward(self, mel):
+        self.mels.append(mel.clone())
+        return self.vocoder(mel)
+
+
+def test_a_vae_with_mel_noise_decodes_a_seeded_draw_of_the_mel(tmp_path):
+    """With ``mel_noise`` the release decodes mel + std · ε, ε from the request's seed: the same
+    seed gives the same mel, alone or in a batch and over several windows; the draw differs
+    from the mean by the std; ``mel_noise_scale`` 0 gives the mean, the mel of the same VAE
+    without mel noise; the release round-trips."""
+    from conftest import load_recipe, tiny_pipeline
+
+    plain, pipe = tiny_pipeline(), tiny_pipeline()
+    pipe.vae = load_recipe("fit_mel_noise").with_mel_noise(pipe.vae)
+    pipe.vae.set_mel_noise_std(torch.full((pipe.vae.config.mel_channels,), 0.5))
+    loaded = MuviPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "noisy"))
+    assert loaded.vae.config.mel_noise and torch.equal(loaded.vae.mel_noise_std, pipe.vae.mel_noise_std)
+    plain.vocoder, pipe.vocoder = _HeardMels(plain.vocoder), _HeardMels(pipe.vocoder)
+    clip, kw = sample_clip(), dict(duration=1.5, num_steps=2, progress=False)
+
+    def mel(model, **extra):
+        model.vocoder.mels.clear()
+        muvi.generate(clip, model=model, **{**kw, "seed": 3, **extra})
+        return model.vocoder.mels
+
+    draw, again, mean = mel(pipe)[0], mel(pipe)[0], mel(plain)[0]
+    assert torch.equal(draw, again)
+    assert (draw - mean).std().item() == pytest.approx(0.5, rel=0.05)
+    assert not torch.allclose(draw, mel(pipe, seed=4)[0])
+    pipe.config.mel_noise_scale = 0.0
+    assert torch.equal(mel(pipe)[0], mean)
+    pipe.config.mel_noise_scale = 1.0
+
+    pipe.vocoder.mels.clear()
+    muvi.generate([clip, sample_clip("carphone_pristine.mp4")], model=pipe, seed=[3, 4], **kw)
+    (batch,) = pipe.vocoder.mels
+    torch.testing.assert_close(batch[:1], draw, rtol=1e-5, atol=1e-5)
+
+    pipe.config.window_seconds, pipe.config.context_seconds, pipe.config.crossfade_seconds = 1.0, 0.3, 0.2
+    long = [mel(pipe, duration=2.5) for _ in range(2)]
+    assert len(long[0]) > 1 and all(torch.equal(x, y) for x, y in zip(*long))

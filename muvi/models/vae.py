@@ -11,6 +11,13 @@ Submodule names mirror LDM's (``encoder.down.N.block.M``, ``decoder.up.N.upsampl
 
 Note that GroupNorm takes its statistics over the whole sequence, as in LDM, so outputs are
 not strictly local in time even without attention.
+
+With ``mel_noise`` the VAE also keeps ``mel_noise_std`` (M,): per mel bin, the standard deviation
+of ``mel − reconstruct(mel)`` over training music (:func:`estimate_mel_noise_std`). The decoder
+gives the mean of the mel; :meth:`MelVAE.sample_mel` draws from Normal(mean, std²) per bin and
+frame instead, the likelihood the reconstruction loss fits. A HiFi-GAN has no noise input: given
+a mel without a real mel's frame-to-frame fluctuation, its output repeats with the hop (one
+pulse per mel frame, a line at 86 Hz at 22.05 kHz / hop 256), which the sampled mel removes.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ class VAEConfig(Config):
     latent_channels: int = 8
     dropout: float = 0.0
     norm_groups: int = 32
+    mel_noise: bool = False   # keep ``mel_noise_std`` for :meth:`MelVAE.sample_mel`
 
     PRESETS = {
         "base": {},
@@ -224,6 +232,8 @@ class MelVAE(nn.Module):
         self.decoder = Decoder(config)
         self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
         self.register_buffer("latent_std", torch.ones(config.latent_channels))
+        if config.mel_noise:
+            self.register_buffer("mel_noise_std", torch.zeros(config.mel_channels))
 
     @property
     def time_compression(self) -> int:
@@ -248,6 +258,24 @@ class MelVAE(nn.Module):
     def reconstruct(self, mel: torch.Tensor) -> torch.Tensor:
         """The deterministic reconstruction of mel (B, M, T): the posterior mean decoded, cut to T."""
         return self.decode(self.encode(mel).mean)[..., : mel.shape[-1]]
+
+    def sample_mel(self, mel: torch.Tensor, noise: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """A decoded mel (B, M, T) plus ``scale · mel_noise_std · noise`` (``noise`` standard
+        normal, the mel's shape): a draw of the mel instead of its mean. Without ``mel_noise``
+        (or at scale 0) the mel itself."""
+        if not self.config.mel_noise or scale == 0:
+            return mel
+        if noise.shape != mel.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} for a mel {tuple(mel.shape)}")
+        return mel + (scale * self.mel_noise_std.to(mel.dtype)).view(1, -1, 1) * noise
+
+    @torch.no_grad()
+    def set_mel_noise_std(self, std: torch.Tensor) -> None:
+        if not self.config.mel_noise:
+            raise ValueError("this VAE keeps no mel noise: build it with mel_noise=True")
+        if std.shape != self.mel_noise_std.shape or not torch.all(std >= 0):
+            raise ValueError(f"mel_noise_std must be {tuple(self.mel_noise_std.shape)} and non-negative")
+        self.mel_noise_std.copy_(std)
 
     def forward(self, mel: torch.Tensor, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, DiagonalGaussian]:
@@ -338,3 +366,21 @@ def encode_music_posterior(wave: torch.Tensor, mel: nn.Module, vae: nn.Module, *
         means.append(post.mean[0, :, keep])
         logvars.append(post.logvar[0, :, keep])
     return torch.cat(means, 1).T.float().cpu(), torch.cat(logvars, 1).T.float().cpu()
+
+
+@torch.no_grad()
+def estimate_mel_noise_std(vae: MelVAE, mels: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per-bin std (population, fp32) of ``mel − vae.reconstruct(mel)`` over every frame of
+    ``mels``: (M, T) or (B, M, T) log-mels of training music, lengths free; float64 sums."""
+    total = square = None
+    count = 0
+    for mel in mels:
+        mel = mel if mel.dim() == 3 else mel[None]
+        residual = (mel - vae.reconstruct(mel)).double().transpose(0, 1).reshape(mel.shape[1], -1)
+        total = residual.sum(1) if total is None else total + residual.sum(1)
+        square = residual.square().sum(1) if square is None else square + residual.square().sum(1)
+        count += residual.shape[1]
+    if not count:
+        raise ValueError("no mel frames to estimate the mel noise from")
+    mean = total / count
+    return (square / count - mean.square()).clamp_min(0).sqrt().float()

@@ -116,6 +116,15 @@ def test_eval_vocoder_scores_a_decoder_fine_tune_and_refuses_another_encoder(tin
     assert tuned["mel_err_db"] == release["mel_err_db"] and tuned["mel_buzz_db"] == release["mel_buzz_db"]
     assert tuned["vae_mel_err_db"] != release["vae_mel_err_db"] and tuned["gen_rms_dbfs"] != release["gen_rms_dbfs"]
 
+    # the release's VAE with a mel noise (fit_mel_noise.py) is the same encoder: accepted, and
+    # its VAE rows hear a draw of the mel
+    noisy = load_recipe("fit_mel_noise").with_mel_noise(hub.load_component(tiny_release_dir, "vae"))
+    noisy.set_mel_noise_std(torch.full((noisy.config.mel_channels,), 1.0))
+    hub.save_component(noisy, tmp_path / "noisy", "vae")
+    hub.save_component(mel, tmp_path / "noisy", "mel")
+    drawn = evaluate([*args, "--vae", f"noisy={tmp_path / 'noisy'}"])["summary"]["noisy"]
+    assert drawn["mel_err_db"] == release["mel_err_db"] and drawn["vae_mel_err_db"] != release["vae_mel_err_db"]
+
     with torch.no_grad():
         vae.encoder.conv_in.weight.mul_(1.1)
     hub.save_component(vae, tmp_path / "other", "vae")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from muvi.models.vae import DiagonalGaussian, MelVAE, VAEConfig, estimate_latent_stats
+from muvi.models.vae import DiagonalGaussian, MelVAE, VAEConfig, estimate_latent_stats, estimate_mel_noise_std
 
 logger = logging.getLogger(__name__)
 
@@ -171,3 +171,34 @@ def test_config_round_trip():
     assert VAEConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError):
         VAEConfig(channels=20, norm_groups=32)
+
+
+def test_mel_noise_std_is_the_residual_spread_and_sample_mel_draws_around_the_mean():
+    torch.manual_seed(0)
+    vae = MelVAE(VAEConfig.preset("tiny", mel_channels=12, mel_noise=True)).eval()
+    g = torch.Generator().manual_seed(1)
+    mels = [torch.randn(2, 12, 13, generator=g) - 4, torch.randn(12, 30, generator=g) - 4]
+    std = estimate_mel_noise_std(vae, iter(mels))
+    with torch.no_grad():
+        residual = torch.cat([(m - vae.reconstruct(m)).transpose(0, 1).reshape(12, -1)
+                              for m in (mels[0], mels[1][None])], dim=1)
+    torch.testing.assert_close(std, residual.std(dim=1, unbiased=False), rtol=1e-5, atol=1e-6)
+
+    assert "mel_noise_std" in vae.state_dict() and torch.equal(vae.mel_noise_std, torch.zeros(12))
+    vae.set_mel_noise_std(std)
+    mean = torch.randn(3, 12, 40, generator=g)
+    eps = torch.randn(3, 12, 40, generator=g)
+    torch.testing.assert_close(vae.sample_mel(mean, eps), mean + std.view(1, -1, 1) * eps)
+    torch.testing.assert_close(vae.sample_mel(mean, eps, 0.5), mean + 0.5 * std.view(1, -1, 1) * eps)
+    assert vae.sample_mel(mean, eps, 0.0) is mean
+    with pytest.raises(ValueError, match="noise"):
+        vae.sample_mel(mean, eps[..., :5])
+    with pytest.raises(ValueError, match="non-negative"):
+        vae.set_mel_noise_std(-std)
+
+    plain = MelVAE(VAEConfig.preset("tiny", mel_channels=12))  # the default keeps none (older files load)
+    assert "mel_noise_std" not in plain.state_dict() and plain.sample_mel(mean, eps) is mean
+    with pytest.raises(ValueError, match="mel_noise=True"):
+        plain.set_mel_noise_std(std)
+    with pytest.raises(ValueError, match="no mel frames"):
+        estimate_mel_noise_std(vae, [])

@@ -1,0 +1,86 @@
+"""Give a trained VAE the spread of its mels, so that it decodes a draw of the mel, not its mean.
+
+    python recipes/fit_mel_noise.py --vae runs/vae/final --music runs/vae_train.txt --out runs/vae_noise
+
+Reads the ``vae`` and ``mel`` components of ``--vae`` (a VAE run's ``final/`` or a release), and
+``--music`` (a folder or a .txt list, one path per line: the VAE's TRAINING music, never the
+clips a choice is made on), reconstructs the first ``--seconds`` of each file and writes to
+``--out`` the same VAE with ``mel_noise`` on and ``mel_noise_std`` set to the per-bin standard
+deviation of ``mel − reconstruction`` (:func:`muvi.models.vae.estimate_mel_noise_std`), beside the
+same ``mel``. Weights and latent statistics are copied bit for bit (the DiT's latents stay
+valid), so ``export.py --vae OUT`` (or replacing a release's ``vae`` files) is all that changes
+a release: its pipeline then decodes ``mel + mel_noise_scale · std · ε`` per bin and frame
+(``PipelineConfig.mel_noise_scale``, default 1). Why: a HiFi-GAN draws noise-like sound from the
+frame-to-frame fluctuation of a real mel; a decoder's mean mel lacks it, and the vocoder then
+repeats itself once per mel frame (the 86 Hz line ``eval_sound.buzz_db`` measures).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from muvi import hub
+from muvi.checkpoint import load_strict
+from muvi.cli import run_script
+from muvi.config import ConfigError
+from muvi.data.audio_io import AUDIO_EXTENSIONS, load_audio
+from muvi.models.vae import MelVAE, estimate_mel_noise_std
+from muvi.training import setup_logging
+from muvi.training.data import music_files
+
+logger = logging.getLogger("fit_mel_noise")
+
+
+def with_mel_noise(vae: MelVAE) -> MelVAE:
+    """A copy of ``vae`` built with ``mel_noise`` (its std still zero), the same weights and stats."""
+    noisy = MelVAE(dataclasses.replace(vae.config, mel_noise=True))
+    state = {k: v.detach().clone() for k, v in vae.state_dict().items() if k != "mel_noise_std"}
+    state["mel_noise_std"] = torch.zeros(vae.config.mel_channels)
+    load_strict(noisy, state, source="vae")
+    return noisy.eval()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vae", type=Path, required=True, help="a folder with `vae` and `mel` components")
+    parser.add_argument("--music", required=True, help="the VAE's training music: a folder or a .txt list")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seconds", type=float, default=6.0, help="read from the start of each file")
+    args = parser.parse_args(argv)
+    setup_logging(True)
+    if args.out.exists():
+        raise ConfigError(f"--out {args.out} exists; give a new folder")
+    files = music_files(args.music)
+    if isinstance(files, str):
+        files = sorted(str(p) for p in Path(files).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+    if not files:
+        raise ConfigError(f"--music {args.music}: no audio files")
+    vae = hub.load_component(args.vae, "vae", frozen=True)
+    melspec = hub.load_component(args.vae, "mel")
+    cfg = melspec.config
+    noisy = with_mel_noise(vae)
+
+    def mels():
+        for path in tqdm(files, desc="music", unit="file"):
+            wave = load_audio(path, cfg.sample_rate, duration=args.seconds)
+            if wave.numel() >= cfg.n_fft:
+                yield melspec(wave[None])
+
+    with torch.inference_mode():
+        std = estimate_mel_noise_std(vae, mels())
+    noisy.set_mel_noise_std(std)
+    hub.save_component(noisy, args.out, "vae")
+    hub.save_component(melspec, args.out, "mel")
+    logger.info("mel noise std over %d files: min %.3f, median %.3f, max %.3f; wrote %s", len(files),
+                std.min(), std.median(), std.max(), args.out)
+    return args.out
+
+
+if __name__ == "__main__":
+    run_script(main)
