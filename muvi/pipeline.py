@@ -78,8 +78,9 @@ class PipelineConfig(Config):
     context_seconds: float = 10.0    # prefix of each next window (paper's ICL: ≤ 14 s and ≤ 33 %)
     crossfade_seconds: float = 1.0   # overlap of two windows, joined with an equal-power crossfade
     # a VAE with ``mel_noise`` decodes a draw of the mel, not its mean (MelVAE.sample_mel): its
-    # fitted std times this (0: the mean); a VAE without it decodes the mean whatever this is
-    mel_noise_scale: float = 1.0
+    # fitted residual's spread times this (0: the mean; 0.5 chosen on the demo's validation
+    # pairs); a VAE without it decodes the mean whatever this is
+    mel_noise_scale: float = 0.5
 
     def window_frames(self) -> tuple[int, int, int]:
         """(window, context, crossfade) in latent frames, checked for :func:`muvi.windows.plan_windows`."""

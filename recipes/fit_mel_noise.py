@@ -5,12 +5,13 @@
 Reads the ``vae`` and ``mel`` components of ``--vae`` (a VAE run's ``final/`` or a release), and
 ``--music`` (a folder or a .txt list, one path per line: the VAE's TRAINING music, never the
 clips a choice is made on), reconstructs the first ``--seconds`` of each file and writes to
-``--out`` the same VAE with ``mel_noise`` on and ``mel_noise_std`` set to the per-bin standard
-deviation of ``mel − reconstruction`` (:func:`muvi.models.vae.estimate_mel_noise_std`), beside the
-same ``mel``. Weights and latent statistics are copied bit for bit (the DiT's latents stay
-valid), so ``export.py --vae OUT`` (or replacing a release's ``vae`` files) is all that changes
-a release: its pipeline then decodes ``mel + mel_noise_scale · std · ε`` per bin and frame
-(``PipelineConfig.mel_noise_scale``, default 1). Why: a HiFi-GAN draws noise-like sound from the
+``--out`` the same VAE with ``mel_noise`` on, ``mel_noise_std`` and ``mel_noise_corr`` set to the
+per-bin standard deviation and frame-to-frame correlation of ``mel − reconstruction``
+(:func:`muvi.models.vae.estimate_mel_noise`), beside the same ``mel``. Weights and latent
+statistics are copied bit for bit (the DiT's latents stay valid), so ``export.py --vae OUT`` (or
+replacing a release's ``vae`` files) is all that changes a release: its pipeline then decodes
+``mel + mel_noise_scale · std · ε``, ε an AR(1) process per bin with that correlation
+(``PipelineConfig.mel_noise_scale``, default 0.5). Why: a HiFi-GAN draws noise-like sound from the
 frame-to-frame fluctuation of a real mel; a decoder's mean mel lacks it, and the vocoder then
 repeats itself once per mel frame (the 86 Hz line ``eval_sound.buzz_db`` measures).
 """
@@ -30,7 +31,7 @@ from muvi.checkpoint import load_strict
 from muvi.cli import run_script
 from muvi.config import ConfigError
 from muvi.data.audio_io import AUDIO_EXTENSIONS, load_audio
-from muvi.models.vae import MelVAE, estimate_mel_noise_std
+from muvi.models.vae import MelVAE, estimate_mel_noise
 from muvi.training import setup_logging
 from muvi.training.data import music_files
 
@@ -38,10 +39,11 @@ logger = logging.getLogger("fit_mel_noise")
 
 
 def with_mel_noise(vae: MelVAE) -> MelVAE:
-    """A copy of ``vae`` built with ``mel_noise`` (its std still zero), the same weights and stats."""
+    """A copy of ``vae`` built with ``mel_noise`` (still zero), the same weights and latent stats."""
     noisy = MelVAE(dataclasses.replace(vae.config, mel_noise=True))
-    state = {k: v.detach().clone() for k, v in vae.state_dict().items() if k != "mel_noise_std"}
+    state = {k: v.detach().clone() for k, v in vae.state_dict().items() if not k.startswith("mel_noise_")}
     state["mel_noise_std"] = torch.zeros(vae.config.mel_channels)
+    state["mel_noise_corr"] = torch.zeros(vae.config.mel_channels)
     load_strict(noisy, state, source="vae")
     return noisy.eval()
 
@@ -73,12 +75,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                 yield melspec(wave[None])
 
     with torch.inference_mode():
-        std = estimate_mel_noise_std(vae, mels())
-    noisy.set_mel_noise_std(std)
+        std, corr = estimate_mel_noise(vae, mels())
+    noisy.set_mel_noise(std, corr)
     hub.save_component(noisy, args.out, "vae")
     hub.save_component(melspec, args.out, "mel")
-    logger.info("mel noise std over %d files: min %.3f, median %.3f, max %.3f; wrote %s", len(files),
-                std.min(), std.median(), std.max(), args.out)
+    logger.info("mel noise over %d files: std %.3f-%.3f (median %.3f), lag-1 correlation %.3f-%.3f; wrote %s",
+                len(files), std.min(), std.max(), std.median(), corr.min(), corr.max(), args.out)
     return args.out
 
 

@@ -12,12 +12,13 @@ Submodule names mirror LDM's (``encoder.down.N.block.M``, ``decoder.up.N.upsampl
 Note that GroupNorm takes its statistics over the whole sequence, as in LDM, so outputs are
 not strictly local in time even without attention.
 
-With ``mel_noise`` the VAE also keeps ``mel_noise_std`` (M,): per mel bin, the standard deviation
-of ``mel − reconstruct(mel)`` over training music (:func:`estimate_mel_noise_std`). The decoder
-gives the mean of the mel; :meth:`MelVAE.sample_mel` draws from Normal(mean, std²) per bin and
-frame instead, the likelihood the reconstruction loss fits. A HiFi-GAN has no noise input: given
-a mel without a real mel's frame-to-frame fluctuation, its output repeats with the hop (one
-pulse per mel frame, a line at 86 Hz at 22.05 kHz / hop 256), which the sampled mel removes.
+With ``mel_noise`` the VAE also keeps a model of its residual ``mel − reconstruct(mel)`` on
+training music (:func:`estimate_mel_noise`): per mel bin its standard deviation
+``mel_noise_std`` and its frame-to-frame (lag-1) correlation ``mel_noise_corr``. The decoder gives
+the mean of the mel; :meth:`MelVAE.sample_mel` adds a draw of that residual instead, a Gaussian
+AR(1) process per bin with that spread and correlation. Why: a HiFi-GAN has no noise input, and
+given a mel without a real mel's fluctuation from frame to frame its output repeats with the
+hop (a pulse per mel frame: a line at 86 Hz for 22.05 kHz and hop 256); a drawn mel removes it.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class VAEConfig(Config):
     latent_channels: int = 8
     dropout: float = 0.0
     norm_groups: int = 32
-    mel_noise: bool = False   # keep ``mel_noise_std`` for :meth:`MelVAE.sample_mel`
+    mel_noise: bool = False   # keep ``mel_noise_std``/``_corr`` for :meth:`MelVAE.sample_mel`
 
     PRESETS = {
         "base": {},
@@ -234,6 +235,7 @@ class MelVAE(nn.Module):
         self.register_buffer("latent_std", torch.ones(config.latent_channels))
         if config.mel_noise:
             self.register_buffer("mel_noise_std", torch.zeros(config.mel_channels))
+            self.register_buffer("mel_noise_corr", torch.zeros(config.mel_channels))
 
     @property
     def time_compression(self) -> int:
@@ -260,22 +262,32 @@ class MelVAE(nn.Module):
         return self.decode(self.encode(mel).mean)[..., : mel.shape[-1]]
 
     def sample_mel(self, mel: torch.Tensor, noise: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """A decoded mel (B, M, T) plus ``scale · mel_noise_std · noise`` (``noise`` standard
-        normal, the mel's shape): a draw of the mel instead of its mean. Without ``mel_noise``
-        (or at scale 0) the mel itself."""
+        """A decoded mel (B, M, T) plus ``scale · mel_noise_std`` times ``noise`` (white standard
+        normal, the mel's shape) made an AR(1) process along frames with ``mel_noise_corr`` (unit
+        variance from the first frame): a draw of the mel instead of its mean. Without
+        ``mel_noise`` (or at scale 0) the mel itself."""
         if not self.config.mel_noise or scale == 0:
             return mel
         if noise.shape != mel.shape:
             raise ValueError(f"noise {tuple(noise.shape)} for a mel {tuple(mel.shape)}")
-        return mel + (scale * self.mel_noise_std.to(mel.dtype)).view(1, -1, 1) * noise
+        a = self.mel_noise_corr.to(noise.dtype).clamp(-0.99, 0.99).view(1, -1)
+        innovation = (1 - a * a).sqrt()
+        frames = [noise[..., 0]]
+        for t in range(1, noise.shape[-1]):
+            frames.append(a * frames[-1] + innovation * noise[..., t])
+        residual = torch.stack(frames, dim=-1)
+        return mel + (scale * self.mel_noise_std.to(mel.dtype)).view(1, -1, 1) * residual.to(mel.dtype)
 
     @torch.no_grad()
-    def set_mel_noise_std(self, std: torch.Tensor) -> None:
+    def set_mel_noise(self, std: torch.Tensor, corr: torch.Tensor) -> None:
         if not self.config.mel_noise:
             raise ValueError("this VAE keeps no mel noise: build it with mel_noise=True")
         if std.shape != self.mel_noise_std.shape or not torch.all(std >= 0):
             raise ValueError(f"mel_noise_std must be {tuple(self.mel_noise_std.shape)} and non-negative")
+        if corr.shape != self.mel_noise_corr.shape or not torch.all(corr.abs() <= 1):
+            raise ValueError(f"mel_noise_corr must be {tuple(self.mel_noise_corr.shape)} and within [-1, 1]")
         self.mel_noise_std.copy_(std)
+        self.mel_noise_corr.copy_(corr)
 
     def forward(self, mel: torch.Tensor, generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, DiagonalGaussian]:
@@ -369,18 +381,22 @@ def encode_music_posterior(wave: torch.Tensor, mel: nn.Module, vae: nn.Module, *
 
 
 @torch.no_grad()
-def estimate_mel_noise_std(vae: MelVAE, mels: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Per-bin std (population, fp32) of ``mel − vae.reconstruct(mel)`` over every frame of
-    ``mels``: (M, T) or (B, M, T) log-mels of training music, lengths free; float64 sums."""
-    total = square = None
-    count = 0
+def estimate_mel_noise(vae: MelVAE, mels: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bin std and lag-1 correlation (population, fp32) of ``mel − vae.reconstruct(mel)`` over
+    every frame of ``mels``: (M, T) or (B, M, T) log-mels of training music, lengths free. The
+    correlation pairs frames t and t + 1 of the same item only; sums are float64."""
+    sums = None  # Σr, Σr², Σ r_t r_t+1, Σ r_t, Σ r_t+1 over pairs; frames, pairs
     for mel in mels:
         mel = mel if mel.dim() == 3 else mel[None]
-        residual = (mel - vae.reconstruct(mel)).double().transpose(0, 1).reshape(mel.shape[1], -1)
-        total = residual.sum(1) if total is None else total + residual.sum(1)
-        square = residual.square().sum(1) if square is None else square + residual.square().sum(1)
-        count += residual.shape[1]
-    if not count:
-        raise ValueError("no mel frames to estimate the mel noise from")
-    mean = total / count
-    return (square / count - mean.square()).clamp_min(0).sqrt().float()
+        r = (mel - vae.reconstruct(mel)).double().transpose(0, 1)  # (M, B, T)
+        head, tail = r[..., :-1], r[..., 1:]
+        part = [t.reshape(r.shape[0], -1).sum(1) for t in (r, r * r, head * tail, head, tail)]
+        part += [r[0].numel(), head[0].numel()]
+        sums = part if sums is None else [x + y for x, y in zip(sums, part)]
+    if sums is None or not sums[6]:
+        raise ValueError("no pair of mel frames to estimate the mel noise from")
+    total, square, cross, head, tail, n, m = sums
+    var = (square / n - (total / n) ** 2).clamp_min(0)
+    cov = cross / m - (head / m) * (tail / m)
+    corr = torch.where(var > 0, cov / var.clamp_min(1e-30), torch.zeros_like(var)).clamp(-1, 1)
+    return var.sqrt().float(), corr.float()

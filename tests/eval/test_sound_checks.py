@@ -87,7 +87,7 @@ def test_eval_vocoder_scores_each_vocoder_in_the_release_s_place(tiny_release_di
 
 
 def test_eval_vocoder_scores_a_decoder_fine_tune_and_refuses_another_encoder(tiny_release_dir, real_music_24k,
-                                                                              tmp_path):
+                                                                              tmp_path, monkeypatch):
     """``--vae``: a VAE whose decoder differs changes only the rows that pass through its decoder
     (the true-mel rows stay the release's); one whose encoder differs is refused."""
     import shutil
@@ -119,11 +119,24 @@ def test_eval_vocoder_scores_a_decoder_fine_tune_and_refuses_another_encoder(tin
     # the release's VAE with a mel noise (fit_mel_noise.py) is the same encoder: accepted, and
     # its VAE rows hear a draw of the mel
     noisy = load_recipe("fit_mel_noise").with_mel_noise(hub.load_component(tiny_release_dir, "vae"))
-    noisy.set_mel_noise_std(torch.full((noisy.config.mel_channels,), 1.0))
+    noisy.set_mel_noise(torch.full((noisy.config.mel_channels,), 1.0), torch.full((noisy.config.mel_channels,), 0.5))
     hub.save_component(noisy, tmp_path / "noisy", "vae")
     hub.save_component(mel, tmp_path / "noisy", "mel")
+    from muvi.models.vae import MelVAE
+
+    heard, real = [], MelVAE.sample_mel
+
+    def spy(self, mel, noise, scale=1.0):  # the tiny random vocoder barely hears its mel: look at it
+        out = real(self, mel, noise, scale)
+        heard.append((self.config.mel_noise, scale, (out - mel).abs().mean().item()))
+        return out
+
+    monkeypatch.setattr(MelVAE, "sample_mel", spy)
     drawn = evaluate([*args, "--vae", f"noisy={tmp_path / 'noisy'}"])["summary"]["noisy"]
-    assert drawn["mel_err_db"] == release["mel_err_db"] and drawn["vae_mel_err_db"] != release["vae_mel_err_db"]
+    assert drawn["mel_err_db"] == release["mel_err_db"]
+    drawn_rows = [h for h in heard if h[0]]  # the noisy VAE's: its real-music row and its generated clip
+    assert len(drawn_rows) == 2 and all(scale == 0.5 and change > 0.1 for _, scale, change in drawn_rows)
+    assert all(change == 0 for noisy, _, change in heard if not noisy)  # the release's VAE: its mean
 
     with torch.no_grad():
         vae.encoder.conv_in.weight.mul_(1.1)

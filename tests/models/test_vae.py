@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from muvi.models.vae import DiagonalGaussian, MelVAE, VAEConfig, estimate_latent_stats, estimate_mel_noise_std
+from muvi.models.vae import DiagonalGaussian, MelVAE, VAEConfig, estimate_latent_stats, estimate_mel_noise
 
 logger = logging.getLogger(__name__)
 
@@ -173,32 +173,43 @@ def test_config_round_trip():
         VAEConfig(channels=20, norm_groups=32)
 
 
-def test_mel_noise_std_is_the_residual_spread_and_sample_mel_draws_around_the_mean():
+def test_mel_noise_is_the_residual_spread_and_correlation_and_sample_mel_draws_it(monkeypatch):
+    """Known answers: on residuals that are AR(1) processes with given std and lag-1 correlation
+    (a VAE whose reconstruction is zero), the estimate recovers both; a draw of sample_mel, fed
+    back, recovers the parameters it was drawn with; with correlation 0 it is mean + std · noise."""
     torch.manual_seed(0)
-    vae = MelVAE(VAEConfig.preset("tiny", mel_channels=12, mel_noise=True)).eval()
+    vae = MelVAE(VAEConfig.preset("tiny", mel_channels=4, mel_noise=True)).eval()
+    std = torch.tensor([0.5, 1.0, 2.0, 0.0])
+    corr = torch.tensor([0.9, 0.5, 0.0, 0.0])
+    assert torch.equal(vae.mel_noise_std, torch.zeros(4)) and torch.equal(vae.mel_noise_corr, torch.zeros(4))
+    vae.set_mel_noise(std, corr)
     g = torch.Generator().manual_seed(1)
-    mels = [torch.randn(2, 12, 13, generator=g) - 4, torch.randn(12, 30, generator=g) - 4]
-    std = estimate_mel_noise_std(vae, iter(mels))
-    with torch.no_grad():
-        residual = torch.cat([(m - vae.reconstruct(m)).transpose(0, 1).reshape(12, -1)
-                              for m in (mels[0], mels[1][None])], dim=1)
-    torch.testing.assert_close(std, residual.std(dim=1, unbiased=False), rtol=1e-5, atol=1e-6)
+    mean = torch.randn(3, 4, 4000, generator=g) - 4
+    draws = [vae.sample_mel(mean[:2], torch.randn(2, 4, 4000, generator=g)),
+             vae.sample_mel(mean[2:], torch.randn(1, 4, 4000, generator=g))[0]]  # (B, M, T) and (M, T)
+    with pytest.raises(ValueError, match="no pair of mel frames"):
+        estimate_mel_noise(vae, [torch.zeros(4, 1)])
+    monkeypatch.setattr(MelVAE, "reconstruct", lambda self, mel: mean[: mel.shape[0]] if mel.dim() == 3 and
+                        mel.shape[0] == 2 else mean[2:3])
+    got_std, got_corr = estimate_mel_noise(vae, iter(draws))
+    torch.testing.assert_close(got_std, std, rtol=0.05, atol=0.01)
+    torch.testing.assert_close(got_corr[:3], corr[:3], rtol=0, atol=0.03)
+    assert got_corr[3] == 0  # no spread: no correlation
 
-    assert "mel_noise_std" in vae.state_dict() and torch.equal(vae.mel_noise_std, torch.zeros(12))
-    vae.set_mel_noise_std(std)
-    mean = torch.randn(3, 12, 40, generator=g)
-    eps = torch.randn(3, 12, 40, generator=g)
-    torch.testing.assert_close(vae.sample_mel(mean, eps), mean + std.view(1, -1, 1) * eps)
-    torch.testing.assert_close(vae.sample_mel(mean, eps, 0.5), mean + 0.5 * std.view(1, -1, 1) * eps)
+    vae.set_mel_noise(std, torch.zeros(4))
+    eps = torch.randn(3, 4, 40, generator=g)
+    short = mean[..., :40]
+    torch.testing.assert_close(vae.sample_mel(short, eps), short + std.view(1, -1, 1) * eps)
+    torch.testing.assert_close(vae.sample_mel(short, eps, 0.5), short + 0.5 * std.view(1, -1, 1) * eps)
     assert vae.sample_mel(mean, eps, 0.0) is mean
     with pytest.raises(ValueError, match="noise"):
         vae.sample_mel(mean, eps[..., :5])
     with pytest.raises(ValueError, match="non-negative"):
-        vae.set_mel_noise_std(-std)
+        vae.set_mel_noise(-std, corr)
+    with pytest.raises(ValueError, match=r"within \[-1, 1\]"):
+        vae.set_mel_noise(std, corr + 1)
 
-    plain = MelVAE(VAEConfig.preset("tiny", mel_channels=12))  # the default keeps none (older files load)
-    assert "mel_noise_std" not in plain.state_dict() and plain.sample_mel(mean, eps) is mean
+    plain = MelVAE(VAEConfig.preset("tiny", mel_channels=4))  # the default keeps none (older files load)
+    assert not any(k.startswith("mel_noise") for k in plain.state_dict()) and plain.sample_mel(mean, eps) is mean
     with pytest.raises(ValueError, match="mel_noise=True"):
-        plain.set_mel_noise_std(std)
-    with pytest.raises(ValueError, match="no mel frames"):
-        estimate_mel_noise_std(vae, [])
+        plain.set_mel_noise(std, corr)
