@@ -270,8 +270,9 @@ class MelVAE(nn.Module):
             return mel
         if noise.shape != mel.shape:
             raise ValueError(f"noise {tuple(noise.shape)} for a mel {tuple(mel.shape)}")
-        a = self.mel_noise_corr.to(noise.dtype).clamp(-0.99, 0.99).view(1, -1)
+        a = self.mel_noise_corr.float().clamp(-0.99, 0.99).view(1, -1)
         innovation = (1 - a * a).sqrt()
+        noise = noise.float()  # the recursion in fp32 under a half-precision pipeline too
         frames = [noise[..., 0]]
         for t in range(1, noise.shape[-1]):
             frames.append(a * frames[-1] + innovation * noise[..., t])
