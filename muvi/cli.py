@@ -2,7 +2,7 @@
 
     muvi generate [VIDEO|FOLDER ...] [-o OUT|FOLDER] [--audio-out] [--cfg-scale 4] [--steps 25]
                   [--seed N] [--duration S] [--prompt STYLE.wav] [--prompt-scale S] [--model DIR|OWNER/NAME]
-                  [--device cpu|cuda|cuda:N] [--method euler] [--overwrite] [-q]
+                  [--device cpu|cuda|cuda:N] [--method euler] [--mel-noise S] [--overwrite] [-q]
 
     muvi demo [--model DIR] [--port 7860]          (the web page; see muvi demo --help)
     muvi --version
@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-scale", metavar="S", help="guidance on the --prompt, 0 to 100: how hard the music "
                      "is pulled toward the prompt's style; 0 = the prompt as plain context "
                      "(default: the model's)")
+    gen.add_argument("--mel-noise", metavar="S", help="how far the VAE's mel is drawn around its mean, 0 to 4 "
+                     "(the model's mel_noise_scale; 0 = the mean, the paper's decode; no effect for a VAE "
+                     "without mel noise) (default: the model's)")
     gen.add_argument("--model", default=None, metavar="MODEL",
                      help="release folder or Hugging Face Hub repo id OWNER/NAME "
                      "(downloaded once into the Hub cache; HF_HUB_OFFLINE=1: from the cache only) "
@@ -198,6 +201,9 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
                    num_steps=_number(args.steps, "--steps", int), seed=_number(args.seed, "--seed", int),
                    duration=_number(args.duration, "--duration", float),
                    prompt_scale=_number(args.prompt_scale, "--prompt-scale", float))
+    mel_noise = _number(args.mel_noise, "--mel-noise", float)
+    if mel_noise is not None and not 0 <= mel_noise <= 4:  # NaN fails both
+        raise InputError(f"--mel-noise {mel_noise}: must be a number from 0 to 4")
     if args.model:
         from muvi.release import locate
 
@@ -215,6 +221,8 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     from muvi.pipeline import MuviPipeline
 
     pipe = MuviPipeline.from_pretrained(model, device=requests[0].device)
+    if mel_noise is not None:
+        pipe.config.mel_noise_scale = mel_noise
     failures, jobs = [], list(zip(videos, requests, outs, audio_outs))
     bar = tqdm(total=len(jobs), desc="videos", unit="video", disable=args.quiet or len(jobs) == 1)
     for start in range(0, len(jobs), BATCH):  # batched through the networks where they fit; each

@@ -47,6 +47,31 @@ def test_audio_output(release, tmp_path):
     assert sr == 24000 and len(data) == 24000
 
 
+def test_mel_noise_sets_how_far_the_mel_is_drawn(tiny_release_dir, tmp_path, monkeypatch):
+    """``--mel-noise S`` overrides the release's ``mel_noise_scale`` for a VAE with mel noise:
+    the draw is made at S, and at 0 not at all (the mean mel, the paper's decode)."""
+    import shutil
+
+    from muvi.hub import load_component, save_component
+    from muvi.models.vae import MelVAE
+
+    from conftest import load_recipe
+
+    release = tmp_path / "release"
+    shutil.copytree(tiny_release_dir, release)
+    noisy = load_recipe("fit_mel_noise").with_mel_noise(load_component(release, "vae"))
+    noisy.set_mel_noise(torch.full((noisy.config.mel_channels,), 0.5), torch.full((noisy.config.mel_channels,), 0.9))
+    save_component(noisy, release, "vae")
+    scales, real = [], MelVAE.sample_mel
+    monkeypatch.setattr(MelVAE, "sample_mel", lambda self, mel, noise, scale=1.0: scales.append(scale)
+                        or real(self, mel, noise, scale))
+    for i, extra in enumerate(([], ["--mel-noise", "1.5"], ["--mel-noise", "0"])):
+        scales.clear()
+        assert cli.main(["generate", "-o", str(tmp_path / f"{i}.wav"), "--model", str(release), "--duration", "1",
+                         "--steps", "2", "--seed", "0", "--device", "cpu", "-q", *extra]) == 0
+        assert scales == [[0.5], [1.5], []][i]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["generate", "missing.mp4"], "video not found: missing.mp4"),
     (["generate", "-o", "x.xyz"], "unknown output type"),
