@@ -40,7 +40,7 @@ import torch
 
 from muvi.checkpoint import state_hash
 from muvi.data.audio_io import AUDIO_EXTENSIONS, MediaReadError, audio_duration, load_audio
-from muvi.data.datasets import _read_pairs, _scan, video_duration
+from muvi.data.datasets import _read_pairs, scan_files, video_duration
 from muvi.data.features import FeatureWriter, cached_ids
 from muvi.encoders.frames import encode_video_file
 from muvi.hub import load_component, load_encoder, type_of
@@ -87,7 +87,7 @@ def music_items(sources: Sequence[Path]) -> list[tuple[str, Path]]:
     items = []
     for source in sources:
         if source.is_dir():
-            items += [(_relative_id(p, source), p) for p in _scan(source, AUDIO_EXTENSIONS)]
+            items += [(_relative_id(p, source), p) for p in scan_files(source, AUDIO_EXTENSIONS)]
         elif source.suffix.lower() in AUDIO_EXTENSIONS:
             items.append((_relative_id(source, source.parent), source))
         elif source.is_file():  # a list of files, relative to the list's folder

@@ -18,7 +18,6 @@ repeats itself once per mel frame (the 86 Hz line ``eval_sound.buzz_db`` measure
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Optional, Sequence
@@ -27,25 +26,15 @@ import torch
 from tqdm.auto import tqdm
 
 from muvi import hub
-from muvi.checkpoint import load_strict
 from muvi.cli import run_script
 from muvi.config import ConfigError
 from muvi.data.audio_io import AUDIO_EXTENSIONS, load_audio
-from muvi.models.vae import MelVAE, estimate_mel_noise
+from muvi.data.datasets import scan_files
+from muvi.models.vae import estimate_mel_noise, with_mel_noise
 from muvi.training import setup_logging
 from muvi.training.data import music_files
 
 logger = logging.getLogger("fit_mel_noise")
-
-
-def with_mel_noise(vae: MelVAE) -> MelVAE:
-    """A copy of ``vae`` built with ``mel_noise`` (still zero), the same weights and latent stats."""
-    noisy = MelVAE(dataclasses.replace(vae.config, mel_noise=True))
-    state = {k: v.detach().clone() for k, v in vae.state_dict().items() if not k.startswith("mel_noise_")}
-    state["mel_noise_std"] = torch.zeros(vae.config.mel_channels)
-    state["mel_noise_corr"] = torch.zeros(vae.config.mel_channels)
-    load_strict(noisy, state, source="vae")
-    return noisy.eval()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
@@ -60,7 +49,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         raise ConfigError(f"--out {args.out} exists; give a new folder")
     files = music_files(args.music)
     if isinstance(files, str):
-        files = sorted(str(p) for p in Path(files).rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
+        try:
+            files = scan_files(Path(files), AUDIO_EXTENSIONS)
+        except FileNotFoundError:
+            files = []
     if not files:
         raise ConfigError(f"--music {args.music}: no audio files")
     vae = hub.load_component(args.vae, "vae", frozen=True)

@@ -53,13 +53,11 @@ def test_mel_noise_sets_how_far_the_mel_is_drawn(tiny_release_dir, tmp_path, mon
     import shutil
 
     from muvi.hub import load_component, save_component
-    from muvi.models.vae import MelVAE
-
-    from conftest import load_recipe
+    from muvi.models.vae import MelVAE, with_mel_noise
 
     release = tmp_path / "release"
     shutil.copytree(tiny_release_dir, release)
-    noisy = load_recipe("fit_mel_noise").with_mel_noise(load_component(release, "vae"))
+    noisy = with_mel_noise(load_component(release, "vae"))
     noisy.set_mel_noise(torch.full((noisy.config.mel_channels,), 0.5), torch.full((noisy.config.mel_channels,), 0.9))
     save_component(noisy, release, "vae")
     scales, real = [], MelVAE.sample_mel

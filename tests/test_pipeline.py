@@ -317,10 +317,12 @@ def test_a_vae_with_mel_noise_decodes_a_seeded_draw_of_the_mel(tmp_path):
     seed gives the same mel, alone or in a batch and over several windows; the draw differs
     from the mean by the std; ``mel_noise_scale`` 0 gives the mean, the mel of the same VAE
     without mel noise; the release round-trips."""
-    from conftest import load_recipe, tiny_pipeline
+    from muvi.models.vae import with_mel_noise
+
+    from conftest import tiny_pipeline
 
     plain, pipe = tiny_pipeline(), tiny_pipeline()
-    pipe.vae = load_recipe("fit_mel_noise").with_mel_noise(pipe.vae)
+    pipe.vae = with_mel_noise(pipe.vae)
     m = pipe.vae.config.mel_channels
     pipe.vae.set_mel_noise(torch.full((m,), 0.5), torch.full((m,), 0.8))
     loaded = MuviPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "noisy"))

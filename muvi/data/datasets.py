@@ -33,7 +33,9 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", "
 PathLike = Union[str, os.PathLike]
 
 
-def _scan(folder: Path, extensions: frozenset) -> list[Path]:
+def scan_files(folder: Path, extensions: frozenset) -> list[Path]:
+    """The files under ``folder`` (recursively) whose suffix, in any case, is one of ``extensions``,
+    sorted; FileNotFoundError when there are none."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
     if not files:
         raise FileNotFoundError(f"no files with extensions {sorted(extensions)} under {folder}")
@@ -178,7 +180,7 @@ class MusicDataset(_SegmentDataset):
                  skip_unreadable: bool = False) -> None:
         super().__init__(sample_rate, min_seconds, max_seconds, frame_rate, seed)
         if isinstance(files_or_folder, (str, os.PathLike)) and Path(files_or_folder).is_dir():
-            files = _scan(Path(files_or_folder), AUDIO_EXTENSIONS)
+            files = scan_files(Path(files_or_folder), AUDIO_EXTENSIONS)
         elif isinstance(files_or_folder, (str, os.PathLike)):
             files = [Path(files_or_folder)]
         else:
@@ -214,7 +216,7 @@ def _read_pairs(source) -> list[tuple[Path, Path]]:
     if isinstance(source, (str, os.PathLike)):
         source = Path(source)
         if source.is_dir():
-            return [(p, p) for p in _scan(source, VIDEO_EXTENSIONS)]
+            return [(p, p) for p in scan_files(source, VIDEO_EXTENSIONS)]
         if source.suffix.lower() == ".csv":
             with open(source, newline="", encoding="utf-8") as f:
                 rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]

@@ -381,6 +381,16 @@ def encode_music_posterior(wave: torch.Tensor, mel: nn.Module, vae: nn.Module, *
     return torch.cat(means, 1).T.float().cpu(), torch.cat(logvars, 1).T.float().cpu()
 
 
+def with_mel_noise(vae: MelVAE) -> MelVAE:
+    """A copy of ``vae`` built with ``mel_noise`` (still zero: :meth:`MelVAE.set_mel_noise`), with
+    the same weights and latent statistics, in eval mode."""
+    noisy = MelVAE(dataclasses.replace(vae.config, mel_noise=True))
+    state = {k: v for k, v in vae.state_dict().items() if not k.startswith("mel_noise_")}
+    zeros = torch.zeros(vae.config.mel_channels)
+    noisy.load_state_dict({**state, "mel_noise_std": zeros, "mel_noise_corr": zeros})  # strict: every key
+    return noisy.eval()
+
+
 @torch.no_grad()
 def estimate_mel_noise(vae: MelVAE, mels: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-bin std and lag-1 correlation (population, fp32) of ``mel − vae.reconstruct(mel)`` over

@@ -118,12 +118,12 @@ def test_eval_vocoder_scores_a_decoder_fine_tune_and_refuses_another_encoder(tin
 
     # the release's VAE with a mel noise (fit_mel_noise.py) is the same encoder: accepted, and
     # its VAE rows hear a draw of the mel
-    noisy = load_recipe("fit_mel_noise").with_mel_noise(hub.load_component(tiny_release_dir, "vae"))
+    from muvi.models.vae import MelVAE, with_mel_noise
+
+    noisy = with_mel_noise(hub.load_component(tiny_release_dir, "vae"))
     noisy.set_mel_noise(torch.full((noisy.config.mel_channels,), 1.0), torch.full((noisy.config.mel_channels,), 0.5))
     hub.save_component(noisy, tmp_path / "noisy", "vae")
     hub.save_component(mel, tmp_path / "noisy", "mel")
-    from muvi.models.vae import MelVAE
-
     heard, real = [], MelVAE.sample_mel
 
     def spy(self, mel, noise, scale=1.0):  # the tiny random vocoder barely hears its mel: look at it
