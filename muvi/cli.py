@@ -2,7 +2,8 @@
 
     muvi generate [VIDEO|FOLDER ...] [-o OUT|FOLDER] [--audio-out] [--cfg-scale 4] [--steps 25]
                   [--seed N] [--duration S] [--prompt STYLE.wav] [--prompt-scale S] [--model DIR|OWNER/NAME]
-                  [--device cpu|cuda|cuda:N] [--method euler] [--mel-noise S] [--overwrite] [-q]
+                  [--device cpu|cuda|cuda:N] [--method euler] [--mel-noise S] [--loudness LUFS|off]
+                  [--overwrite] [-q]
 
     muvi demo [--model DIR] [--port 7860]          (the web page; see muvi demo --help)
     muvi --version
@@ -104,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--mel-noise", metavar="S", help="how far the VAE's mel is drawn around its mean, 0 to 4 "
                      "(the model's mel_noise_scale; 0 = the mean, the paper's decode; no effect for a VAE "
                      "without mel noise) (default: the model's)")
+    gen.add_argument("--loudness", metavar="LUFS", help="bring the music to this integrated loudness, -70 to 0 LUFS "
+                     "(ITU-R BS.1770; one gain, sample peak at most -1 dBFS), or off for the level as the "
+                     "vocoder makes it (default: the model's loudness_lufs)")
     gen.add_argument("--model", default=None, metavar="MODEL",
                      help="release folder or Hugging Face Hub repo id OWNER/NAME "
                      "(downloaded once into the Hub cache; HF_HUB_OFFLINE=1: from the cache only) "
@@ -204,6 +208,10 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     mel_noise = _number(args.mel_noise, "--mel-noise", float)
     if mel_noise is not None and not 0 <= mel_noise <= 4:  # NaN fails both
         raise InputError(f"--mel-noise {mel_noise}: must be a number from 0 to 4")
+    loudness = None if args.loudness is None or args.loudness.lower() == "off" else \
+        _number(args.loudness, "--loudness", float)
+    if loudness is not None and not -70 < loudness <= 0:  # NaN fails both
+        raise InputError(f"--loudness {args.loudness}: must be a loudness above -70 and at most 0 LUFS, or off")
     if args.model:
         from muvi.release import locate
 
@@ -223,6 +231,8 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     pipe = MuviPipeline.from_pretrained(model, device=requests[0].device)
     if mel_noise is not None:
         pipe.config.mel_noise_scale = mel_noise
+    if args.loudness is not None:  # a number, or off (None)
+        pipe.config.loudness_lufs = loudness
     failures, jobs = [], list(zip(videos, requests, outs, audio_outs))
     bar = tqdm(total=len(jobs), desc="videos", unit="video", disable=args.quiet or len(jobs) == 1)
     for start in range(0, len(jobs), BATCH):  # batched through the networks where they fit; each

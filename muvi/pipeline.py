@@ -31,6 +31,7 @@ from muvi.config import RELEASE_FORMAT, Config, ConfigError, read_json
 from muvi.encoders.frames import encode_frames, has_cls
 from muvi.errors import GenerationError, InputError, MissingFileError
 from muvi.flow import evaluations
+from muvi.loudness import master
 from muvi.memory import page_out_mapped, release_freed_memory
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
@@ -81,6 +82,10 @@ class PipelineConfig(Config):
     # fitted residual's spread times this (0: the mean; 0.5 chosen on the demo's validation
     # pairs); a VAE without it decodes the mean whatever this is
     mel_noise_scale: float = 0.5
+    # master every output to this integrated loudness in LUFS (ITU-R BS.1770; muvi.loudness.master:
+    # one gain for the whole track and a look-ahead limiter holding the sample peak at -1 dBFS);
+    # None: the level as the vocoder makes it (the paper's output)
+    loudness_lufs: Optional[float] = None
 
     def window_frames(self) -> tuple[int, int, int]:
         """(window, context, crossfade) in latent frames, checked for :func:`muvi.windows.plan_windows`."""
@@ -112,6 +117,9 @@ class MuviPipeline(nn.Module):
             raise ConfigError(f"latent_rate {config.latent_rate} does not match the mel/VAE setting "
                               f"({mel.config.sample_rate} Hz / {hop} samples per latent frame)")
         config.window_frames()  # a window plan exists
+        if config.loudness_lufs is not None and not -70 < config.loudness_lufs <= 0:  # NaN fails both
+            raise ConfigError(f"loudness_lufs {config.loudness_lufs} must be above -70 and at most 0 LUFS "
+                              f"(or null: no loudness normalisation)")
         if adaptor.needs_cls and not has_cls(video_encoder):
             raise ConfigError(f"the adaptor's {adaptor.config.aggregation!r} aggregation needs the video encoder's "
                               f"CLS tokens, and a {type(video_encoder).__name__} has none (CLIP has)")
@@ -425,12 +433,15 @@ class MuviPipeline(nn.Module):
                 page_out_mapped(component)
 
     def _output(self, request: "Request", waveform: torch.Tensor) -> GenerationOutput:
-        """The request's music, checked finite."""
+        """The request's music, checked finite, brought to ``config.loudness_lufs`` if set."""
         if not torch.isfinite(waveform).all():
             bad = int((~torch.isfinite(waveform)).sum())
             raise GenerationError(f"{request.source}: the generated audio has {bad} non-finite samples "
                                   f"(NaN or inf); nothing was written. Check the model's weights")
-        return GenerationOutput(waveform=waveform, sample_rate=self.mel.config.sample_rate,
+        rate = self.mel.config.sample_rate
+        if self.config.loudness_lufs is not None:  # mastered as one track (after every window is joined)
+            waveform = torch.from_numpy(master(waveform.numpy(), rate, self.config.loudness_lufs))
+        return GenerationOutput(waveform=waveform, sample_rate=rate,
                                 source=request.source, cfg_scale=request.cfg_scale,
                                 num_steps=request.num_steps, seed=request.seed)
 

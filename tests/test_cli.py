@@ -70,6 +70,29 @@ def test_mel_noise_sets_how_far_the_mel_is_drawn(tiny_release_dir, tmp_path, mon
         assert scales == [[0.5], [1.5], []][i]
 
 
+
+def test_loudness_masters_to_the_given_target_or_not_at_all(tiny_release_dir, tmp_path, monkeypatch):
+    """``--loudness L`` masters the output to L LUFS whatever the release says; ``--loudness off``
+    leaves the vocoder's level (the release here sets -30)."""
+    import json
+    import shutil
+
+    import muvi.pipeline
+
+    release = tmp_path / "release"
+    shutil.copytree(tiny_release_dir, release)
+    config = json.loads((release / "config.json").read_text())
+    config["pipeline"]["loudness_lufs"] = -30.0
+    (release / "config.json").write_text(json.dumps(config))
+    targets, real = [], muvi.pipeline.master
+    monkeypatch.setattr(muvi.pipeline, "master", lambda wave, rate, target: targets.append(target)
+                        or real(wave, rate, target))
+    for i, extra in enumerate(([], ["--loudness", "-40"], ["--loudness", "off"])):
+        targets.clear()
+        assert cli.main(["generate", "-o", str(tmp_path / f"{i}.wav"), "--model", str(release), "--duration", "1",
+                         "--steps", "2", "--seed", "0", "--device", "cpu", "-q", *extra]) == 0
+        assert targets == [[-30.0], [-40.0], []][i]
+
 @pytest.mark.parametrize("argv,message", [
     (["generate", "missing.mp4"], "video not found: missing.mp4"),
     (["generate", "-o", "x.xyz"], "unknown output type"),

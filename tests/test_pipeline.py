@@ -351,3 +351,40 @@ def test_a_vae_with_mel_noise_decodes_a_seeded_draw_of_the_mel(tmp_path):
     pipe.config.window_seconds, pipe.config.context_seconds, pipe.config.crossfade_seconds = 1.0, 0.3, 0.2
     long = [mel(pipe, duration=2.5) for _ in range(2)]
     assert len(long[0]) > 1 and all(torch.equal(x, y) for x, y in zip(*long))
+
+
+def test_loudness_lufs_masters_the_whole_output_and_round_trips(tmp_path):
+    """With ``loudness_lufs`` every output is mastered to it (muvi.loudness.master): the same
+    waveform as mastering the unmastered output, for one window, in a batch and over several
+    windows joined (one track, not window by window); a release keeps the setting; a target
+    out of range is refused when the pipeline is built."""
+    from muvi.loudness import integrated_loudness, master
+
+    from conftest import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    clip, kw = sample_clip(), dict(duration=1.5, num_steps=2, progress=False, seed=3)
+    rate = pipe.mel.config.sample_rate
+    raw = muvi.generate(clip, model=pipe, **kw).numpy()
+    pipe.config.loudness_lufs = -35.0
+    out = muvi.generate(clip, model=pipe, **kw).numpy()
+    assert integrated_loudness(out, rate) == pytest.approx(-35.0, abs=0.05)  # the tiny model's: a gain, no limiting
+    assert abs(integrated_loudness(raw, rate) + 20.0) > 1  # it did something
+    torch.testing.assert_close(torch.from_numpy(out), torch.from_numpy(master(raw, rate, -35.0)))
+    batch = muvi.generate([clip, sample_clip("carphone_pristine.mp4")], model=pipe, **{**kw, "seed": [3, 4]})
+    torch.testing.assert_close(batch[0].waveform, torch.from_numpy(out), rtol=1e-4, atol=1e-5)
+
+    loaded = MuviPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "mastered"))
+    assert loaded.config.loudness_lufs == -35.0
+
+    pipe.config.window_seconds, pipe.config.context_seconds, pipe.config.crossfade_seconds = 1.0, 0.3, 0.2
+    pipe.config.loudness_lufs = None
+    long_raw = muvi.generate(clip, model=pipe, **{**kw, "duration": 2.5}).numpy()
+    pipe.config.loudness_lufs = -35.0
+    long = muvi.generate(clip, model=pipe, **{**kw, "duration": 2.5}).numpy()
+    torch.testing.assert_close(torch.from_numpy(long), torch.from_numpy(master(long_raw, rate, -35.0)))
+
+    for bad in (5.0, -80.0, float("nan")):
+        config = dataclasses.replace(pipe.config, loudness_lufs=bad)
+        with pytest.raises(ConfigError, match="loudness_lufs"):
+            MuviPipeline(config, pipe.video_encoder, pipe.adaptor, pipe.dit, pipe.vae, pipe.vocoder, pipe.mel)
