@@ -58,16 +58,25 @@ def test_bundled_output_is_the_one_recorded_at_release():
     """The bundled model's output, recorded when the release was made (issue 12's retrained
     demo), on the vocoder's conv1d path; the default path (issue 15: the vocoder's convs as
     channels-last 2D ones) sums in another order, so there it agrees to a looser rounding. A
-    change anywhere between the video and the waveform shows here."""
+    change anywhere between the video and the waveform shows here. The recording is the
+    vocoder's output before mastering (``loudness_lufs``: a loudness-seeking gain would turn a
+    rounding difference into a gain difference); the release's output is that, mastered."""
     from pathlib import Path
 
     import torch
 
+    from muvi.loudness import master
+
     recorded = np.load(Path(__file__).parent / "fixtures" / "bundled_seed0_2s_2steps.npy")
     pipe = muvi.MuviPipeline.from_pretrained(muvi.default_model_dir(), device="cpu")
+    target, rate = pipe.config.loudness_lufs, pipe.mel.config.sample_rate
+    assert target == -16.5
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # recorded with 2 threads: another count splits the sums otherwise
     try:
+        mastered = muvi.generate(cli.bundled_sample_video(), duration=2.0, num_steps=2, seed=0, model=pipe,
+                                 progress=False).waveform.numpy()
+        pipe.config.loudness_lufs = None
         default = muvi.generate(cli.bundled_sample_video(), duration=2.0, num_steps=2, seed=0, model=pipe,
                                 progress=False).waveform.numpy()
         pipe.vocoder.channels_last = False
@@ -80,6 +89,7 @@ def test_bundled_output_is_the_one_recorded_at_release():
     np.testing.assert_allclose(conv1d, recorded, rtol=0, atol=2e-5)
     # the published generator's 512-channel convs: 7.5e-5 at most measured (-83 dB of full scale)
     np.testing.assert_allclose(default, recorded, rtol=0, atol=2e-4)
+    np.testing.assert_array_equal(mastered, master(default, rate, target))
 
 
 def test_bundled_vocoder_is_the_published_generator_in_float16():
