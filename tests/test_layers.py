@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "muvi"
 LAYERS = {
     "muvi.errors": 0, "muvi.config": 0, "muvi.media": 0, "muvi.memory": 0,
     "muvi.checkpoint": 1, "muvi.video": 1, "muvi.flow": 1, "muvi.mux": 1, "muvi.output": 1,
-    "muvi.windows": 1, "muvi.release": 1, "muvi.profiling": 1,
+    "muvi.windows": 1, "muvi.loudness": 1, "muvi.release": 1, "muvi.profiling": 1,
     "muvi.data": 2,
     "muvi.models": 3,
     "muvi.encoders": 4,
