@@ -129,6 +129,23 @@ def load_mel(vae_dir: Path, vae: MelVAE) -> MelSpectrogram:
     return mel
 
 
+def with_current_defaults(stored: dict, configs: dict) -> dict:
+    """A stored cache ``info`` with each config it holds (``configs``: key -> config class) read
+    by the current class and written back, so that fields added since it was made appear at
+    their defaults and compare equal to a new run's; a config the class cannot read stays as
+    stored (and differs)."""
+    from muvi.config import ConfigError
+
+    out = dict(stored)
+    for key, cls in configs.items():
+        if isinstance(out.get(key), dict):
+            try:
+                out[key] = cls.from_dict(out[key]).to_dict()
+            except ConfigError:
+                pass
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parse_args(argv)
     from accelerate import PartialState
@@ -168,7 +185,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     skip = cached_ids(args.out)
     mine = [it for i, it in enumerate(items) if i % world == rank and it[0] not in skip]
     out = args.out if world == 1 else args.out / f"rank{rank}"
-    writer = FeatureWriter(out, args.shard_mb, info=info)
+    configs = {"mel": MelConfig, "vae": type(vae.config)}
+    if encoder is not None:
+        configs["video_encoder"] = type(encoder.config)
+    writer = FeatureWriter(out, args.shard_mb, info=info,
+                           read_info=lambda stored: with_current_defaults(stored, configs))
     logger.info("%d items, %d already cached, %d to extract on this process (%s) into %s",
                 len(items), len(skip & {it[0] for it in items}), len(mine), device, out)
 

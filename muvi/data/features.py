@@ -31,7 +31,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -94,11 +94,14 @@ class FeatureWriter:
 
     ``info`` (optional) describes what made the features; it is written to ``info.json`` on
     first use and must match on every later run, so a cache never mixes two models' features.
+    ``read_info`` (optional) brings a stored ``info`` to the current form before that
+    comparison (e.g. fills in the config fields a newer muvi added, at their defaults), so a
+    cache made by an older version resumes; the stored file is left as it is.
     Not safe for two writers on one folder: give each process its own sub-folder.
     """
 
     def __init__(self, root: str | os.PathLike, shard_megabytes: float = 256, *,
-                 info: Optional[dict] = None) -> None:
+                 info: Optional[dict] = None, read_info: Optional[Callable[[dict], dict]] = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.shard_bytes = max(1, int(shard_megabytes * 2 ** 20))
@@ -106,6 +109,8 @@ class FeatureWriter:
             path = self.root / INFO
             if path.is_file():
                 old, new = json.loads(path.read_text(encoding="utf-8")), json.loads(json.dumps(info))
+                if read_info is not None:
+                    old = json.loads(json.dumps(read_info(old)))
                 if old != new:
                     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                     raise ValueError(f"{self.root} holds features made differently (fields {diff} differ); "

@@ -171,6 +171,27 @@ def test_interrupted_extraction_resumes_to_the_same_cache(script, music_cache, m
     assert sum(1 for _ in open(out / "index.jsonl")) == 3
 
 
+def test_a_cache_made_before_a_config_field_was_added_resumes(script, music_cache, music_dir, vae_dir, tmp_path):
+    """A cache whose info.json predates a VAE config field (here ``mel_noise``, added later with
+    default False) resumes: the stored config is read with the current defaults before the
+    comparison; the stored file is not rewritten. A field that really differs still refuses."""
+    import json
+    import shutil
+
+    out = tmp_path / "old_cache"
+    shutil.copytree(music_cache, out)
+    info = json.loads((out / "info.json").read_text())
+    assert info["vae"].pop("mel_noise") is False
+    (out / "info.json").write_text(json.dumps(info))
+    stored = (out / "info.json").read_bytes()
+    script.main(_args("--music", music_dir, "--vae", vae_dir, "--out", out))
+    assert (out / "info.json").read_bytes() == stored and FeatureCache(out).ids == FeatureCache(music_cache).ids
+    info["vae"]["dropout"] = 0.5
+    (out / "info.json").write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"fields \['vae'\] differ"):
+        script.main(_args("--music", music_dir, "--vae", vae_dir, "--out", out))
+
+
 def test_resume_refuses_other_weights(script, music_cache, music_dir, tmp_path):
     torch.manual_seed(1)
     save_component(MelVAE(VAEConfig.preset("tiny")), tmp_path, "vae")
