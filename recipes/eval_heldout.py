@@ -17,6 +17,11 @@ Each folder is scored against the real soundtracks: beats (BHS, F1), musicnn dis
 music's fit to that picture), and, where the pairs have ``<stem>.json`` sidecars with cut and
 accent times (``recipes/build_corpus.py`` writes them), beats against the video's own events.
 
+With ``--samples K`` every clip gets K samples per condition (sample k of clip i uses seed
+``seed + i + k * clips``; sample 0 is the single-sample run's file), each sample's files in
+``OUT/sample<k>/`` (k ≥ 1); the paired differences then average each clip's K values per condition
+before subtracting, so that the interval is over clips with less of the sampler's noise in it.
+
 Writes ``OUT/{own,shuffled,null}/<stem>.wav``, ``OUT/report_<condition>.json`` and
 ``OUT/summary.md``: a table of the headline metrics with 95% bootstrap intervals, and the
 per-clip differences own − shuffled and own − null (paired: same clip, seed and reference). Generated
@@ -36,7 +41,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -137,6 +142,11 @@ def summary_table(reports: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sample_folder(out: Path, k: int) -> Path:
+    """Where sample ``k``'s condition folders live: OUT itself for the first."""
+    return out if k == 0 else out / f"sample{k}"
+
+
 def _per_clip(report: dict, metric: str) -> Optional[np.ndarray]:
     """Per-clip values of ``bhs`` (matched / reference beats), ``event_hit`` (video events hit)
     or ``sim``, in percent, in the report's clip order; None when the report lacks them."""
@@ -151,19 +161,29 @@ def _per_clip(report: dict, metric: str) -> Optional[np.ndarray]:
         return None
 
 
-def paired_table(reports: dict[str, dict], seed: int = 0, n_bootstrap: int = 1000) -> str:
+def _mean_per_clip(samples: Sequence[dict[str, dict]], condition: str, metric: str) -> Optional[np.ndarray]:
+    """Each clip's value of ``metric`` in ``condition``, averaged over the samples' reports."""
+    values = [_per_clip(reports[condition], metric) for reports in samples]
+    return None if any(v is None for v in values) else np.mean(values, axis=0)
+
+
+def paired_table(reports: Union[dict[str, dict], Sequence[dict[str, dict]]], seed: int = 0,
+                 n_bootstrap: int = 1000) -> str:
     """Markdown: own minus each floor, clip by clip (same seed, same reference), with a
-    percentile bootstrap 95% interval over clips and how many clips the own video wins."""
+    percentile bootstrap 95% interval over clips and how many clips the own video wins.
+    ``reports``: one sample's reports by condition, or a list of them (several samples per
+    clip), whose per-clip values are averaged per condition before the difference."""
+    samples = [reports] if isinstance(reports, dict) else list(reports)
     rng = np.random.default_rng(seed)
     lines = ["| metric | own − shuffled [95% CI] | clips own > shuffled | own − null [95% CI] | clips own > null |",
              "|---|---|---|---|---|"]
     for metric in ("bhs", "event_hit", "sim"):
-        own = _per_clip(reports["own"], metric)
+        own = _mean_per_clip(samples, "own", metric)
         if own is None:
             continue
         cells = []
         for floor in ("shuffled", "null"):
-            diff = own - _per_clip(reports[floor], metric)
+            diff = own - _mean_per_clip(samples, floor, metric)
             boot = diff[rng.integers(0, len(diff), (n_bootstrap, len(diff)))].mean(1)
             low, high = np.percentile(boot, [2.5, 97.5])
             cells += [f"{diff.mean():+.1f} [{low:+.1f}, {high:+.1f}]", f"{int((diff > 0).sum())} / {len(diff)}"]
@@ -180,6 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cfg-scale", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--samples", type=int, default=1, help="samples per clip and condition (seeds apart)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--force", action="store_true", help="regenerate files that already exist")
@@ -190,23 +211,36 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from muvi.eval.sim import SimilarityScorer
     from muvi.pipeline import MuviPipeline
 
+    if args.samples < 1:
+        raise SystemExit(f"error: --samples must be at least 1, got {args.samples}")
     pairs = read_pairs(args.pairs)
     out = args.out
     has_events = stage_inputs(pairs, out)
     pipe = MuviPipeline.from_pretrained(args.release, device=args.device)
-    timing = generate_all(pipe, pairs, out, args.steps, args.cfg_scale, args.seed, args.force)
+    timing = [generate_all(pipe, pairs, sample_folder(out, k), args.steps, args.cfg_scale,
+                           args.seed + k * len(pairs), args.force) for k in range(args.samples)]
     scorer = SimilarityScorer.from_pretrained(args.contrastive, device=args.device) if args.contrastive else None
-    reports = {}
-    for condition in CONDITIONS:
-        reports[condition] = evaluate(out / condition, out / "ref", out / "videos", out / f"report_{condition}.json",
-                                      seed=args.seed, n_bootstrap=args.bootstrap, similarity_model=scorer,
-                                      events_dir=out / "events" if has_events else None, progress=False)
-    table = summary_table(reports) + "\nPaired by clip:\n\n" + paired_table(reports, args.seed, args.bootstrap)
+    samples = []
+    for k in range(args.samples):
+        folder = sample_folder(out, k)
+        samples.append({condition: evaluate(folder / condition, out / "ref", out / "videos",
+                                            folder / f"report_{condition}.json", seed=args.seed,
+                                            n_bootstrap=args.bootstrap, similarity_model=scorer,
+                                            events_dir=out / "events" if has_events else None, progress=False)
+                        for condition in CONDITIONS})
+    reports = samples[0]
+    paired = "Paired by clip" + (f", each clip's {args.samples} samples averaged" if args.samples > 1 else "")
+    table = (summary_table(reports) + f"\n{paired}:\n\n" + paired_table(samples, args.seed, args.bootstrap))
+    if args.samples > 1:
+        table += "\nEach sample alone:\n\n" + "\n".join(
+            f"sample {k} (seeds {args.seed + k * len(pairs)}..):\n\n" + paired_table(s, args.seed, args.bootstrap)
+            for k, s in enumerate(samples))
+    several = f" ({args.samples} samples per clip; the metrics table is the first sample)" if args.samples > 1 else ""
     header = (f"Evaluation of `{args.release}` on {len(pairs)} pairs of `{args.pairs}`: {args.steps} Euler "
-              f"steps, cfg {args.cfg_scale} (null: 0), seeds {args.seed}..{args.seed + len(pairs) - 1}; "
-              f"values with 95% bootstrap intervals over clips.\n\n")
+              f"steps, cfg {args.cfg_scale} (null: 0), seeds {args.seed}..{args.seed + args.samples * len(pairs) - 1}"
+              f"{several}; values with 95% bootstrap intervals over clips.\n\n")
     (out / "summary.md").write_text(header + table, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps({"timing": timing, "conditions": {
+    (out / "summary.json").write_text(json.dumps({"timing": timing[0] if args.samples == 1 else timing, "conditions": {
         c: {k: r["metrics"][k] for k in r["metrics"]} for c, r in reports.items()}}, indent=2) + "\n", encoding="utf-8")
     print(header + table)
     return reports

@@ -195,7 +195,8 @@ def test_sources_md_lists_every_source(built):
 
 def test_heldout_evaluation_scores_three_conditions(built, tmp_path):
     """recipes/eval_heldout.py on the tiny corpus with a random tiny release and SIM model: the
-    three conditions are what they claim (same seed; the next clip's video; no video at all)."""
+    three conditions are what they claim (same seed; the next clip's video; no video at all),
+    and a second sample per clip is the same with the seed one clip count further on."""
     import soundfile as sf
     import torch
 
@@ -213,21 +214,26 @@ def test_heldout_evaluation_scores_three_conditions(built, tmp_path):
     out = tmp_path / "eval"
     reports = load_recipe("eval_heldout").main([
         "--release", str(tmp_path / "release"), "--pairs", str(built / "pairs.csv"), "--out", str(out),
-        "--contrastive", str(tmp_path / "sim"), "--steps", "2", "--bootstrap", "20", "--seed", "5"])
+        "--contrastive", str(tmp_path / "sim"), "--steps", "2", "--bootstrap", "20", "--seed", "5",
+        "--samples", "2"])
 
     videos = [built / "pairs" / f"pair_{i:04d}.mp4" for i in range(2)]
-    for condition, source, cfg_scale in (("own", videos[0], 4.0), ("shuffled", videos[1], 4.0),
-                                         ("null", videos[1], 0.0)):  # null ignores the video
-        wave, sr = sf.read(out / condition / "pair_0000.wav", dtype="float32")
-        expected = pipe.generate(str(source), duration=4.0, num_steps=2, seed=5, cfg_scale=cfg_scale, progress=False)
-        assert sr == 24000 and wave.shape == (96000,)
-        np.testing.assert_allclose(wave, expected.waveform.clamp(-1, 1).numpy(), atol=1e-4)  # 16-bit WAV
+    for folder, seed in ((out, 5), (out / "sample1", 7)):  # sample k of clip 0: seed 5 + 0 + k * 2 clips
+        for condition, source, cfg_scale in (("own", videos[0], 4.0), ("shuffled", videos[1], 4.0),
+                                             ("null", videos[1], 0.0)):  # null ignores the video
+            wave, sr = sf.read(folder / condition / "pair_0000.wav", dtype="float32")
+            expected = pipe.generate(str(source), duration=4.0, num_steps=2, seed=seed, cfg_scale=cfg_scale,
+                                     progress=False)
+            assert sr == 24000 and wave.shape == (96000,)
+            np.testing.assert_allclose(wave, expected.waveform.clamp(-1, 1).numpy(), atol=1e-4)  # 16-bit WAV
+    assert (out / "sample1" / "report_own.json").is_file()
     for condition in ("own", "shuffled", "null"):
         metrics = reports[condition]["metrics"]
         assert {"bhs", "beat_f1", "event_hit", "event_hit_ceiling", "sim", "sim_floor"} <= set(metrics)
         assert json.loads((out / f"report_{condition}.json").read_text())["metrics"]["bhs"] == metrics["bhs"]
     summary = (out / "summary.md").read_text()
     assert all(f"| {m} |" in summary for m in ("bhs", "event_hit", "sim")) and "own − shuffled" in summary
+    assert "each clip's 2 samples averaged" in summary and "sample 1 (seeds 7..)" in summary
 
 
 def test_paired_table_subtracts_clip_by_clip():
@@ -241,3 +247,23 @@ def test_paired_table_subtracts_clip_by_clip():
     assert rows["bhs"][0].startswith("+10.0 [+10.0, +10.0]") and rows["bhs"][1] == "3 / 3"
     assert rows["event_hit"][0].startswith("+25.0") and rows["sim"][0].startswith("-5.0") and rows["sim"][1] == "0 / 3"
     assert rows["bhs"][2].startswith("+0.0") and rows["bhs"][3].strip(" |") == "0 / 3"
+
+
+def test_paired_table_averages_the_samples_of_a_clip_first():
+    """Two samples per clip: each condition's per-clip values are averaged before the own −
+    floor difference, so a clip whose own samples are 2 and 4 hits against a floor of 3 and 3
+    counts as +0, not as one loss and one win."""
+    eval_heldout = load_recipe("eval_heldout")
+
+    def reports(own_hits, floor_hits):
+        clip = {"matched_beats": 5, "reference_beats": 10, "events": 10, "sim": 0.0}
+        return {"own": {"clips": [dict(clip, event_hits=h) for h in own_hits]},
+                "shuffled": {"clips": [dict(clip, event_hits=h) for h in floor_hits]},
+                "null": {"clips": [dict(clip, event_hits=h) for h in floor_hits]}}
+
+    samples = [reports([2, 6], [3, 5]), reports([4, 6], [3, 3])]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:]
+            for line in eval_heldout.paired_table(samples).splitlines()[2:]}
+    # clip 0: own (20 + 40) / 2 = 30 against 30 → 0; clip 1: 60 against 40 → +20; mean +10
+    assert rows["event_hit"][0].startswith("+10.0") and rows["event_hit"][1] == "1 / 2"
+    assert eval_heldout.paired_table(samples[:1]) == eval_heldout.paired_table(samples[0])
