@@ -22,7 +22,9 @@ For each video (the first ``--videos-used`` rows of the CSV) the release writes 
 music with each prompt at each ``--prompt-scale`` (guidance on the prompt, comma-separated; default
 the release's) and once without one, with the same seed. Per output: tempo (tracker,
 median BPM), whether it is within ``--tempo-tolerance`` of its prompt's tempo or of its double or
-half, and the cosine distance of its timbre to every prompt's. Written: ``OUT/style.json``,
+half, and the cosine distance of its timbre to every prompt's. Beside them, each prompt's whole
+clip encoded by the release's VAE and decoded as its music is (mel draw, vocoder, mastering; no
+DiT): how near its decoder can come to each prompt's timbre at all. Written: ``OUT/style.json``,
 ``OUT/style.md`` (per prompt scale, the distance table: rows the prompt given, columns the prompt
 compared), and the outputs as ``OUT/<video>_<prompt>[_s<scale>].wav``.
 """
@@ -94,6 +96,33 @@ def choose(items: list[dict], count: int, min_gap: float) -> list[dict]:
             raise SystemExit(f"no {count} clips differ in tempo by more than {min_gap:.0%}")
         chosen.append(max(ok, key=lambda i: dist[i, chosen].min()))
     return [items[i] for i in chosen]
+
+
+def through_decoder(pipe, wave: np.ndarray, seed: int) -> np.ndarray:
+    """``wave`` encoded by the release's VAE and decoded as its music is (the VAE's decode, its
+    mel draw, the vocoder, the mastering): the nearest the release can come to a clip."""
+    import torch
+
+    from muvi.loudness import master
+
+    with torch.no_grad():
+        latent = pipe.encode_audio(torch.from_numpy(wave).float())
+        out = pipe.decode_latent(latent, seed)[0, :len(wave)].float().numpy()
+    loudness = pipe.config.loudness_lufs
+    return out if loudness is None else master(out, pipe.mel.config.sample_rate, loudness)
+
+
+def ceiling_table(result: dict) -> str:
+    """Markdown: each prompt's own clip through the release's decoder, its distance to every prompt."""
+    names = [p["name"] for p in result["prompts"]]
+    lines = ["each prompt's clip through the release's VAE and vocoder (no DiT): what its decoder can reach", "",
+             "| clip | " + " | ".join(f"to {n}" for n in names) + " | nearest own |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for own, row in enumerate(result["decoder_ceiling"]):
+        d = row["distances"]
+        lines.append(f"| {row['prompt']} | " + " | ".join(f"{x:.3f}" for x in d)
+                     + f" | {'yes' if int(np.argmin(d)) == own else 'no'} |")
+    return "\n".join(lines) + "\n"
 
 
 def table(result: dict, scale: float) -> str:
@@ -183,6 +212,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result = {"release": str(args.release), "settings": {k: str(v) for k, v in vars(args).items()},
               "prompts": [{k: v for k, v in p.items() if k not in ("wave", "timbre")} for p in prompts],
               "outputs": outputs}
+    result["decoder_ceiling"] = []
+    for prompt in prompts:  # the whole clip the prompt's timbre was measured on
+        timbre = standard(embedder.embed(through_decoder(pipe, prompt["wave"], args.seed), rate).mean(0))
+        result["decoder_ceiling"].append({"prompt": prompt["name"],
+                                          "distances": [cosine_distance(timbre, p["timbre"]) for p in prompts]})
     result["summary"] = {}
     for scale in scales:
         given = [o for o in outputs if o["prompt"] is not None and o["prompt_scale"] == scale]
@@ -191,7 +225,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                            "own_distance": float(np.mean([o["distances"][names.index(o["prompt"])]
                                                                           for o in given]))}
     (args.out / "style.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    md = "\n".join(table(result, scale) for scale in scales)
+    md = "\n".join([*(table(result, scale) for scale in scales), ceiling_table(result)])
     (args.out / "style.md").write_text(md, encoding="utf-8")
     print(md)
     return result

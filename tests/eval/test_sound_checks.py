@@ -60,6 +60,32 @@ def test_style_tempo_counts_octaves_and_prompts_differ():
         style.choose(items[:3], 3, 0.15)  # 90, 91 and 180 are one tempo up to an octave
 
 
+def test_style_ceiling_is_the_clip_through_the_release_s_decoder(tiny_release_dir, real_music_24k):
+    """eval_style's ceiling row: a prompt's clip encoded and decoded as the release decodes its
+    music (same length; mastered when the release masters), and a table that marks a clip
+    nearest its own prompt or not."""
+    import torch
+
+    from muvi.loudness import integrated_loudness
+    from muvi.pipeline import MuviPipeline
+
+    style = load_recipe("eval_style")
+    wave, sr = real_music_24k
+    wave = wave[:sr].astype(np.float32)
+    pipe = MuviPipeline.from_pretrained(tiny_release_dir, device="cpu")
+    out = style.through_decoder(pipe, wave, 3)
+    with torch.no_grad():
+        plain = pipe.decode_latent(pipe.encode_audio(torch.from_numpy(wave)), 3)[0, :len(wave)].numpy()
+    np.testing.assert_allclose(out, plain, atol=1e-6)  # the tiny release does not master
+    quieter = round(integrated_loudness(plain, sr) - 6.0, 1)  # a gain down: always reachable
+    pipe.config.loudness_lufs = quieter
+    assert integrated_loudness(style.through_decoder(pipe, wave, 3), sr) == pytest.approx(quieter, abs=0.1)
+    result = {"prompts": [{"name": "a"}, {"name": "b"}],
+              "decoder_ceiling": [{"prompt": "a", "distances": [0.2, 0.9]}, {"prompt": "b", "distances": [0.3, 0.8]}]}
+    rows = style.ceiling_table(result).splitlines()[4:]
+    assert rows == ["| a | 0.200 | 0.900 | yes |", "| b | 0.300 | 0.800 | no |"]
+
+
 def test_eval_vocoder_scores_each_vocoder_in_the_release_s_place(tiny_release_dir, real_music_24k, tmp_path):
     """The release's vocoder and a copy of it under another name measure the same; a vocoder on
     another mel is refused; the VAE's reconstruction is scored apart from the true mel."""
