@@ -191,6 +191,7 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
     from muvi import default_model_dir
     from muvi.errors import InputError
     from muvi.inputs import ModelLimits, check_output, check_request
+    from muvi.loudness import TARGET_RANGE, is_target
     from muvi.media import VIDEO_FORMATS
 
     videos, batch = videos_of(args.video)
@@ -210,8 +211,8 @@ def generate_command(args: argparse.Namespace) -> list[Path]:
         raise InputError(f"--mel-noise {mel_noise}: must be a number from 0 to 4")
     loudness = None if args.loudness is None or args.loudness.lower() == "off" else \
         _number(args.loudness, "--loudness", float)
-    if loudness is not None and not -70 < loudness <= 0:  # NaN fails both
-        raise InputError(f"--loudness {args.loudness}: must be a loudness above -70 and at most 0 LUFS, or off")
+    if loudness is not None and not is_target(loudness):
+        raise InputError(f"--loudness {args.loudness}: must be a loudness {TARGET_RANGE}, or off")
     if args.model:
         from muvi.release import locate
 

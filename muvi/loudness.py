@@ -32,6 +32,14 @@ BLOCK_SECONDS = 0.4
 HOP_SECONDS = 0.1
 ABSOLUTE_GATE_LUFS = -70.0
 RELATIVE_GATE_LU = -10.0
+#: the loudness targets a release or a request may ask for (the absolute gate would read silence)
+TARGET_RANGE = "above -70 and at most 0 LUFS"
+
+
+def is_target(lufs: float) -> bool:
+    """Whether ``lufs`` is a loudness :func:`master` can aim at: above the absolute gate, at
+    most full scale (NaN is not)."""
+    return ABSOLUTE_GATE_LUFS < lufs <= 0.0
 
 # analogue prototypes of the two K-weighting stages (fitted to the standard's 48 kHz filters)
 _SHELF_HZ, _SHELF_GAIN_DB, _SHELF_Q = 1681.974450955533, 3.999843853973347, 0.7071752369554196

@@ -31,7 +31,7 @@ from muvi.config import RELEASE_FORMAT, Config, ConfigError, read_json
 from muvi.encoders.frames import encode_frames, has_cls
 from muvi.errors import GenerationError, InputError, MissingFileError
 from muvi.flow import evaluations
-from muvi.loudness import master
+from muvi.loudness import TARGET_RANGE, is_target, master
 from muvi.memory import page_out_mapped, release_freed_memory
 from muvi.models.adaptor import AdaptorConfig, VisualAdaptor
 from muvi.models.dit import DiT, DiTConfig
@@ -117,8 +117,8 @@ class MuviPipeline(nn.Module):
             raise ConfigError(f"latent_rate {config.latent_rate} does not match the mel/VAE setting "
                               f"({mel.config.sample_rate} Hz / {hop} samples per latent frame)")
         config.window_frames()  # a window plan exists
-        if config.loudness_lufs is not None and not -70 < config.loudness_lufs <= 0:  # NaN fails both
-            raise ConfigError(f"loudness_lufs {config.loudness_lufs} must be above -70 and at most 0 LUFS "
+        if config.loudness_lufs is not None and not is_target(config.loudness_lufs):
+            raise ConfigError(f"loudness_lufs {config.loudness_lufs} must be {TARGET_RANGE} "
                               f"(or null: no loudness normalisation)")
         if adaptor.needs_cls and not has_cls(video_encoder):
             raise ConfigError(f"the adaptor's {adaptor.config.aggregation!r} aggregation needs the video encoder's "

@@ -131,3 +131,11 @@ def test_a_target_the_ceiling_cannot_allow_gets_the_loudest_it_can(music, caplog
     assert "louder than a -1.0 dBFS ceiling allows" in caplog.text
     assert np.abs(out).max() <= 10 ** (-1 / 20) * (1 + 1e-6) and np.isfinite(out).all()
     assert integrated_loudness(offset, rate) < integrated_loudness(out, rate) < -14.0
+
+
+def test_targets_are_above_the_absolute_gate_and_at_most_full_scale():
+    """One range, read by the pipeline's config check and the CLI's ``--loudness`` alike."""
+    from muvi.loudness import is_target
+
+    assert is_target(-16.5) and is_target(0.0) and is_target(-69.9)
+    assert not any(is_target(x) for x in (-70.0, 0.1, float("nan"), float("-inf")))
