@@ -438,12 +438,16 @@ class MuviPipeline(nn.Module):
             bad = int((~torch.isfinite(waveform)).sum())
             raise GenerationError(f"{request.source}: the generated audio has {bad} non-finite samples "
                                   f"(NaN or inf); nothing was written. Check the model's weights")
-        rate = self.mel.config.sample_rate
-        if self.config.loudness_lufs is not None:  # mastered as one track (after every window is joined)
-            waveform = torch.from_numpy(master(waveform.numpy(), rate, self.config.loudness_lufs))
-        return GenerationOutput(waveform=waveform, sample_rate=rate,
+        return GenerationOutput(waveform=self.mastered(waveform), sample_rate=self.mel.config.sample_rate,
                                 source=request.source, cfg_scale=request.cfg_scale,
                                 num_steps=request.num_steps, seed=request.seed)
+
+    def mastered(self, waveform: torch.Tensor) -> torch.Tensor:
+        """A whole track (1-D, on the CPU) brought to ``config.loudness_lufs``, as every output
+        is (after its windows are joined); unchanged when the release does not master."""
+        if self.config.loudness_lufs is None:
+            return waveform
+        return torch.from_numpy(master(waveform.numpy(), self.mel.config.sample_rate, self.config.loudness_lufs))
 
     def _frame_stream(self, request: "Request") -> video_io.FrameStream:
         """The request's frames at ``video_fps`` and the encoder's size, as a stream."""

@@ -94,17 +94,20 @@ def stage_inputs(pairs: list[tuple[Path, Path]], out: Path) -> bool:
     return events
 
 
-def generate_all(pipe, pairs, out: Path, steps: int, cfg_scale: float, seed: int, force: bool) -> dict:
-    """Generate every condition's files; returns wall seconds per generated clip."""
+def generate_all(pipe, pairs, folders: Sequence[Path], steps: int, cfg_scale: float, seed: int,
+                 force: bool) -> dict:
+    """Generate every condition's files, one sample per folder (sample k of clip i at seed
+    ``seed + i + k * clips``); returns wall seconds per generated clip."""
     from tqdm import tqdm
 
-    for name in CONDITIONS:
-        (out / name).mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        for name in CONDITIONS:
+            (folder / name).mkdir(parents=True, exist_ok=True)
     seconds = []
-    jobs = [(i, c) for i in range(len(pairs)) for c in CONDITIONS]
-    for i, condition in tqdm(jobs, desc="generating", unit="clip"):
+    jobs = [(k, i, c) for k in range(len(folders)) for i in range(len(pairs)) for c in CONDITIONS]
+    for k, i, condition in tqdm(jobs, desc="generating", unit="clip"):
         video = pairs[i][0]
-        target = out / condition / f"{video.stem}.wav"
+        target = folders[k] / condition / f"{video.stem}.wav"
         if target.is_file() and not force:
             continue
         duration = min(audio_duration(pairs[i][1]), pipe_duration(video))
@@ -112,7 +115,7 @@ def generate_all(pipe, pairs, out: Path, steps: int, cfg_scale: float, seed: int
         if condition == "shuffled" and pipe_duration(source) < duration:
             duration = pipe_duration(source)  # a shorter neighbour: the clip is cut to it
         start = time.perf_counter()
-        result = pipe.generate(str(source), duration=duration, num_steps=steps, seed=seed + i,
+        result = pipe.generate(str(source), duration=duration, num_steps=steps, seed=seed + i + k * len(pairs),
                                cfg_scale=0.0 if condition == "null" else cfg_scale, progress=False)
         seconds.append(time.perf_counter() - start)
         result.save(target, overwrite=True)  # missing, or --force
@@ -217,8 +220,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = args.out
     has_events = stage_inputs(pairs, out)
     pipe = MuviPipeline.from_pretrained(args.release, device=args.device)
-    timing = [generate_all(pipe, pairs, sample_folder(out, k), args.steps, args.cfg_scale,
-                           args.seed + k * len(pairs), args.force) for k in range(args.samples)]
+    timing = generate_all(pipe, pairs, [sample_folder(out, k) for k in range(args.samples)], args.steps,
+                          args.cfg_scale, args.seed, args.force)
     scorer = SimilarityScorer.from_pretrained(args.contrastive, device=args.device) if args.contrastive else None
     samples = []
     for k in range(args.samples):
@@ -240,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               f"steps, cfg {args.cfg_scale} (null: 0), seeds {args.seed}..{args.seed + args.samples * len(pairs) - 1}"
               f"{several}; values with 95% bootstrap intervals over clips.\n\n")
     (out / "summary.md").write_text(header + table, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps({"timing": timing[0] if args.samples == 1 else timing, "conditions": {
+    (out / "summary.json").write_text(json.dumps({"timing": timing, "conditions": {
         c: {k: r["metrics"][k] for k in r["metrics"]} for c, r in reports.items()}}, indent=2) + "\n", encoding="utf-8")
     print(header + table)
     return reports

@@ -103,13 +103,9 @@ def through_decoder(pipe, wave: np.ndarray, seed: int) -> np.ndarray:
     mel draw, the vocoder, the mastering): the nearest the release can come to a clip."""
     import torch
 
-    from muvi.loudness import master
-
     with torch.no_grad():
         latent = pipe.encode_audio(torch.from_numpy(wave).float())
-        out = pipe.decode_latent(latent, seed)[0, :len(wave)].float().numpy()
-    loudness = pipe.config.loudness_lufs
-    return out if loudness is None else master(out, pipe.mel.config.sample_rate, loudness)
+        return pipe.mastered(pipe.decode_latent(latent, seed)[0, :len(wave)].float().cpu()).numpy()
 
 
 def ceiling_table(result: dict) -> str:
@@ -118,10 +114,9 @@ def ceiling_table(result: dict) -> str:
     lines = ["each prompt's clip through the release's VAE and vocoder (no DiT): what its decoder can reach", "",
              "| clip | " + " | ".join(f"to {n}" for n in names) + " | nearest own |",
              "|---|" + "---|" * (len(names) + 1)]
-    for own, row in enumerate(result["decoder_ceiling"]):
-        d = row["distances"]
-        lines.append(f"| {row['prompt']} | " + " | ".join(f"{x:.3f}" for x in d)
-                     + f" | {'yes' if int(np.argmin(d)) == own else 'no'} |")
+    for row in result["decoder_ceiling"]:
+        lines.append(f"| {row['prompt']} | " + " | ".join(f"{x:.3f}" for x in row["distances"])
+                     + f" | {'yes' if row['nearest_own'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -213,10 +208,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
               "prompts": [{k: v for k, v in p.items() if k not in ("wave", "timbre")} for p in prompts],
               "outputs": outputs}
     result["decoder_ceiling"] = []
-    for prompt in prompts:  # the whole clip the prompt's timbre was measured on
+    for own, prompt in enumerate(prompts):  # the whole clip the prompt's timbre was measured on
         timbre = standard(embedder.embed(through_decoder(pipe, prompt["wave"], args.seed), rate).mean(0))
-        result["decoder_ceiling"].append({"prompt": prompt["name"],
-                                          "distances": [cosine_distance(timbre, p["timbre"]) for p in prompts]})
+        distances = [cosine_distance(timbre, p["timbre"]) for p in prompts]
+        result["decoder_ceiling"].append({"prompt": prompt["name"], "distances": distances,
+                                          "nearest_own": bool(int(np.argmin(distances)) == own)})
     result["summary"] = {}
     for scale in scales:
         given = [o for o in outputs if o["prompt"] is not None and o["prompt_scale"] == scale]

@@ -81,7 +81,8 @@ def test_style_ceiling_is_the_clip_through_the_release_s_decoder(tiny_release_di
     pipe.config.loudness_lufs = quieter
     assert integrated_loudness(style.through_decoder(pipe, wave, 3), sr) == pytest.approx(quieter, abs=0.1)
     result = {"prompts": [{"name": "a"}, {"name": "b"}],
-              "decoder_ceiling": [{"prompt": "a", "distances": [0.2, 0.9]}, {"prompt": "b", "distances": [0.3, 0.8]}]}
+              "decoder_ceiling": [{"prompt": "a", "distances": [0.2, 0.9], "nearest_own": True},
+                                  {"prompt": "b", "distances": [0.3, 0.8], "nearest_own": False}]}
     rows = style.ceiling_table(result).splitlines()[4:]
     assert rows == ["| a | 0.200 | 0.900 | yes |", "| b | 0.300 | 0.800 | no |"]
 
