@@ -115,6 +115,28 @@ def test_chunked_vocoder_equals_one_pass():
             torch.testing.assert_close(model(mel), whole, rtol=1e-5, atol=1e-6)
 
 
+def test_vocoder_reorders_each_weight_once_per_call(monkeypatch):
+    """Chunked, the oneDNN path reorders each convolution's weight once per call, not per chunk,
+    and the result equals the unchunked one (the shared first activation and the in-place stage
+    average change nothing)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    reorders = []
+    reorder = torch.ops.mkldnn._reorder_convolution_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight",
+                        lambda *a: reorders.append(a[0].shape) or reorder(*a))
+    model, mel = vocoder(seed=4), torch.randn(1, 20, 131)
+    with torch.inference_mode():
+        model.chunk_frames = None
+        whole = model(mel)
+        model.chunk_frames = 30  # 5 chunks
+        reorders.clear()
+        chunked = model(mel)
+    convs = [m for m in model.modules() if type(m) is torch.nn.Conv1d]
+    assert len(reorders) == len(convs)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_chunk_margin_is_needed(monkeypatch):
     """The check above can fail: with too little context the chunk edges differ."""
     model, mel = vocoder(seed=2), torch.randn(1, 20, 131)

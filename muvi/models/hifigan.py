@@ -106,10 +106,14 @@ class ResBlock1(nn.Module):
             nn.Conv1d(channels, channels, kernel_size, padding=_same_padding(kernel_size, 1))
             for _ in dilations)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activated: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``activated``: ``leaky_relu(x, slope)`` when the caller has it already (the stage's
+        ResBlocks all start from the same input), so that it is computed once, not per block."""
         for conv1, conv2 in zip(self.convs1, self.convs2):
-            h = _conv(conv1, F.leaky_relu(x, self.slope), slope=self.slope)  # lrelu(conv1(lrelu(x)))
-            x = _conv(conv2, h, residual=x)  # x + conv2(h)
+            if activated is None:
+                activated = F.leaky_relu(x, self.slope)
+            h = _conv(conv1, activated, slope=self.slope)  # lrelu(conv1(lrelu(x)))
+            x, activated = _conv(conv2, h, residual=x), None  # x + conv2(h)
         return x
 
 
@@ -161,10 +165,11 @@ class _Reordered:
 def _onednn_weights(model: nn.Module, x: torch.Tensor, enabled: bool) -> Iterator[None]:
     """Within the block, the plain ``Conv1d`` layers of ``model`` keep their weights reordered
     into oneDNN's blocked layout (once, at their first call), so that :func:`_conv` runs each as
-    a fused oneDNN primitive instead of reordering the weight inside every call. Only for the
-    channels-last input ``x`` (B, M, 1, T) at inference on the CPU in fp32; dropped on leaving."""
+    a fused oneDNN primitive instead of reordering the weight inside every call. Only at
+    inference on the CPU in fp32 (``x``: the input), for the channels-last path (``enabled``:
+    the caller's), and for one call: the reordered copies are dropped on leaving."""
     convs = []
-    if (enabled and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+    if (enabled and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.is_grad_enabled() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
             and torch.backends.mkldnn.is_available()):
         convs = [m for m in model.modules() if type(m) is nn.Conv1d and not (m._forward_pre_hooks or m._forward_hooks)
@@ -240,28 +245,36 @@ class HiFiGANGenerator(nn.Module):
         if x.dim() != 3 or x.shape[1] != self.config.num_mels:
             raise ValueError(f"expected mel (B, {self.config.num_mels}, T), got {tuple(mel.shape)}")
         chunk, frames = self.chunk_frames, x.shape[-1]
-        if chunk is None or frames <= chunk or torch.is_grad_enabled():
-            wave = self._vocode(x)
-        else:
-            margin, hop, pieces = self.receptive_margin(), self.hop_length, []
-            for start in range(0, frames, chunk):
-                lo, hi = max(0, start - margin), min(frames, start + chunk + margin)
-                piece = self._vocode(x[..., lo:hi])
-                pieces.append(piece[:, (start - lo) * hop:(min(frames, start + chunk) - lo) * hop])
-            wave = torch.cat(pieces, dim=1)
+        # The weights are reordered once per call, not once per chunk.
+        with _onednn_weights(self, x, self.fused and self.channels_last):
+            if chunk is None or frames <= chunk or torch.is_grad_enabled():
+                wave = self._vocode(x)
+            else:
+                margin, hop, pieces = self.receptive_margin(), self.hop_length, []
+                for start in range(0, frames, chunk):
+                    lo, hi = max(0, start - margin), min(frames, start + chunk + margin)
+                    piece = self._vocode(x[..., lo:hi])
+                    pieces.append(piece[:, (start - lo) * hop:(min(frames, start + chunk) - lo) * hop])
+                wave = torch.cat(pieces, dim=1)
         return wave[0] if squeeze else wave
 
     def _vocode(self, x: torch.Tensor) -> torch.Tensor:
         num_samples = x.shape[-1] * self.hop_length
         if self.channels_last:
             x = x.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (B, M, 1, T)
-        with _onednn_weights(self, x, self.fused):
-            x = _conv(self.conv_pre, x)
-            for i, up in enumerate(self.ups):
-                x = _conv(up, F.leaky_relu(x, self.config.leaky_relu_slope))
-                blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
-                x = sum(block(x) for block in blocks) / self.num_kernels
-            x = torch.tanh(_conv(self.conv_post, F.leaky_relu(x)))  # default slope 0.01, as released
+        x = _conv(self.conv_pre, x)
+        slope, inplace = self.config.leaky_relu_slope, not torch.is_grad_enabled()
+        for i, up in enumerate(self.ups):
+            # x is this module's own intermediate here, read by nothing else: at inference the
+            # activations and the average over the stage's ResBlocks overwrite it in place.
+            x = _conv(up, F.leaky_relu(x, slope, inplace=inplace))
+            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+            activated = F.leaky_relu(x, slope)  # every ResBlock's first unit starts from it
+            total = blocks[0](x, activated)
+            for block in blocks[1:]:
+                total = total.add_(block(x, activated)) if inplace else total + block(x, activated)
+            x = total.div_(self.num_kernels) if inplace else total / self.num_kernels
+        x = torch.tanh(_conv(self.conv_post, F.leaky_relu(x, inplace=inplace)))  # default slope 0.01, as released
         return x.flatten(1, -2)[:, 0, :num_samples]  # (B, N); drop the transposed convs' extra tail samples
 
     def _convs(self) -> list[nn.Module]:
