@@ -39,6 +39,9 @@ run's), and ``freeze_encoder`` then trains the decoder alone: the encoder, hence
 DiT was trained on, and the latent statistics stay exactly the init's, so a decoder fine-tuned
 this way (e.g. adding the adversarial term to a VAE trained without it) drops into a release
 without retraining anything downstream (``recipes/configs/vae_decoder_gan_demo.json``).
+``init_decoder false`` (with ``freeze_encoder``) takes only the encoder and the latent statistics
+from ``init`` and trains a fresh decoder, which may be wider (``model.decoder_channels``): the
+same drop-in property, for asking whether decoder capacity is what a release lacks.
 
 With ``heldout`` (music files kept out of training) and ``eval_every``, the held-out loss
 ``rec + kl_weight · kl`` of the model being trained (no adversarial term: it needs gradients)
@@ -118,6 +121,9 @@ class VAETrainConfig(Config):
     # (a DiT trained on them stays valid): e.g. an adversarial decoder fine-tune
     init: str = ""
     freeze_encoder: bool = False
+    # False: only the encoder and its latent statistics come from init and the decoder starts
+    # fresh (e.g. a wider one, model.decoder_channels); needs freeze_encoder
+    init_decoder: bool = True
     # optimisation (LDM: Adam with betas (0.5, 0.9) for both networks)
     steps: int = 350_000
     batch_size: int = 64           # clips per process and micro-batch; the paper's "640K" per batch
@@ -149,6 +155,9 @@ class VAETrainConfig(Config):
             raise ConfigError(f"recon_loss must be 'l1' or 'l1+l2', got {self.recon_loss!r}")
         if self.freeze_encoder and not self.init:
             raise ConfigError("freeze_encoder needs init: a folder with the `vae` whose encoder stays")
+        if not self.init_decoder and not self.freeze_encoder:
+            raise ConfigError("init_decoder false needs freeze_encoder: a fresh decoder is trained "
+                              "against the init's frozen encoder")
 
 
 def crop_windows(mel: torch.Tensor, valid: torch.Tensor, frames: int, gen: torch.Generator,
@@ -216,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     torch.manual_seed(cfg.seed)
     vae = MelVAE(vae_cfg)
     if cfg.init:
-        init_from(vae, cfg.init, mel_cfg)
+        init_from(vae, cfg.init, mel_cfg, decoder=cfg.init_decoder)
         vae.encoder.requires_grad_(not cfg.freeze_encoder)  # frozen: left out of the optimizer
     disc = (PatchDiscriminator(PatchDiscriminatorConfig.preset(cfg.disc_preset, **cfg.disc))
             if cfg.adv_weight > 0 else None)
@@ -345,11 +354,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     return final
 
 
-def init_from(vae: MelVAE, folder: str, mel_cfg: MelConfig) -> None:
+def init_from(vae: MelVAE, folder: str, mel_cfg: MelConfig, *, decoder: bool = True) -> None:
     """``vae`` ← the ``vae`` component of ``folder`` (weights and latent statistics), which must
-    have been trained on this run's mel front end when the folder records one."""
+    have been trained on this run's mel front end when the folder records one. ``decoder``
+    False: the encoder and the latent statistics only (the decoder may differ: it stays fresh)."""
     training.check_folder_mel(folder, mel_cfg, f"init {folder}")
-    hub.load_init(vae, folder, ("vae",))
+    if decoder:
+        hub.load_init(vae, folder, ("vae",))
+        return
+    source = hub.load_component(folder, "vae", types=("vae",))
+    theirs, ours = source.config.to_dict(), vae.config.to_dict()
+    differ = sorted(k for k in ours if k not in ("decoder_channels", "mel_noise", "dropout")
+                    and theirs.get(k) != ours[k])
+    if differ:
+        raise ConfigError(f"init {folder}: its encoder was built with "
+                          + ", ".join(f"{k} = {theirs.get(k)!r}" for k in differ)
+                          + f", this run's with {', '.join(f'{k} = {ours[k]!r}' for k in differ)}")
+    vae.encoder.load_state_dict(source.encoder.state_dict())
+    vae.set_latent_stats(source.latent_mean.clone(), source.latent_std.clone())
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ class VAEConfig(Config):
     dropout: float = 0.0
     norm_groups: int = 32
     mel_noise: bool = False   # keep ``mel_noise_std``/``_corr`` for :meth:`MelVAE.sample_mel`
+    decoder_channels: int | None = None  # the decoder's base width; None: ``channels`` (LDM's one width)
 
     PRESETS = {
         "base": {},
@@ -53,9 +54,13 @@ class VAEConfig(Config):
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
-        for width in {self.channels * m for m in self.channel_mult}:
+        for width in {base * m for m in self.channel_mult for base in (self.channels, self.decoder_width)}:
             if width % self.norm_groups:
                 raise ValueError(f"width {width} is not divisible by norm_groups {self.norm_groups}")
+
+    @property
+    def decoder_width(self) -> int:
+        return self.channels if self.decoder_channels is None else self.decoder_channels
 
     @property
     def time_compression(self) -> int:
@@ -187,7 +192,7 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        widths = [cfg.channels * m for m in cfg.channel_mult]
+        widths = [cfg.decoder_width * m for m in cfg.channel_mult]
         width = widths[-1]
         self.conv_in = nn.Conv1d(cfg.latent_channels, width, 3, padding=1)
         self.mid = MidBlock(width, cfg.norm_groups, cfg.dropout)

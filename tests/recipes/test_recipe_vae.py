@@ -219,6 +219,30 @@ def test_decoder_fine_tune_keeps_the_encoder_and_its_latent_statistics(full_run,
     assert "decoder.conv_out.weight" in moved and len(moved) > len([k for k in before if k.startswith("decoder.")]) // 2
 
 
+def test_fresh_wider_decoder_against_the_frozen_encoder(full_run, music_dir, tmp_path):
+    """init_decoder false with a wider decoder (model.decoder_channels): the encoder and the latent
+    statistics are the init's, bit for bit, the decoder is a new, wider one; a stored config
+    records its width and loads back."""
+    init = full_run / "final"
+    final = run(tmp_path, music_dir, f"init={init}", "freeze_encoder=true", "init_decoder=false",
+                'model={"decoder_channels": 24}')
+    before, after = read_state_dict(init / "vae.safetensors"), read_state_dict(final / "vae.safetensors")
+    for k in before:
+        if k.startswith("encoder.") or k in ("latent_mean", "latent_std"):
+            assert torch.equal(before[k], after[k]), k
+    assert after["decoder.conv_in.weight"].shape[0] == 24 * VAEConfig.preset("tiny").channel_mult[-1]
+    assert before["decoder.conv_in.weight"].shape[0] == 16 * VAEConfig.preset("tiny").channel_mult[-1]
+    vae = load_component(final, "vae", types=("vae",))
+    assert vae.config.decoder_channels == 24 and vae.decode(torch.randn(1, 8, 3)).shape == (1, 160, 24)
+    from muvi.config import ConfigError
+
+    with pytest.raises(ConfigError, match="init_decoder false needs freeze_encoder"):
+        run(tmp_path / "a", music_dir, f"init={init}", "init_decoder=false")
+    with pytest.raises(ConfigError, match=r"its encoder was built with channels = 16"):
+        run(tmp_path / "b", music_dir, f"init={init}", "freeze_encoder=true", "init_decoder=false",
+            'model={"channels": 8, "norm_groups": 4}')
+
+
 def test_decoder_fine_tune_refuses_a_missing_init_and_another_mel(full_run, music_dir, tmp_path):
     from muvi.config import ConfigError
 
