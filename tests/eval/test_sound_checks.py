@@ -171,3 +171,37 @@ def test_eval_vocoder_scores_a_decoder_fine_tune_and_refuses_another_encoder(tin
     hub.save_component(mel, tmp_path / "other", "mel")
     with pytest.raises(SystemExit, match="encoder or latent statistics are not the release's"):
         evaluate([*args, "--vae", f"other={tmp_path / 'other'}"])
+
+
+def test_decoder_timbre_rows_score_copies_against_their_originals(tiny_release_dir, real_music_24k):
+    """eval_decoder_timbre: a copy identical to its original ranks first at distance 0; the true-mel
+    row is the vocoder alone (no L1); a VAE equal to the release's scores exactly as the release."""
+    import copy
+
+    from muvi.encoders.musicnn import MusicnnEmbedder
+    from muvi.pipeline import MuviPipeline
+
+    timbre = load_recipe("eval_decoder_timbre")
+    originals = [np.eye(4)[i] + 0.1 for i in range(3)]
+    exact = timbre.score([o.copy() for o in originals], originals)
+    assert exact["top1"] == 3 and exact["own_distance"] == pytest.approx(0.0, abs=1e-9)
+    swapped = timbre.score([originals[1], originals[0], originals[2]], originals)
+    assert swapped["top1"] == 1 and swapped["ranks"] == [1, 1, 0]
+
+    import librosa
+
+    wave, sr = real_music_24k
+    pipe = MuviPipeline.from_pretrained(tiny_release_dir, device="cpu")
+    rate = pipe.mel.config.sample_rate
+    wave = librosa.resample(wave, orig_sr=sr, target_sr=rate).astype(np.float32)
+    embedder = MusicnnEmbedder.from_package()
+    length = int(3.1 * rate)  # one musicnn patch; the fixture is 5 s, so the clips overlap
+    pool = [{"wave": wave[int(start * rate):][:length]} for start in (0.0, 0.9, 1.8)]
+    for clip in pool:
+        clip["timbre"] = embedder.embed(clip["wave"], rate).mean(0)
+    rows = timbre.evaluate(pipe, {"true mel": None, "release": pipe.vae, "same": copy.deepcopy(pipe.vae)},
+                           pool, embedder)
+    assert rows["true mel"]["mel_l1"] == 0.0 and rows["release"]["mel_l1"] > 0.0
+    assert rows["same"] == rows["release"] and rows["release"] != rows["true mel"]
+    lines = timbre.table(rows).splitlines()
+    assert len(lines) == 5 and lines[2].startswith("| true mel |") and lines[2].endswith("|  |")
