@@ -32,14 +32,11 @@ from muvi.data.corpus import SPLITS
 logger = logging.getLogger("eval_decoder_timbre")
 
 
-def _sibling(name: str):
-    """The recipe ``name`` beside this file, as a module (recipes are scripts, not a package)."""
-    import importlib.util
+def _eval_style() -> dict:
+    """The names of ``eval_style.py`` beside this file (recipes are scripts, not a package)."""
+    import runpy
 
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return runpy.run_path(str(Path(__file__).with_name("eval_style.py")))
 
 
 @torch.no_grad()
@@ -56,7 +53,7 @@ def copy_of(pipe, vae, wave: np.ndarray) -> tuple[np.ndarray, float]:
 
 def score(copies: list[np.ndarray], originals: list[np.ndarray]) -> dict:
     """Row figures from the standardised timbres of the copies and of their originals (same order)."""
-    cosine_distance = _sibling("eval_style").cosine_distance
+    cosine_distance = _eval_style()["cosine_distance"]
     own, ranks = [], []
     for i, timbre in enumerate(copies):
         d = np.array([cosine_distance(timbre, o) for o in originals])
@@ -121,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              f"{pipe.mel.config.n_mels}")
         vaes[name] = vae
     embedder = MusicnnEmbedder.from_package()
-    pool = _sibling("eval_style").candidates(args.recordings, args.clip_seconds, pipe.mel.config.sample_rate,
+    pool = _eval_style()["candidates"](args.recordings, args.clip_seconds, pipe.mel.config.sample_rate,
                                               embedder, args.seed, args.split)
     rows = evaluate(pipe, vaes, pool, embedder)
     result = {"settings": {k: str(v) for k, v in vars(args).items()}, "clips": [c["name"] for c in pool],
