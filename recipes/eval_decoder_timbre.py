@@ -19,6 +19,7 @@ Writes ``OUT/timbre.json`` and ``OUT/timbre.md`` and prints the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from pathlib import Path
@@ -32,8 +33,9 @@ from muvi.data.corpus import SPLITS
 logger = logging.getLogger("eval_decoder_timbre")
 
 
+@functools.cache
 def _eval_style() -> dict:
-    """The names of ``eval_style.py`` beside this file (recipes are scripts, not a package)."""
+    """The names of ``eval_style.py`` beside this file (recipes are scripts, not a package), run once."""
     import runpy
 
     return runpy.run_path(str(Path(__file__).with_name("eval_style.py")))
