@@ -3,7 +3,9 @@
 Used by the benchmark recipes (``recipes/benchmark*.py``). A :class:`Stages` timer wraps each
 stage of a run and records its wall time, the floating-point operations that
 ``torch.utils.flop_counter`` counts in it, the peak resident memory of the process during it,
-and (optionally) a ``torch.profiler`` table of its most expensive operators. The FLOP total of a
+the CPU time the process spent in the kernel during it and the page faults it took (the price of
+first touching fresh memory), and (optionally) a ``torch.profiler`` table of its most expensive
+operators. The FLOP total of a
 run divided by this machine's dense matmul rate (:func:`matmul_rate`) is its *floor*: the time
 it would take if every operation ran at the speed of the best large matrix product.
 
@@ -94,6 +96,10 @@ class StageRecord:
     peak_rss_mb: float
     peak_cuda_mb: Optional[float] = None
     profile: Optional[str] = None
+    #: CPU seconds the whole process spent in the kernel during the stage (all threads)
+    system_seconds: float = 0.0
+    #: page faults the process took during the stage (minor: no disk read)
+    page_faults: int = 0
 
 
 class Stages:
@@ -124,16 +130,19 @@ class Stages:
                 prof = stack.enter_context(profile(activities=activities))
             if counter is not None:
                 stack.enter_context(counter)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
             yield
             synchronize(self.device)
             seconds = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_SELF)
         rss, cuda = peak_memory(self.device)
         table = None
         if prof is not None:
             sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             table = prof.key_averages().table(sort_by=sort, row_limit=self.profile_rows, max_name_column_width=60)
-        self.rows.append(StageRecord(name, seconds, counter.get_total_flops() if counter else 0, rss, cuda, table))
+        self.rows.append(StageRecord(name, seconds, counter.get_total_flops() if counter else 0, rss, cuda, table,
+                                     after.ru_stime - usage.ru_stime, after.ru_minflt - usage.ru_minflt))
 
     def take_flops(self, other: "Stages") -> None:
         """Copy the FLOP counts of ``other``'s stages of the same names (a counting pass)."""
@@ -152,16 +161,20 @@ class Stages:
     def table(self, rate: float) -> str:
         """The stages as a text table against a matmul ``rate`` (FLOP/s)."""
         cuda = any(r.peak_cuda_mb is not None for r in self.rows)
-        head = f"{'stage':<16}{'time s':>9}{'GFLOP':>10}{'GFLOP/s':>9}{'% of mm':>9}{'floor x':>9}{'peak RSS MB':>13}"
+        head = (f"{'stage':<16}{'time s':>9}{'GFLOP':>10}{'GFLOP/s':>9}{'% of mm':>9}{'floor x':>9}"
+                f"{'peak RSS MB':>13}{'sys s':>8}{'faults k':>10}")
         lines = [head + (f"{'peak CUDA MB':>14}" if cuda else "")]
-        for r in self.rows + [StageRecord("total", self.total_seconds, self.total_flops,
-                                          max(r.peak_rss_mb for r in self.rows),
-                                          max((r.peak_cuda_mb or 0.0) for r in self.rows) if cuda else None)]:
+        total = StageRecord("total", self.total_seconds, self.total_flops, max(r.peak_rss_mb for r in self.rows),
+                            max((r.peak_cuda_mb or 0.0) for r in self.rows) if cuda else None,
+                            system_seconds=sum(r.system_seconds for r in self.rows),
+                            page_faults=sum(r.page_faults for r in self.rows))
+        for r in self.rows + [total]:
             achieved = r.flops / r.seconds if r.seconds else 0.0
             floor = r.flops / rate
             ratio = f"{r.seconds / floor:>9.2f}" if floor else f"{'-':>9}"
             line = (f"{r.name:<16}{r.seconds:>9.3f}{r.flops / 1e9:>10.1f}{achieved / 1e9:>9.1f}"
-                    f"{100 * achieved / rate:>8.0f}%{ratio}{r.peak_rss_mb:>13.0f}")
+                    f"{100 * achieved / rate:>8.0f}%{ratio}{r.peak_rss_mb:>13.0f}{r.system_seconds:>8.2f}"
+                    f"{r.page_faults / 1e3:>10.0f}")
             lines.append(line + (f"{r.peak_cuda_mb or 0.0:>14.0f}" if cuda else ""))
         return "\n".join(lines)
 

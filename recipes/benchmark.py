@@ -5,8 +5,10 @@
 
 Prints, per stage (decode, video encoder, adaptor, sampling, VAE decode, vocoder), the wall
 time, the floating-point operations counted by ``torch.utils.flop_counter`` (CPU attention
-included: :mod:`muvi.profiling`), the rate they imply, and the peak resident memory of the
-process during the stage, beside this machine's measured dense matmul rate. ``floor x`` is the
+included: :mod:`muvi.profiling`), the rate they imply, the peak resident memory of the
+process during the stage, the CPU time it spent in the kernel (``sys s``) and the page faults it
+took (``faults k``, thousands: first touches of fresh memory), beside this machine's measured
+dense matmul rate. ``floor x`` is the
 stage's time over its FLOPs at that rate: 1.00 would mean every operation ran as fast as the
 best large matrix product. ``--profile N`` adds a ``torch.profiler`` table of the N most
 expensive operators of each stage; ``--plain`` runs the plain layouts the optimised paths are
@@ -123,7 +125,7 @@ def _benchmark(args, pipe, device, video, rate_before, load_seconds, load_rss) -
             if plain not in best:
                 best[plain] = run
             for row, other in zip(best[plain].rows, run.rows):
-                row.seconds = min(row.seconds, other.seconds)  # memory stays the first run's: one generation
+                row.seconds = min(row.seconds, other.seconds)  # memory, sys time, faults: the first run's
     stage = best[modes[-1]]
     if not args.no_flops:
         counted = Stages(device, count_flops=True)

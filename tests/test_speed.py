@@ -217,7 +217,7 @@ def test_cpu_attention_flops_are_counted():
     assert counter.get_total_flops() == 4 * 2 * 3 * 50 * 50 * 8  # QKᵀ and AV, 2 FLOPs per multiply-add
 
 
-def test_stages_record_time_flops_and_peak_memory():
+def test_stages_record_time_flops_peak_memory_and_page_faults():
     device = torch.device("cpu")
     stages = Stages(device)
     with stages("matmul"):
@@ -234,7 +234,12 @@ def test_stages_record_time_flops_and_peak_memory():
         assert allocate.peak_rss_mb - matmul.peak_rss_mb > 200
         reset_peak_memory(device)
         assert peak_memory(device)[0] < allocate.peak_rss_mb - 200
-    assert "total" in stages.table(rate=1e11)
+    # the 256 MB of fresh pages are faulted in at first touch: 65536 faults, or 128 if the kernel maps huge pages
+    assert allocate.page_faults >= 128 and allocate.page_faults > matmul.page_faults
+    assert allocate.system_seconds >= 0 and matmul.system_seconds >= 0
+    table = stages.table(rate=1e11).splitlines()
+    assert table[0].endswith("sys s  faults k")
+    assert table[-1].split()[-1] == f"{(matmul.page_faults + allocate.page_faults) / 1e3:.0f}"
 
 
 def test_release_loads_mapped_and_can_be_saved_over(tmp_path):
