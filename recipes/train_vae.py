@@ -20,7 +20,8 @@ Each step (one optimizer update over ``grad_accum`` micro-batches):
 - ``gan`` (optional): LDM's patch discriminator (``muvi.models.discriminators.PatchDiscriminator``)
   on the log-mel image with hinge losses, from step ``adv_start_step`` on, weighted by LDM's
   adaptive factor λ_adv = ‖∇rec‖ / ‖∇gan‖ at the decoder's last layer (clamped to [0, 1e4])
-  times ``adv_weight``. Batch padding is hidden from the discriminator (the reconstruction's
+  times ``adv_weight`` (``adv_adaptive false``: ``adv_weight`` alone, a fixed weight as HiFi-GAN's
+  and EnCodec's losses are). Batch padding is hidden from the discriminator (the reconstruction's
   padded frames are replaced by the target's).
 
 Why the adversarial term is on by default at paper size (``adv_weight 0.5``, start 50001, both
@@ -116,6 +117,7 @@ class VAETrainConfig(Config):
     kl_weight: float = 1e-6
     adv_weight: float = 0.5        # 0: no discriminator
     adv_start_step: int = 50001
+    adv_adaptive: bool = True      # LDM's λ_adv × adv_weight; False: adv_weight fixed
     # starting point: a folder with a `vae` component (a run's final/ or a release); with
     # freeze_encoder only the decoder trains, so the latents and their statistics stay the init's
     # (a DiT trained on them stays valid): e.g. an adversarial decoder fine-tune
@@ -305,7 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
                     loss_d = hinge_discriminator_loss(real_logits, fake_logits)
                     with training.frozen(disc_inner), acc.autocast():
                         gan = hinge_generator_loss(disc_inner(fake))
-                    weight = adaptive_weight(rec, gan, vae_inner.decoder.conv_out.weight) * cfg.adv_weight
+                    weight = cfg.adv_weight * (adaptive_weight(rec, gan, vae_inner.decoder.conv_out.weight)
+                                               if cfg.adv_adaptive else 1.0)
                     loss = loss + weight * gan
                 names = training.batch_names(batch)
                 check_finite(loss, step + 1, names)
