@@ -253,9 +253,11 @@ def test_decoder_fine_tune_refuses_a_missing_init_and_another_mel(full_run, musi
         run(tmp_path / "b", music_dir, f"init={full_run / 'final'}", 'mel={"n_fft": 512, "win_length": 512}')
 
 
-def test_fixed_adversarial_weight(music_dir, tmp_path):
-    """adv_adaptive=false: the adversarial term weighs exactly adv_weight from its first step
-    (LDM's adaptive factor, as the default run logs it, is not 1)."""
+def test_fixed_adversarial_weight(full_run, music_dir, tmp_path):
+    """adv_adaptive=false: the adversarial term weighs exactly adv_weight from its first step;
+    by default LDM's adaptive factor scales it (the tiny config's adv_weight is 0.5)."""
+    adaptive = [json.loads(line)["adv_lambda"] for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    assert all(w not in (0.0, 0.5) for w in adaptive[1:])
     run(tmp_path, music_dir, "adv_adaptive=false", "adv_weight=0.25")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["adv_lambda"] for r in rows] == [0.0, 0.25, 0.25, 0.25]  # adv_start_step 2
