@@ -69,15 +69,14 @@ def evaluate(pipe, vaes: dict, pool: list[dict], embedder) -> dict:
     """``pool``: clips with ``wave`` and ``timbre`` (raw mean embedding); ``vaes``: row name → VAE
     (None: the true mel). Returns row name → figures."""
     rate = pipe.mel.config.sample_rate
-    stack = np.stack([c["timbre"] for c in pool])
-    mean, std = stack.mean(0), stack.std(0) + 1e-6
-    originals = [(c["timbre"] - mean) / std for c in pool]
+    standard = _eval_style()["standardizer"](pool)
+    originals = [standard(c["timbre"]) for c in pool]
     rows = {}
     for name, vae in vaes.items():
         copies, l1 = [], []
         for clip in pool:
             wave, err = copy_of(pipe, vae, clip["wave"])
-            copies.append((embedder.embed(wave, rate).mean(0) - mean) / std)
+            copies.append(standard(embedder.embed(wave, rate).mean(0)))
             l1.append(err)
         rows[name] = {**score(copies, originals), "mel_l1": float(np.mean(l1))}
         logger.info("%s: own distance %.3f, top-1 %d/%d", name, rows[name]["own_distance"], rows[name]["top1"],

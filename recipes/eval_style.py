@@ -80,6 +80,14 @@ def candidates(root: Path, seconds: float, sample_rate: int, embedder, seed: int
     return [c for c in out if np.isfinite(c["bpm"])]
 
 
+def standardizer(pool: list[dict]):
+    """A function that standardises a timbre (a raw mean embedding) per dimension by the mean and
+    spread of the ``pool``'s raw timbres: how every comparison of timbres here is made."""
+    stack = np.stack([c["timbre"] for c in pool])
+    mean, std = stack.mean(0), stack.std(0) + 1e-6
+    return lambda timbre: (timbre - mean) / std
+
+
 def choose(items: list[dict], count: int, min_gap: float) -> list[dict]:
     """Greedy: start from the clip farthest from the others in timbre; add the one farthest (in
     its nearest chosen timbre) among those whose tempo differs from every chosen one's by more
@@ -172,9 +180,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     rate = pipe.mel.config.sample_rate
     embedder = MusicnnEmbedder.from_package()
     pool = candidates(args.recordings, args.clip_seconds, rate, embedder, args.seed, args.split)
-    stack = np.stack([c["timbre"] for c in pool])
-    mean, std = stack.mean(0), stack.std(0) + 1e-6
-    standard = lambda e: (e - mean) / std  # noqa: E731
+    standard = standardizer(pool)
     for c in pool:
         c["timbre"] = standard(c["timbre"])
     prompts = choose(pool, args.prompts, args.min_tempo_gap)
